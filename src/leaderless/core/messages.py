@@ -1,0 +1,180 @@
+"""Wire messages of the membership protocol.
+
+Every message is a typed msgspec ``Struct`` with an explicit bound on every field a peer
+controls, so a hostile or broken peer cannot make us allocate without limit: decoding
+validates the bounds and rejects the frame (see ``core.codec``).
+
+The integer tags are the wire protocol: they are append-only. Never renumber or reuse one.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import msgspec
+
+# -- limits (each one is a promise to peers and a defence against them) ------------------
+
+NAME_BYTES_MAX = 64
+"""A node name: short enough to print in a table, long enough for a host name."""
+HOST_BYTES_MAX = 253
+"""A DNS name is at most 253 characters; an IPv6 literal is far shorter."""
+TAG_COUNT_MAX = 16
+TAG_BYTES_MAX = 64
+ZONE_BYTES_MAX = 64
+VERSION_BYTES_MAX = 32
+EVENT_NAME_BYTES_MAX = 64
+EVENT_PAYLOAD_BYTES_MAX = 512
+"""The issue's promise for user events: a payload of up to 512 bytes."""
+PACKET_MESSAGES_MAX = 64
+"""Messages in one UDP packet; a 1,400-byte packet cannot honestly hold more."""
+PUSH_PULL_MEMBERS_MAX = 20_000
+"""Members in one full-state sync: the largest cluster we claim to support, with margin."""
+PUSH_PULL_EVENTS_MAX = 256
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=NAME_BYTES_MAX)]
+Host = Annotated[str, msgspec.Meta(min_length=1, max_length=HOST_BYTES_MAX)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Incarnation = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Seq = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+LamportTime = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+TagKey = Annotated[str, msgspec.Meta(min_length=1, max_length=TAG_BYTES_MAX)]
+TagValue = Annotated[str, msgspec.Meta(max_length=TAG_BYTES_MAX)]
+
+
+class Address(msgspec.Struct, frozen=True, array_like=True):
+    """Where a node listens: the same port serves UDP (probes, gossip) and TCP (sync, RPC)."""
+
+    host: Host
+    port: Port
+
+    def __str__(self) -> str:
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+class NodeMeta(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """What a member says about itself; spreads like any other update."""
+
+    zone: Annotated[str, msgspec.Meta(max_length=ZONE_BYTES_MAX)] = ""
+    weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0
+    tags: Annotated[dict[TagKey, TagValue], msgspec.Meta(max_length=TAG_COUNT_MAX)] = {}
+    version: Annotated[str, msgspec.Meta(max_length=VERSION_BYTES_MAX)] = ""
+
+
+class MemberStatus(enum.IntEnum):
+    """A member's state as this node sees it. Values are on the wire: append-only."""
+
+    ALIVE = 0
+    SUSPECT = 1
+    DEAD = 2
+    LEFT = 3
+
+
+# -- gossip updates (piggybacked on UDP packets) ------------------------------------------
+
+
+class Alive(msgspec.Struct, frozen=True, array_like=True, tag=1):
+    name: Name
+    incarnation: Incarnation
+    address: Address
+    meta: NodeMeta
+
+
+class Suspect(msgspec.Struct, frozen=True, array_like=True, tag=2):
+    name: Name
+    incarnation: Incarnation
+    accuser: Name
+
+
+class Dead(msgspec.Struct, frozen=True, array_like=True, tag=3):
+    name: Name
+    incarnation: Incarnation
+    accuser: Name
+
+
+class Left(msgspec.Struct, frozen=True, array_like=True, tag=4):
+    """A graceful leave, announced by the leaving node itself."""
+
+    name: Name
+    incarnation: Incarnation
+
+
+class UserEvent(msgspec.Struct, frozen=True, array_like=True, tag=5):
+    """A named event broadcast by ``origin``; (origin, ltime) identifies it."""
+
+    origin: Name
+    ltime: LamportTime
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=EVENT_NAME_BYTES_MAX)]
+    payload: Annotated[bytes, msgspec.Meta(max_length=EVENT_PAYLOAD_BYTES_MAX)]
+
+
+Update = Alive | Suspect | Dead | Left | UserEvent
+
+# -- probe messages (UDP) -----------------------------------------------------------------
+
+
+class Ping(msgspec.Struct, frozen=True, array_like=True, tag=10):
+    """Are you alive? ``target`` lets a node reject pings meant for a previous owner of its
+    address; the ack goes to ``reply_to``."""
+
+    seq: Seq
+    target: Name
+    reply_to: Address
+
+
+class IndirectPing(msgspec.Struct, frozen=True, array_like=True, tag=11):
+    """Please probe ``target`` for me and forward its ack (or a nack) to ``reply_to``."""
+
+    seq: Seq
+    target: Name
+    target_address: Address
+    reply_to: Address
+    want_nack: bool
+
+
+class Ack(msgspec.Struct, frozen=True, array_like=True, tag=12):
+    seq: Seq
+
+
+class Nack(msgspec.Struct, frozen=True, array_like=True, tag=13):
+    """Lifeguard: 'I am alive and relaying, but the target did not answer me either'."""
+
+    seq: Seq
+
+
+Probe = Ping | IndirectPing | Ack | Nack
+
+
+class Packet(msgspec.Struct, frozen=True, array_like=True):
+    """One UDP datagram: probe messages plus as many piggybacked updates as fit."""
+
+    sender: Name
+    probes: Annotated[list[Probe], msgspec.Meta(max_length=PACKET_MESSAGES_MAX)]
+    updates: Annotated[list[Update], msgspec.Meta(max_length=PACKET_MESSAGES_MAX)]
+
+
+# -- full-state sync (TCP) ------------------------------------------------------------------
+
+
+class MemberRecord(msgspec.Struct, frozen=True, array_like=True):
+    """One member in a full-state sync."""
+
+    name: Name
+    address: Address
+    incarnation: Incarnation
+    status: MemberStatus
+    meta: NodeMeta
+
+
+class PushPull(msgspec.Struct, frozen=True, array_like=True, tag=20):
+    """The sender's whole view; the receiver answers with its own (``reply=True``)."""
+
+    sender: Name
+    join: bool
+    reply: bool
+    members: Annotated[list[MemberRecord], msgspec.Meta(max_length=PUSH_PULL_MEMBERS_MAX)]
+    event_ltime: LamportTime
+    events: Annotated[list[UserEvent], msgspec.Meta(max_length=PUSH_PULL_EVENTS_MAX)]

@@ -1,0 +1,1 @@
+"""The asyncio world: sockets, timers, the node process."""

@@ -1,0 +1,1 @@
+"""Deterministic simulator running the same core code."""
