@@ -286,3 +286,15 @@ def test_relay_without_answer_sends_nack() -> None:
     probes = [p for s in net.take() for p in s.packet.probes if not isinstance(p, Ping)]
     assert probes == [Nack(77)]
     assert not [p for p in probes if isinstance(p, Ack)]
+
+
+def test_join_learns_dead_members_so_a_partition_can_heal() -> None:
+    net = Net(["a", "b", "c"])
+    net.converge()
+    net.down.add("c")
+    end = net.run(0.0, 12.0)
+    assert net.status("a", "c") == MemberStatus.DEAD
+    d = net.add("d", Address("127.0.0.1", 7010), now=end)
+    net.apply("d", d.join(end, [net.nodes["a"].address]), end)
+    assert net.status("d", "c") == MemberStatus.DEAD
+    assert net.kinds("d", "c") == []  # never seen alive: no joined/dead events

@@ -560,7 +560,16 @@ class Membership:
                 if r.name not in self._members:
                     continue
                 effects += self._on_left(now, Left(r.name, r.incarnation))
+            elif r.name not in self._members and r.status == MemberStatus.DEAD:
+                # Remember members we never saw alive, so reconnect attempts can find them
+                # when a partition that hid them heals.
+                self._members[r.name] = Member(r.name, r.address, r.meta, r.incarnation,
+                                               MemberStatus.ALIVE, now)
+                self._set_status(self._members[r.name], MemberStatus.DEAD, now)
             else:
+                if r.name not in self._members:
+                    effects += self._on_alive(now, Alive(r.name, r.incarnation, r.address,
+                                                         r.meta))
                 # Another node's "dead" is only a suspicion here: the member gets its
                 # chance to refute before we believe it (as memberlist does).
                 effects += self._on_suspect(now, Suspect(r.name, r.incarnation, remote.sender))
