@@ -1,0 +1,106 @@
+"""An asyncio client for the native protocol (used by the CLI, tests and tools)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from leaderless.api.messages import (
+    ErrorReply,
+    EventNotification,
+    EventSendReply,
+    EventSendRequest,
+    EventWatchRequest,
+    MemberInfo,
+    MembersReply,
+    MembersRequest,
+    Reply,
+    StatusReply,
+    StatusRequest,
+    WatchStarted,
+)
+from leaderless.core.messages import Address
+from leaderless.runtime.tcp import FrameClient
+
+DEFAULT_TIMEOUT_S = 5.0
+
+
+class ApiError(Exception):
+    """The node refused the request; the message is the node's explanation."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NodeUnreachableError(ConnectionError):
+    """No node answers at the address (not running, wrong address, or firewalled)."""
+
+
+class Client:
+    """One connection to one node: ``async with Client(addr) as c: await c.members()``."""
+
+    def __init__(self, address: Address, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._conn: FrameClient | None = None
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    async def connect(self) -> None:
+        try:
+            self._conn = await FrameClient.connect(self.address, Reply, self.timeout_s)
+        except (OSError, TimeoutError) as exc:
+            raise NodeUnreachableError(
+                f"no node answers at {self.address} ({exc or type(exc).__name__}); "
+                "is it running, and is --node its HOST:PORT?") from None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _call(self, request: Any, reply_type: type) -> Any:
+        if self._conn is None:
+            await self.connect()
+        assert self._conn is not None
+        self._conn.send(request)
+        reply = await self._conn.recv(self.timeout_s)
+        if isinstance(reply, ErrorReply):
+            raise ApiError(reply.code, reply.message)
+        if not isinstance(reply, reply_type):
+            raise ApiError("unexpected_reply", f"expected {reply_type.__name__}, got {reply!r}")
+        return reply
+
+    async def members(self) -> list[MemberInfo]:
+        """Every member the node knows, itself included."""
+        reply: MembersReply = await self._call(MembersRequest(), MembersReply)
+        return reply.members
+
+    async def status(self) -> StatusReply:
+        result: StatusReply = await self._call(StatusRequest(), StatusReply)
+        return result
+
+    async def send_event(self, name: str, payload: bytes) -> EventSendReply:
+        """Broadcast a user event from the node; raises ApiError if it is refused."""
+        result: EventSendReply = await self._call(EventSendRequest(name, payload),
+                                                  EventSendReply)
+        return result
+
+    async def watch_events(self) -> AsyncIterator[EventNotification]:
+        """Every user event the node delivers from now on (until the connection ends).
+        The first ``__anext__`` returns only once the watch is registered on the node."""
+        await self._call(EventWatchRequest(), WatchStarted)
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[EventNotification]:
+        assert self._conn is not None
+        while True:
+            frame = await self._conn.recv(None)
+            if isinstance(frame, EventNotification):
+                yield frame

@@ -1,0 +1,126 @@
+"""The native client protocol: msgpack frames on the node's TCP port.
+
+Clients (the CLI, tests, tools) use the same port and the same length-prefixed framing
+as peers (``core.codec``). A connection carries requests one after another; each request
+gets exactly one reply frame, except ``EventWatchRequest`` which gets ``WatchStarted`` and
+then an ``EventNotification`` per delivered user event until either side closes.
+
+Tags start at 100 so they never clash with the membership protocol's tags (1..20), which
+share the frame decoder. Like those, they are the wire protocol: append-only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from leaderless.core.messages import (
+    EVENT_NAME_BYTES_MAX,
+    EVENT_PAYLOAD_BYTES_MAX,
+    TAG_COUNT_MAX,
+    Incarnation,
+    LamportTime,
+    Name,
+    TagKey,
+    TagValue,
+)
+
+MEMBERS_MAX = 20_000
+"""A members reply lists at most this many members: the largest cluster we support."""
+TEXT_BYTES_MAX = 1024
+COUNTERS_MAX = 256
+
+Text = Annotated[str, msgspec.Meta(max_length=TEXT_BYTES_MAX)]
+EventName = Annotated[str, msgspec.Meta(min_length=1, max_length=EVENT_NAME_BYTES_MAX)]
+Payload = Annotated[bytes, msgspec.Meta(max_length=EVENT_PAYLOAD_BYTES_MAX)]
+CounterMap = Annotated[dict[Text, int], msgspec.Meta(max_length=COUNTERS_MAX)]
+
+
+class _Frame(msgspec.Struct, frozen=True, array_like=True):
+    pass
+
+
+# -- requests ---------------------------------------------------------------------------
+
+
+class MembersRequest(_Frame, tag=100):
+    """List every member this node knows, itself included."""
+
+
+class EventSendRequest(_Frame, tag=102):
+    """Broadcast a user event from this node to the whole cluster."""
+
+    name: EventName
+    payload: Payload
+
+
+class EventWatchRequest(_Frame, tag=104):
+    """Stream every user event this node delivers from now on."""
+
+
+class StatusRequest(_Frame, tag=107):
+    """This node's identity, counts and counters."""
+
+
+# -- replies ----------------------------------------------------------------------------
+
+
+class MemberInfo(msgspec.Struct, frozen=True, array_like=True):
+    name: Name
+    address: Text
+    state: Text
+    """alive | suspect | dead | left"""
+    incarnation: Incarnation
+    zone: Text
+    weight: float
+    tags: Annotated[dict[TagKey, TagValue], msgspec.Meta(max_length=TAG_COUNT_MAX)]
+    changed_at: float
+    """Unix time (seconds) when this node saw the state change."""
+
+
+class MembersReply(_Frame, tag=101):
+    members: Annotated[list[MemberInfo], msgspec.Meta(max_length=MEMBERS_MAX)]
+
+
+class EventSendReply(_Frame, tag=103):
+    origin: Name
+    ltime: LamportTime
+
+
+class WatchStarted(_Frame, tag=105):
+    """Events delivered after this frame will be streamed."""
+
+
+class EventNotification(_Frame, tag=106):
+    name: EventName
+    origin: Name
+    ltime: LamportTime
+    payload: Payload
+
+
+class StatusReply(_Frame, tag=108):
+    name: Name
+    address: Text
+    incarnation: Incarnation
+    version: Text
+    uptime_s: float
+    states: CounterMap
+    """Members by state as this node sees them, e.g. {"alive": 5}."""
+    pending_broadcasts: int
+    membership: CounterMap
+    """The membership protocol's counters (core.MembershipCounters)."""
+    runtime: Annotated[dict[Text, CounterMap], msgspec.Meta(max_length=16)]
+    """The I/O layer's counters by name and kind (runtime.RuntimeCounters)."""
+
+
+class ErrorReply(_Frame, tag=109):
+    """The request was understood but refused; ``message`` says why and what to do."""
+
+    code: Text
+    message: Text
+
+
+Request = MembersRequest | EventSendRequest | EventWatchRequest | StatusRequest
+Reply = (MembersReply | EventSendReply | WatchStarted | EventNotification | StatusReply
+         | ErrorReply)

@@ -1,0 +1,113 @@
+"""Serving the native client protocol (``api.messages``) on a node's TCP port."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from leaderless.api.messages import (
+    ErrorReply,
+    EventNotification,
+    EventSendReply,
+    EventSendRequest,
+    EventWatchRequest,
+    MemberInfo,
+    MembersReply,
+    MembersRequest,
+    Request,
+    StatusReply,
+    StatusRequest,
+    WatchStarted,
+)
+from leaderless.core.membership import Member
+from leaderless.core.messages import UserEvent
+
+WATCHERS_MAX = 256
+"""Concurrent event watchers per node; each costs a subscriber call per delivered event."""
+
+
+class Connection(Protocol):
+    """The side of a client connection the handler needs (``runtime.tcp.ServerConnection``)."""
+
+    streaming: bool
+
+    def send(self, message: object, drop_kind: str = ...) -> bool: ...
+
+    def on_close(self, callback: Callable[[], None]) -> None: ...
+
+
+class NodeApi(Protocol):
+    """What the client protocol needs from a running node."""
+
+    def members(self) -> list[Member]: ...
+
+    def wall_time(self, monotonic_s: float) -> float: ...
+
+    def broadcast_event(self, name: str, payload: bytes) -> UserEvent: ...
+
+    def subscribe_user_events(self, callback: Callable[[UserEvent], None]
+                              ) -> Callable[[], None]: ...
+
+    def status(self) -> StatusReply: ...
+
+
+def member_info(member: Member, wall_time: Callable[[float], float]) -> MemberInfo:
+    return MemberInfo(
+        name=member.name,
+        address=str(member.address),
+        state=member.status.name.lower(),
+        incarnation=member.incarnation,
+        zone=member.meta.zone,
+        weight=member.meta.weight,
+        tags=dict(member.meta.tags),
+        changed_at=round(wall_time(member.changed_at), 3),
+    )
+
+
+class ApiHandler:
+    """Answers one request frame at a time; a watch keeps streaming until the client goes."""
+
+    def __init__(self, node: NodeApi) -> None:
+        self._node = node
+        self._watchers = 0
+
+    def handle(self, request: Request, conn: Connection) -> None:
+        if isinstance(request, MembersRequest):
+            members = [member_info(m, self._node.wall_time) for m in self._node.members()]
+            conn.send(MembersReply(members))
+        elif isinstance(request, EventSendRequest):
+            try:
+                event = self._node.broadcast_event(request.name, request.payload)
+            except ValueError as exc:
+                conn.send(ErrorReply("bad_event", str(exc)))
+                return
+            conn.send(EventSendReply(event.origin, event.ltime))
+        elif isinstance(request, EventWatchRequest):
+            self._watch(conn)
+        elif isinstance(request, StatusRequest):
+            conn.send(self._node.status())
+
+    def _watch(self, conn: Connection) -> None:
+        if conn.streaming:
+            conn.send(ErrorReply("already_watching", "this connection is already watching"))
+            return
+        if self._watchers >= WATCHERS_MAX:
+            conn.send(ErrorReply("too_many_watchers",
+                                 f"this node serves at most {WATCHERS_MAX} watchers; retry later"))
+            return
+
+        def forward(event: UserEvent) -> None:
+            # A watcher that cannot keep up is disconnected (and counted) by conn.send.
+            conn.send(EventNotification(event.name, event.origin, event.ltime, event.payload),
+                      "watch_slow_reader")
+
+        self._watchers += 1
+        conn.streaming = True
+        conn.send(WatchStarted())
+        unsubscribe = self._node.subscribe_user_events(forward)
+
+        def stop() -> None:
+            self._watchers -= 1
+            unsubscribe()
+
+        conn.on_close(stop)

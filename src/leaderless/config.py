@@ -1,0 +1,382 @@
+"""Node configuration: one typed, validated ``NodeConfig`` from three sources.
+
+Precedence, lowest first: a TOML file (``--config FILE`` or ``LEADERLESS_CONFIG``), then
+``LEADERLESS_*`` environment variables, then command-line flags. Every setting has one
+name used everywhere: ``bind`` is the TOML key ``bind``, the variable ``LEADERLESS_BIND``
+and the flag ``--bind``; membership timings live in the TOML table ``[membership]`` and in
+variables ``LEADERLESS_MEMBERSHIP_<FIELD>`` (e.g. ``LEADERLESS_MEMBERSHIP_PROBE_INTERVAL_S``).
+
+Validation errors name the setting and say why it is wrong, e.g.
+``bind: '127.0.0.1:99999' is not HOST:PORT with port 0..65535``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from leaderless.core.membership_config import MembershipConfig
+from leaderless.core.messages import (
+    NAME_BYTES_MAX,
+    TAG_BYTES_MAX,
+    TAG_COUNT_MAX,
+    ZONE_BYTES_MAX,
+    Address,
+)
+
+ENV_PREFIX = "LEADERLESS_"
+MEMBERSHIP_ENV_PREFIX = "LEADERLESS_MEMBERSHIP_"
+CONFIG_FILE_ENV = "LEADERLESS_CONFIG"
+DEFAULT_PORT = 7946
+"""The port memberlist and Serf use for the same job; easy to remember, rarely taken."""
+DEFAULT_BIND = f"127.0.0.1:{DEFAULT_PORT}"
+"""Loopback by default: a node reachable from the network is a deliberate choice."""
+LOG_FORMATS = ("json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names it and says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node process needs to start, validated."""
+
+    name: str
+    bind: Address
+    advertise: Address
+    join: tuple[Address, ...]
+    data_dir: Path
+    zone: str = ""
+    weight: float = 1.0
+    tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    log_format: str = "json"
+    log_level: str = "info"
+    leave_timeout_s: float = 2.0
+    io_timeout_s: float = 5.0
+    membership: MembershipConfig = dataclasses.field(default_factory=MembershipConfig)
+
+
+# -- parsers: raw value (str from env/flags, or a TOML value) -> typed value -------------
+# Each raises ValueError with the reason; the caller prefixes "key: 'value'".
+
+
+def parse_host_port(raw: Any) -> Address:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` -> Address; ``localhost`` becomes 127.0.0.1."""
+    reason = "is not HOST:PORT with port 0..65535"
+    if not isinstance(raw, str):
+        raise ValueError(reason)
+    text = raw.strip()
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+    else:
+        host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(reason)
+    if len(host) > 253 or any(c.isspace() for c in host):
+        raise ValueError(reason)
+    if host == "localhost":
+        host = "127.0.0.1"
+    return Address(host, int(port_text))
+
+
+def is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def is_wildcard(host: str) -> bool:
+    return is_ip_literal(host) and ipaddress.ip_address(host).is_unspecified
+
+
+def _parse_bind(raw: Any) -> Address:
+    address = parse_host_port(raw)
+    if not is_ip_literal(address.host):
+        raise ValueError("must be an IP address and port (e.g. 127.0.0.1:7946)")
+    return address
+
+
+def _parse_advertise(raw: Any) -> Address:
+    address = _parse_bind(raw)
+    if is_wildcard(address.host):
+        raise ValueError("is a wildcard address; advertise one that other nodes can reach")
+    return address
+
+
+def _split_list(raw: Any) -> list[str]:
+    """A comma-separated string, or a list of such strings (repeated flags, TOML arrays)."""
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) for i in items):
+        raise ValueError("must be a string or a list of strings")
+    return [part.strip() for item in items for part in item.split(",") if part.strip()]
+
+
+def _parse_join(raw: Any) -> tuple[Address, ...]:
+    seeds = []
+    for item in _split_list(raw):
+        try:
+            seeds.append(parse_host_port(item))
+        except ValueError:
+            raise ValueError(f"seed {item!r} is not HOST:PORT with port 0..65535") from None
+    return tuple(seeds)
+
+
+def _parse_name(raw: Any) -> str:
+    if not isinstance(raw, str) or not NAME_PATTERN.match(raw):
+        raise ValueError("must start with a letter or digit and use only A-Z a-z 0-9 . _ -")
+    if len(raw.encode()) > NAME_BYTES_MAX:
+        raise ValueError(f"is longer than {NAME_BYTES_MAX} bytes")
+    return raw
+
+
+def _parse_text(limit: int) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        if not isinstance(raw, str):
+            raise ValueError("must be a string")
+        if len(raw.encode()) > limit:
+            raise ValueError(f"is longer than {limit} bytes")
+        return raw
+
+    return parse
+
+
+def _parse_tags(raw: Any) -> dict[str, str]:
+    if isinstance(raw, Mapping):
+        pairs = [(str(k), v) for k, v in raw.items()]
+    else:
+        pairs = []
+        for item in _split_list(raw):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"tag {item!r} is not KEY=VALUE")
+            pairs.append((key.strip(), value.strip()))
+    if len(pairs) > TAG_COUNT_MAX:
+        raise ValueError(f"has {len(pairs)} tags; at most {TAG_COUNT_MAX} are allowed")
+    tags: dict[str, str] = {}
+    for key, value in pairs:
+        if not isinstance(value, str):
+            raise ValueError(f"tag {key!r} must have a string value")
+        if not 1 <= len(key.encode()) <= TAG_BYTES_MAX or len(value.encode()) > TAG_BYTES_MAX:
+            raise ValueError(f"tag {key!r}: keys are 1..{TAG_BYTES_MAX} bytes, "
+                             f"values at most {TAG_BYTES_MAX}")
+        tags[key] = value
+    return tags
+
+
+def _parse_float(low: float, high: float, low_open: bool = True) -> Callable[[Any], float]:
+    def parse(raw: Any) -> float:
+        if isinstance(raw, bool):
+            raise ValueError("must be a number")
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError("must be a number") from None
+        if value != value or (value <= low if low_open else value < low) or value > high:
+            bracket = "(" if low_open else "["
+            raise ValueError(f"must be in {bracket}{low:g}, {high:g}]")
+        return value
+
+    return parse
+
+
+def _parse_int(raw: Any) -> int:
+    if isinstance(raw, bool) or isinstance(raw, float):
+        raise ValueError("must be an integer")
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise ValueError("must be an integer") from None
+
+
+def _parse_choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def parse(raw: Any) -> str:
+        if not isinstance(raw, str) or raw.lower() not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return raw.lower()
+
+    return parse
+
+
+def _parse_path(raw: Any) -> Path:
+    if not isinstance(raw, str) or not raw.strip():
+        raise ValueError("must be a directory path")
+    return Path(raw).expanduser()
+
+
+_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "name": _parse_name,
+    "bind": _parse_bind,
+    "advertise": _parse_advertise,
+    "join": _parse_join,
+    "data_dir": _parse_path,
+    "zone": _parse_text(ZONE_BYTES_MAX),
+    "weight": _parse_float(0, 1000),
+    "tags": _parse_tags,
+    "log_format": _parse_choice(LOG_FORMATS),
+    "log_level": _parse_choice(LOG_LEVELS),
+    "leave_timeout_s": _parse_float(0, 300),
+    "io_timeout_s": _parse_float(0, 300),
+}
+"""Top-level settings. ``membership.<field>`` settings come from MembershipConfig."""
+
+MEMBERSHIP_FIELDS: dict[str, type] = {
+    f.name: (int if f.type in ("int", int) else float)
+    for f in dataclasses.fields(MembershipConfig)
+}
+
+
+def settings() -> list[str]:
+    """Every setting's key, as used in TOML (``membership.x`` is ``x`` in ``[membership]``)."""
+    return [*_PARSERS, *(f"membership.{name}" for name in MEMBERSHIP_FIELDS)]
+
+
+def env_var(key: str) -> str:
+    """The environment variable for a setting key: ``membership.probe_interval_s`` ->
+    ``LEADERLESS_MEMBERSHIP_PROBE_INTERVAL_S``."""
+    return ENV_PREFIX + key.replace(".", "_").upper()
+
+
+# -- sources ------------------------------------------------------------------------------
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Settings from a TOML file, flattened to ``key`` / ``membership.key``."""
+    path = Path(path).expanduser()
+    try:
+        with path.open("rb") as f:
+            document = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config: file {str(path)!r} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {str(path)!r}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config: {str(path)!r} is not valid TOML: {exc}") from None
+    raw: dict[str, Any] = {}
+    for key, value in document.items():
+        if key == "membership":
+            if not isinstance(value, dict):
+                raise ConfigError(f"config: [membership] in {str(path)!r} must be a table")
+            for sub, sub_value in value.items():
+                raw[f"membership.{sub}"] = sub_value
+        else:
+            raw[key] = value
+    for key in raw:
+        _check_known(key, f"in {str(path)!r}")
+    return raw
+
+
+def read_env(env: Mapping[str, str]) -> dict[str, Any]:
+    """Settings from ``LEADERLESS_*`` variables. Unknown top-level variables are ignored
+    (other tools may share the prefix); unknown ``LEADERLESS_MEMBERSHIP_*`` ones are errors,
+    since that namespace is wholly ours and a typo there would silently keep a default."""
+    by_var = {env_var(key): key for key in settings()}
+    raw: dict[str, Any] = {}
+    for var, value in env.items():
+        if var in by_var:
+            raw[by_var[var]] = value
+        elif var.startswith(MEMBERSHIP_ENV_PREFIX):
+            known = ", ".join(env_var(f"membership.{f}") for f in MEMBERSHIP_FIELDS)
+            raise ConfigError(f"{var}: not a membership setting; known: {known}")
+    return raw
+
+
+def _check_known(key: str, where: str) -> None:
+    if key not in _PARSERS and key.removeprefix("membership.") not in MEMBERSHIP_FIELDS:
+        raise ConfigError(f"{key}: unknown setting {where}; known: {', '.join(settings())}")
+
+
+def default_name(port: int) -> str:
+    """``<hostname>-<port>``: unique per host for nodes started on different ports."""
+    host = socket.gethostname().split(".")[0]
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", host).strip("-._") or "node"
+    return f"{host[: NAME_BYTES_MAX - 6]}-{port}"
+
+
+def default_data_dir(name: str) -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "leaderless" / name
+
+
+def load_config(
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    config_file: str | Path | None = None,
+) -> NodeConfig:
+    """Merge TOML < environment < flags and validate. ``flags`` holds only the flags the
+    user gave (None values are ignored); ``env`` defaults to ``os.environ``; the file is
+    ``config_file``, else ``$LEADERLESS_CONFIG``, else none."""
+    env = os.environ if env is None else env
+    given = {k: v for k, v in (flags or {}).items() if v is not None and v != () and v != []}
+    for key in given:
+        _check_known(key, "given as a flag")
+    config_file = config_file or env.get(CONFIG_FILE_ENV) or None
+    raw: dict[str, Any] = {}
+    if config_file:
+        raw.update(read_toml(config_file))
+    raw.update(read_env(env))
+    raw.update(given)
+    return build_config(raw)
+
+
+def _parse(key: str, raw: Any, parser: Callable[[Any], Any]) -> Any:
+    try:
+        return parser(raw)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {raw!r} {exc}") from None
+
+
+def build_config(raw: Mapping[str, Any]) -> NodeConfig:
+    """Validate flattened settings (``key`` / ``membership.key``) into a NodeConfig."""
+    for key in raw:
+        _check_known(key, "")
+    values = {k: _parse(k, v, _PARSERS[k]) for k, v in raw.items() if k in _PARSERS}
+    bind: Address = values.get("bind") or _parse("bind", DEFAULT_BIND, _parse_bind)
+    advertise: Address | None = values.get("advertise")
+    if advertise is None:
+        if is_wildcard(bind.host):
+            raise ConfigError(
+                f"advertise: required when bind is a wildcard address ({str(bind)!r}); "
+                "pass --advertise IP:PORT with an address other nodes can reach")
+        advertise = bind
+    name = values.get("name") or default_name(bind.port)
+    return NodeConfig(
+        name=name,
+        bind=bind,
+        advertise=advertise,
+        join=values.get("join", ()),
+        data_dir=values.get("data_dir") or default_data_dir(name),
+        zone=values.get("zone", ""),
+        weight=values.get("weight", 1.0),
+        tags=values.get("tags", {}),
+        log_format=values.get("log_format", "json"),
+        log_level=values.get("log_level", "info"),
+        leave_timeout_s=values.get("leave_timeout_s", 2.0),
+        io_timeout_s=values.get("io_timeout_s", 5.0),
+        membership=_membership_config(raw),
+    )
+
+
+def _membership_config(raw: Mapping[str, Any]) -> MembershipConfig:
+    fields: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key.startswith("membership."):
+            field = key.removeprefix("membership.")
+            kind = MEMBERSHIP_FIELDS[field]
+            parser = _parse_int if kind is int else _parse_float(float("-inf"), float("inf"))
+            fields[field] = _parse(key, value, parser)
+    try:
+        return MembershipConfig(**fields)
+    except ValueError as exc:
+        raise ConfigError(f"membership: {exc}") from None

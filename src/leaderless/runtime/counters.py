@@ -1,0 +1,30 @@
+"""Runtime counters, shaped for metrics: a name ending in ``_total`` and a ``kind`` label."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+
+class RuntimeCounters:
+    """What the I/O layer dropped or failed at, by kind. Monotonic; never reset.
+
+    ``dropped_malformed_total``: input from the network that failed to decode or validate
+    (kinds: ``udp_packet``, ``udp_oversized``, ``tcp_frame``, ``tcp_unexpected``).
+    ``dropped_overload_total``: messages we chose to drop because a bound was reached
+    (kinds: ``udp_peer_queue``, ``udp_send_buffer``, ``push_pull_in_flight``,
+    ``tcp_connections``, ``watch_slow_reader``, ``tcp_slow_reader``).
+    ``send_errors_total``: sends the operating system refused (kinds: ``udp``,
+    ``udp_address``, ``push_pull``).
+    """
+
+    def __init__(self) -> None:
+        self.dropped_malformed_total: Counter[str] = Counter()
+        self.dropped_overload_total: Counter[str] = Counter()
+        self.send_errors_total: Counter[str] = Counter()
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {
+            "dropped_malformed_total": dict(self.dropped_malformed_total),
+            "dropped_overload_total": dict(self.dropped_overload_total),
+            "send_errors_total": dict(self.send_errors_total),
+        }

@@ -1,0 +1,445 @@
+"""A node: the membership state machine wired to sockets, a timer, a disk and subscribers.
+
+Every input (a datagram, a push-pull, a tick, a local command) goes to ``Membership``; the
+effects it returns are executed in order by ``_execute``. ``SaveIncarnation`` is written
+durably before the effects after it run, so no message that depends on a new incarnation
+leaves before the number would survive a crash. After every input the timer is re-armed
+for ``next_deadline()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import dataclasses
+import random
+import socket
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from leaderless import __version__
+from leaderless.api.messages import Request, StatusReply
+from leaderless.api.server import ApiHandler
+from leaderless.config import NodeConfig, is_ip_literal
+from leaderless.core.codec import MalformedInput
+from leaderless.core.effects import (
+    DeliverUserEvent,
+    Effect,
+    MemberEvent,
+    SaveIncarnation,
+    SendPacket,
+    StartPushPull,
+)
+from leaderless.core.membership import Member, Membership
+from leaderless.core.messages import Address, NodeMeta, Packet, PushPull, UserEvent
+from leaderless.runtime.counters import RuntimeCounters
+from leaderless.runtime.datadir import DataDir
+from leaderless.runtime.drops import Drops
+from leaderless.runtime.errors import DataDirError, StartupError
+from leaderless.runtime.logs import NodeLogger
+from leaderless.runtime.tcp import ServerConnection
+from leaderless.runtime.transport import NetTransport, Transport
+
+InboundFrame = PushPull | Request
+"""What may arrive on the TCP port: a peer's sync or a client's request."""
+PUSH_PULLS_IN_FLIGHT_MAX = 16
+"""Outbound syncs at once (and one per peer): each may carry megabytes at 20,000 members."""
+TICK_FLOOR_S = 0.005
+"""The timer never fires sooner than this after the last tick. A deadline already in the
+past would otherwise spin the loop (see the report about next_deadline after leave)."""
+JOIN_RETRY_INITIAL_S = 0.5
+JOIN_RETRY_MAX_S = 10.0
+SUBSCRIBERS_MAX = 1024
+
+T = TypeVar("T")
+
+
+class Node:
+    """One cluster member in this process. ``await start()``, then ``await stop()``."""
+
+    def __init__(self, config: NodeConfig, rng: random.Random | None = None,
+                 transport_factory: Callable[..., Any] = NetTransport.bind) -> None:
+        self.config = config
+        self.log = NodeLogger(config.name, "node")
+        self._member_log = NodeLogger(config.name, "membership")
+        self._event_log = NodeLogger(config.name, "events")
+        self.counters = RuntimeCounters()
+        self._drops = Drops(self.counters, NodeLogger(config.name, "transport"))
+        self._data_dir = DataDir(config.data_dir)
+        self._rng = rng or random.Random()
+        self._transport_factory = transport_factory
+        self._api = ApiHandler(self)
+        self._membership: Membership | None = None
+        self._transport: Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._member_subscribers: list[Callable[[MemberEvent], None]] = []
+        self._event_subscribers: list[Callable[[UserEvent], None]] = []
+        self._push_pulls: dict[Address, asyncio.Task[bool]] = {}
+        self._join_task: asyncio.Task[None] | None = None
+        self._drained = asyncio.Event()
+        self._started_at = 0.0
+        self._stopping = False
+        self.joined = asyncio.Event()
+        """Set once a seed answered (or at once for a cluster of one)."""
+        self.stopped = asyncio.Event()
+        self.fatal_error: str | None = None
+        """Set when the node had to stop on an operating error (e.g. the disk failed)."""
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Lock the data dir, bind the address, take incarnation last+1 and start joining.
+        Raises StartupError (PortInUseError, DataDirError) with what to do."""
+        self._data_dir.open()
+        try:
+            last = self._data_dir.load_incarnation()
+            self._transport = await self._transport_factory(
+                self.config.bind, self._on_packet, self, InboundFrame, self._drops)
+        except StartupError:
+            self._data_dir.close()
+            raise
+        # A restarted node must outvote whatever the cluster remembers about its last life.
+        incarnation = 0 if last is None else last + 1
+        self._data_dir.save_incarnation(incarnation)
+        loop = asyncio.get_running_loop()
+        self._started_at = loop.time()
+        advertise = self.config.advertise
+        if advertise.port == 0:
+            advertise = Address(advertise.host, self._transport.address.port)
+        meta = NodeMeta(zone=self.config.zone, weight=self.config.weight,
+                        tags=dict(self.config.tags), version=__version__)
+        self._membership = Membership(self.config.name, advertise, meta,
+                                      self.config.membership, self._rng, loop.time(),
+                                      incarnation=incarnation)
+        self._arm_timer()
+        self.log.info("started", address=str(advertise), bind=str(self._transport.address),
+                      incarnation=incarnation, data_dir=str(self.config.data_dir),
+                      version=__version__)
+        if self.config.join:
+            self._join_task = loop.create_task(self._join_loop(self.config.join))
+        else:
+            self.joined.set()
+
+    async def stop(self) -> None:
+        """Leave gracefully: announce it, keep gossiping until the announcement is out
+        (or ``leave_timeout_s``), then close the sockets. Safe to call twice."""
+        if self._stopping:
+            await self.stopped.wait()
+            return
+        self._stopping = True
+        if self._join_task is not None:
+            self._join_task.cancel()
+        membership = self._membership
+        if membership is not None and self.fatal_error is None:
+            others = membership.live_count() > 1
+            self._feed(membership.leave(self._now()))
+            self.log.info("leaving", pending_broadcasts=membership.pending_broadcasts())
+            if others:
+                await self._wait_drained(membership)
+        await self._close()
+
+    async def _wait_drained(self, membership: Membership) -> None:
+        try:
+            async with asyncio.timeout(self.config.leave_timeout_s):
+                while membership.pending_broadcasts() > 0:
+                    self._drained.clear()
+                    await self._drained.wait()
+        except TimeoutError:
+            self.log.warning("leave_timeout", pending_broadcasts=membership.pending_broadcasts(),
+                             leave_timeout_s=self.config.leave_timeout_s)
+
+    async def _close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for task in list(self._push_pulls.values()):
+            task.cancel()
+        if self._transport is not None:
+            await self._transport.close()
+        self._data_dir.close()
+        self.log.info("stopped")
+        self.stopped.set()
+
+    def _fail(self, error: str) -> None:
+        """An operating error we cannot run safely with: stop (without a leave)."""
+        if self.fatal_error is None:
+            self.fatal_error = error
+            self.log.error("fatal", error=error)
+            asyncio.get_running_loop().create_task(self.stop())
+
+    # -- public API (also served to clients by api.server) -----------------------------
+
+    @property
+    def address(self) -> Address:
+        """The advertised address (with the real port if bound to port 0)."""
+        return self._require().address
+
+    @property
+    def membership(self) -> Membership:
+        return self._require()
+
+    def members(self) -> list[Member]:
+        return self._require().members()
+
+    def wall_time(self, monotonic_s: float) -> float:
+        """Unix time of a ``now`` value of this node's loop clock (for display only)."""
+        return time.time() - (self._now() - monotonic_s)
+
+    def broadcast_event(self, name: str, payload: bytes) -> UserEvent:
+        """Send a user event to the cluster; raises ValueError if name/payload are too big."""
+        membership = self._require()
+        effects = membership.broadcast_event(self._now(), name, payload)
+        event = next(e.event for e in effects if isinstance(e, DeliverUserEvent))
+        self._feed(effects)
+        return event
+
+    def subscribe_member_events(self, callback: Callable[[MemberEvent], None]
+                                ) -> Callable[[], None]:
+        """Call ``callback`` for every membership change; returns the unsubscribe function."""
+        return _subscribe(self._member_subscribers, callback)
+
+    def subscribe_user_events(self, callback: Callable[[UserEvent], None]
+                              ) -> Callable[[], None]:
+        """Call ``callback`` for every user event delivered here; returns the unsubscribe."""
+        return _subscribe(self._event_subscribers, callback)
+
+    def status(self) -> StatusReply:
+        membership = self._require()
+        states = collections.Counter(m.status.name.lower() for m in membership.members())
+        return StatusReply(
+            name=membership.name, address=str(membership.address),
+            incarnation=membership.incarnation, version=__version__,
+            uptime_s=round(self._now() - self._started_at, 3), states=dict(states),
+            pending_broadcasts=membership.pending_broadcasts(),
+            membership=dataclasses.asdict(membership.counters),
+            runtime={k: dict(v) for k, v in self.counters.as_dict().items()})
+
+    def _require(self) -> Membership:
+        if self._membership is None:
+            raise RuntimeError("the node is not started; await Node.start() first")
+        return self._membership
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    # -- inputs --------------------------------------------------------------------------
+
+    def _on_packet(self, packet: Packet) -> None:
+        membership = self._membership
+        if membership is None or self.stopped.is_set():
+            return
+        self._feed(membership.on_packet(self._now(), packet))
+
+    def handle_frame(self, message: Any, conn: ServerConnection) -> None:
+        """A decoded frame from a TCP connection (``runtime.tcp.FrameHandler``)."""
+        membership = self._membership
+        if membership is None or self.stopped.is_set():
+            conn.close()
+            return
+        if isinstance(message, PushPull):
+            if message.reply:
+                self._drops.malformed("tcp_unexpected", conn.peer, "push-pull reply as request")
+                conn.close()
+                return
+            reply, effects = membership.on_push_pull(self._now(), message)
+            # Effects first: a refutation's SaveIncarnation must be durable before the
+            # reply (which carries the new incarnation) leaves.
+            self._feed(effects)
+            conn.send(reply)
+        else:
+            self._api.handle(message, conn)
+
+    # -- effects and time ----------------------------------------------------------------
+
+    def _feed(self, effects: list[Effect]) -> list[asyncio.Task[bool]]:
+        """Execute ``effects`` in order, then re-arm the timer. Returns push-pull tasks."""
+        tasks = self._execute(effects)
+        if self._membership is not None and not self.stopped.is_set():
+            self._arm_timer()
+        return tasks
+
+    def _execute(self, effects: list[Effect]) -> list[asyncio.Task[bool]]:
+        tasks: list[asyncio.Task[bool]] = []
+        transport = self._transport
+        assert transport is not None
+        for effect in effects:
+            if isinstance(effect, SendPacket):
+                transport.send_packet(effect.to, effect.packet)
+            elif isinstance(effect, SaveIncarnation):
+                try:
+                    self._data_dir.save_incarnation(effect.incarnation)
+                except DataDirError as exc:
+                    # Nothing after this may leave: it would claim an incarnation that
+                    # a crash could forget.
+                    self._fail(str(exc))
+                    return tasks
+            elif isinstance(effect, StartPushPull):
+                task = self._start_push_pull(effect)
+                if task is not None:
+                    tasks.append(task)
+            elif isinstance(effect, MemberEvent):
+                self._on_member_event(effect)
+            elif isinstance(effect, DeliverUserEvent):
+                self._on_user_event(effect.event)
+        return tasks
+
+    def _arm_timer(self) -> None:
+        membership = self._membership
+        assert membership is not None
+        loop = asyncio.get_running_loop()
+        when = max(membership.next_deadline(), loop.time() + TICK_FLOOR_S)
+        if self._timer is not None:
+            if self._timer_when <= when:
+                return  # it fires first; _on_timer re-arms
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        membership = self._membership
+        if membership is None or self.stopped.is_set():
+            return
+        self._feed(membership.on_tick(self._now()))
+        if membership.pending_broadcasts() == 0:
+            self._drained.set()
+
+    def _on_member_event(self, event: MemberEvent) -> None:
+        # Contract with the benchmark harness: msg "member" with kind, member, incarnation.
+        self._member_log.info("member", kind=event.kind.value, member=event.name,
+                              incarnation=event.incarnation, address=str(event.address))
+        _notify(self._member_subscribers, event, self.log)
+
+    def _on_user_event(self, event: UserEvent) -> None:
+        # Contract with the benchmark harness: msg "user_event" with name, origin, ltime,
+        # payload (text if it is UTF-8, else base64).
+        payload, encoding = payload_text(event.payload)
+        self._event_log.info("user_event", name=event.name, origin=event.origin,
+                             ltime=event.ltime, payload=payload, payload_encoding=encoding)
+        _notify(self._event_subscribers, event, self.log)
+
+    # -- push-pull and join --------------------------------------------------------------
+
+    def _start_push_pull(self, effect: StartPushPull) -> asyncio.Task[bool] | None:
+        to = effect.to
+        if to in self._push_pulls or len(self._push_pulls) >= PUSH_PULLS_IN_FLIGHT_MAX:
+            self._drops.overload("push_pull_in_flight", to)
+            loop = asyncio.get_running_loop()
+            loop.call_soon(self._push_pull_failed, to)  # not re-entrantly from _execute
+            return None
+        task = asyncio.get_running_loop().create_task(self._push_pull(effect))
+        self._push_pulls[to] = task
+        task.add_done_callback(lambda _: self._push_pulls.pop(to, None))
+        return task
+
+    async def _push_pull(self, effect: StartPushPull) -> bool:
+        """One full-state sync; True if the peer answered. Never raises (but cancels)."""
+        join = effect.request.join
+        timeout_s = self.config.membership.join_timeout_s if join else self.config.io_timeout_s
+        transport = self._transport
+        assert transport is not None
+        try:
+            reply = await transport.request(effect.to, effect.request, PushPull, timeout_s)
+            if not isinstance(reply, PushPull) or not reply.reply:
+                raise MalformedInput("the peer did not answer with a push-pull reply")
+        except (OSError, TimeoutError, ConnectionError, MalformedInput) as exc:
+            error = str(exc) or type(exc).__name__
+            if join:
+                self.log.warning("join_push_pull_failed", seed=str(effect.to), error=error)
+            else:
+                self.log.debug("push_pull_failed", peer=str(effect.to), error=error)
+            self._push_pull_failed(effect.to)
+            return False
+        membership = self._membership
+        if membership is None or self.stopped.is_set():
+            return False
+        self._feed(membership.on_push_pull_reply(self._now(), reply, join=join))
+        return True
+
+    def _push_pull_failed(self, to: Address) -> None:
+        if self._membership is not None and not self.stopped.is_set():
+            self._feed(self._membership.on_push_pull_failed(self._now(), to))
+
+    async def _join_loop(self, seeds: tuple[Address, ...]) -> None:
+        """Push-pull with every seed until one answers, backing off between rounds."""
+        delay = JOIN_RETRY_INITIAL_S
+        attempt = 0
+        while True:
+            attempt += 1
+            addresses = await self._resolve(seeds)
+            if await self._join_once(addresses):
+                return
+            retry_in_s = delay * self._rng.uniform(0.8, 1.2)
+            self.log.warning("join_failed", attempt=attempt, seeds=[str(s) for s in seeds],
+                             retry_in_s=round(retry_in_s, 2))
+            await asyncio.sleep(retry_in_s)
+            delay = min(delay * 2, JOIN_RETRY_MAX_S)
+
+    async def _join_once(self, seeds: list[Address]) -> bool:
+        membership = self._require()
+        if not seeds:
+            return False
+        effects = membership.join(self._now(), seeds)
+        if not effects:
+            # Every seed is this node itself: a cluster of one until others join us.
+            self.log.info("joined", seeds=[str(s) for s in seeds], members=1)
+            self.joined.set()
+            return True
+        results = await asyncio.gather(*self._feed(effects))
+        if not any(results):
+            return False
+        self.log.info("joined", seeds=[str(s) for s in seeds],
+                      members=membership.live_count())
+        self.joined.set()
+        return True
+
+    async def _resolve(self, seeds: tuple[Address, ...]) -> list[Address]:
+        """Seeds given by host name are resolved on every attempt (DNS may change)."""
+        loop = asyncio.get_running_loop()
+        resolved: list[Address] = []
+        for seed in seeds:
+            if is_ip_literal(seed.host):
+                resolved.append(seed)
+                continue
+            try:
+                infos = await loop.getaddrinfo(seed.host, seed.port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                self.log.warning("seed_unresolved", seed=str(seed), error=str(exc))
+                continue
+            family = socket.AF_INET6 if ":" in self.config.bind.host else socket.AF_INET
+            hosts = [info[4][0] for info in infos if info[0] == family]
+            if hosts:
+                resolved.append(Address(str(hosts[0]), seed.port))
+        return resolved
+
+
+def payload_text(payload: bytes) -> tuple[str, str]:
+    """(text, "utf-8") if the payload is UTF-8 text, else (base64, "base64")."""
+    try:
+        return payload.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(payload).decode("ascii"), "base64"
+
+
+def _subscribe(subscribers: list[Callable[[T], None]], callback: Callable[[T], None]
+               ) -> Callable[[], None]:
+    if len(subscribers) >= SUBSCRIBERS_MAX:
+        raise RuntimeError(f"at most {SUBSCRIBERS_MAX} subscribers; unsubscribe unused ones")
+    subscribers.append(callback)
+
+    def unsubscribe() -> None:
+        if callback in subscribers:
+            subscribers.remove(callback)
+
+    return unsubscribe
+
+
+def _notify(subscribers: list[Callable[[T], None]], item: T, log: NodeLogger) -> None:
+    for callback in list(subscribers):
+        try:
+            callback(item)
+        except Exception as exc:  # a subscriber's bug must not stop the protocol
+            log.error("subscriber_failed", error=repr(exc))

@@ -1,0 +1,214 @@
+"""The TCP side: length-prefixed msgpack frames (``core.codec``) over ``asyncio.Protocol``.
+
+``ServerConnection`` serves one inbound connection: peers' push-pull syncs and clients'
+native requests arrive on the same port and go to a ``FrameHandler``. A peer that sends
+bytes that do not decode gets its connection closed. ``FrameClient`` is the outbound side
+(push-pull, the CLI): send a frame, await reply frames.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from leaderless.core.codec import FRAME_BYTES_MAX, FrameDecoder, MalformedInput, encode_frame
+from leaderless.core.messages import Address
+from leaderless.runtime.drops import Drops
+
+CONNECTIONS_MAX = 512
+"""Inbound connections served at once: peers sync one at a time and clients are few; a
+flood beyond this is refused (closed on accept) rather than allowed to exhaust memory."""
+WRITE_BUFFER_BYTES_MAX = 2 * FRAME_BYTES_MAX
+"""Bytes queued to a reader that does not read: two of the largest frames, then we give up."""
+IDLE_TIMEOUT_S = 60.0
+"""A connection that sends nothing for this long (and is not watching) is closed, so a
+half-sent frame cannot pin a connection slot forever."""
+CLIENT_QUEUE_FRAMES_MAX = 1024
+"""Frames a client buffers before it stops reading the socket (backpressure to the node)."""
+
+
+class ConnectionClosedError(ConnectionError):
+    """The other side closed the connection before answering."""
+
+
+class FrameHandler(Protocol):
+    def handle_frame(self, message: Any, conn: ServerConnection) -> None:
+        """One decoded frame from ``conn``; reply with ``conn.send``."""
+
+
+class ServerConnection(asyncio.Protocol):
+    """One inbound TCP connection: decode frames, hand them to the handler, send replies."""
+
+    def __init__(self, handler: FrameHandler, frame_type: Any, drops: Drops,
+                 registry: set[ServerConnection]) -> None:
+        self._handler = handler
+        self._decoder: FrameDecoder[Any] = FrameDecoder(frame_type)
+        self._drops = drops
+        self._registry = registry
+        self._transport: asyncio.Transport | None = None
+        self._close_callbacks: list[Callable[[], None]] = []
+        self._idle: asyncio.TimerHandle | None = None
+        self.peer = ""
+        self.streaming = False
+        """True while the connection carries a stream (a watch): it is not idle."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's, so no isinstance check here.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if len(self._registry) >= CONNECTIONS_MAX:
+            self._drops.overload("tcp_connections", self.peer)
+            transport.abort()
+            return
+        self._registry.add(self)
+        self._touch()
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._touch()
+        try:
+            messages = self._decoder.feed(data)
+        except MalformedInput as exc:
+            self._drops.malformed("tcp_frame", self.peer, exc)
+            self.close()
+            return
+        for message in messages:
+            if self._transport.is_closing():
+                return
+            self._handler.handle_frame(message, self)
+
+    def eof_received(self) -> bool | None:
+        return None  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._registry.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        self._transport = None
+        callbacks, self._close_callbacks = self._close_callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def pause_writing(self) -> None:
+        # The reader is slow: stop reading its requests until it catches up.
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+
+    def _touch(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        loop = asyncio.get_running_loop()
+        self._idle = loop.call_later(IDLE_TIMEOUT_S, self._on_idle)
+
+    def _on_idle(self) -> None:
+        if self.streaming:
+            self._touch()
+        else:
+            self.close()
+
+    # -- for handlers ------------------------------------------------------------------
+
+    def send(self, message: Any, drop_kind: str = "tcp_slow_reader") -> bool:
+        """Write one frame; False (and the connection closed) if the reader is too slow."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > WRITE_BUFFER_BYTES_MAX:
+            self._drops.overload(drop_kind, self.peer)
+            self.close()
+            return False
+        transport.write(encode_frame(message))
+        return True
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._close_callbacks.append(callback)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class FrameClient(asyncio.Protocol):
+    """An outbound connection: ``send`` frames, ``recv`` decoded replies in order."""
+
+    def __init__(self, reply_type: Any) -> None:
+        self._decoder: FrameDecoder[Any] = FrameDecoder(reply_type)
+        self._transport: asyncio.Transport | None = None
+        self._frames: collections.deque[Any] = collections.deque()
+        self._error: Exception | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
+
+    @classmethod
+    async def connect(cls, address: Address, reply_type: Any, timeout_s: float) -> FrameClient:
+        """Connect within ``timeout_s`` (raises TimeoutError or OSError)."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout_s):
+            _, protocol = await loop.create_connection(
+                lambda: cls(reply_type), address.host, address.port)
+        return protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's, so no isinstance check here.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._frames.extend(self._decoder.feed(data))
+        except MalformedInput as exc:
+            self._fail(exc)
+            self.close()
+            return
+        if len(self._frames) >= CLIENT_QUEUE_FRAMES_MAX and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._fail(exc or ConnectionClosedError("the node closed the connection"))
+
+    def _fail(self, exc: Exception) -> None:
+        if self._error is None:
+            self._error = exc
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def send(self, message: Any) -> None:
+        if self._transport is None or self._transport.is_closing():
+            raise self._error or ConnectionClosedError("the connection is closed")
+        self._transport.write(encode_frame(message))
+
+    async def recv(self, timeout_s: float | None = None) -> Any:
+        """The next frame; raises the connection's error once no frames are left."""
+        async with asyncio.timeout(timeout_s):
+            while not self._frames:
+                if self._error is not None:
+                    raise self._error
+                self._waiter = asyncio.get_running_loop().create_future()
+                await self._waiter
+        frame = self._frames.popleft()
+        if self._paused and len(self._frames) < CLIENT_QUEUE_FRAMES_MAX // 2:
+            self._paused = False
+            if self._transport is not None:
+                self._transport.resume_reading()
+        return frame
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
