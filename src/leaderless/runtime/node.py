@@ -144,7 +144,8 @@ class Node:
     async def _wait_drained(self, membership: Membership) -> None:
         try:
             async with asyncio.timeout(self.config.leave_timeout_s):
-                while membership.pending_broadcasts() > 0:
+                # Nobody left to tell (the whole cluster is stopping): nothing to wait for.
+                while membership.pending_broadcasts() > 0 and membership.live_count() > 1:
                     self._drained.clear()
                     await self._drained.wait()
         except TimeoutError:
@@ -304,7 +305,7 @@ class Node:
         if membership is None or self.stopped.is_set():
             return
         self._feed(membership.on_tick(self._now()))
-        if membership.pending_broadcasts() == 0:
+        if membership.pending_broadcasts() == 0 or membership.live_count() <= 1:
             self._drained.set()
 
     def _on_member_event(self, event: MemberEvent) -> None:

@@ -1,0 +1,256 @@
+"""The ``leaderless`` command.
+
+    leaderless node start [--name N] [--bind HOST:PORT] [--join SEED[,SEED]] ...
+    leaderless up --nodes 3
+    leaderless members --node HOST:PORT [--json]
+    leaderless status --node HOST:PORT [--json]
+    leaderless event send NAME PAYLOAD --node HOST:PORT [--json]
+    leaderless event watch --node HOST:PORT [--json]
+
+Exit codes: 0 success; 1 the node is unreachable, refused the request or failed while
+running; 2 invalid configuration or usage; 3 the node cannot start here (port in use,
+data directory not writable or locked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from leaderless import __version__
+from leaderless.api.client import ApiError, Client, NodeUnreachableError
+from leaderless.api.messages import EventNotification, MemberInfo
+from leaderless.config import DEFAULT_BIND, LOG_FORMATS, LOG_LEVELS, ConfigError, load_config
+from leaderless.config import parse_host_port as _parse_host_port
+from leaderless.core.messages import Address
+from leaderless.runtime.node import payload_text
+from leaderless.runtime.process import EXIT_CONFIG, EXIT_FATAL, run, run_node
+
+T = TypeVar("T")
+STATE_STYLES = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
+
+node_option = click.option(
+    "--node", "node", default=DEFAULT_BIND, show_default=True, metavar="HOST:PORT",
+    help="The node to ask (any node: all are equal).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+
+
+def _fail(message: str, code: int = EXIT_FATAL) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def _address(text: str) -> Address:
+    try:
+        return _parse_host_port(text)
+    except ValueError as exc:
+        _fail(f"--node: {text!r} {exc}", EXIT_CONFIG)
+
+
+def _call(node: str, action: Callable[[Client], Awaitable[T]]) -> T:
+    """Run one client action against ``node``, turning failures into clear exits."""
+
+    async def go() -> T:
+        async with Client(_address(node)) as client:
+            return await action(client)
+
+    try:
+        return run(go())
+    except NodeUnreachableError as exc:
+        _fail(str(exc))
+    except ApiError as exc:
+        _fail(f"the node refused: {exc}")
+    except (OSError, TimeoutError, ConnectionError) as exc:
+        _fail(f"lost the connection to {node}: {exc or type(exc).__name__}")
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=None if isinstance(value, dict) else 2))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="leaderless")
+def main() -> None:
+    """leaderless: a cluster in which every node is equal."""
+
+
+# -- node ---------------------------------------------------------------------------------
+
+
+@main.group()
+def node() -> None:
+    """Run a node."""
+
+
+@node.command("start")
+@click.option("--config", "config_file", metavar="FILE", help="TOML file with settings "
+              "(lowest precedence; also $LEADERLESS_CONFIG).")
+@click.option("--name", help="Unique node name [default: <hostname>-<port>].")
+@click.option("--bind", metavar="HOST:PORT", help=f"UDP and TCP address [default: {DEFAULT_BIND}].")
+@click.option("--advertise", metavar="HOST:PORT",
+              help="Address other nodes use to reach this one [default: --bind].")
+@click.option("--join", multiple=True, metavar="SEED[,SEED]",
+              help="Seed nodes to join (repeatable). Without it: a new cluster of one.")
+@click.option("--data-dir", metavar="DIR",
+              help="Where the node keeps its state [default: ~/.local/share/leaderless/NAME].")
+@click.option("--zone", help="Failure zone (rack, availability zone) of this node.")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Metadata (repeatable).")
+@click.option("--weight", type=float, help="Capacity weight, (0, 1000] [default: 1].")
+@click.option("--log-format", type=click.Choice(LOG_FORMATS), help="[default: json]")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS), help="[default: info]")
+@click.option("--exit-with-parent", is_flag=True, hidden=True,
+              help="Leave when the parent process exits (used by `leaderless up`).")
+def node_start(config_file: str | None, exit_with_parent: bool, **flags: Any) -> None:
+    """Start a node and serve until SIGTERM or Ctrl-C (then leave gracefully)."""
+    flags["join"] = list(flags["join"])
+    flags["tags"] = list(flags["tags"])
+    try:
+        config = load_config(flags, config_file=config_file)
+    except ConfigError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+    sys.exit(run_node(config, parent_pid=os.getppid() if exit_with_parent else None))
+
+
+# -- up -----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--nodes", type=click.IntRange(1, 64), default=3, show_default=True,
+              help="How many nodes to start.")
+@click.option("--base-port", type=click.IntRange(1, 65535), default=7946, show_default=True,
+              help="First port to try; taken ports (UDP or TCP) are skipped.")
+@click.option("--data-dir", default="data", show_default=True, metavar="DIR",
+              help="Each node keeps its state and log in DIR/<name>/.")
+def up(nodes: int, base_port: int, data_dir: str) -> None:
+    """Run a local cluster on 127.0.0.1 and show its members live (Ctrl-C stops it)."""
+    from leaderless.runtime.supervisor import run_up
+
+    try:
+        # Without a terminal rich assumes 80 columns; the table needs a little more.
+        console = Console() if sys.stdout.isatty() else Console(width=120)
+        code = run_up(nodes, base_port, Path(data_dir).resolve(), console)
+    except OSError as exc:
+        _fail(str(exc))
+    sys.exit(code)
+
+
+# -- members and status ------------------------------------------------------------------
+
+
+def member_dict(member: MemberInfo) -> dict[str, Any]:
+    """The JSON shape of a member: name, address, state, incarnation, zone, weight, tags,
+    changed_at (unix seconds)."""
+    return msgspec.structs.asdict(member)
+
+
+def _ago(unix_s: float) -> str:
+    seconds = max(0, int(time.time() - unix_s))
+    clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_s))
+    if seconds < 120:
+        return f"{clock} ({seconds}s ago)"
+    if seconds < 7200:
+        return f"{clock} ({seconds // 60}m ago)"
+    return f"{clock} ({seconds // 3600}h ago)"
+
+
+@main.command()
+@node_option
+@json_option
+def members(node: str, as_json: bool) -> None:
+    """List the members a node knows, with their states."""
+    found = _call(node, lambda c: c.members())
+    if as_json:
+        _print_json([member_dict(m) for m in found])
+        return
+    table = Table(title=f"members seen by {node}")
+    for column in ("name", "address", "state", "incarnation", "zone", "last change"):
+        table.add_column(column)
+    for m in found:
+        style = STATE_STYLES.get(m.state, "")
+        table.add_row(m.name, m.address, f"[{style}]{m.state}[/]", str(m.incarnation),
+                      m.zone, _ago(m.changed_at))
+    Console().print(table)
+
+
+@main.command()
+@node_option
+@json_option
+def status(node: str, as_json: bool) -> None:
+    """A node's identity, member counts and counters."""
+    reply = _call(node, lambda c: c.status())
+    data = msgspec.structs.asdict(reply)
+    if as_json:
+        _print_json(data)
+        return
+    console = Console()
+    console.print(f"[bold]{reply.name}[/] at {reply.address}, incarnation {reply.incarnation}, "
+                  f"version {reply.version}, up {reply.uptime_s:.0f} s")
+    console.print("members: " + ", ".join(f"{n} {s}" for s, n in sorted(reply.states.items())))
+    console.print(f"pending broadcasts: {reply.pending_broadcasts}")
+    for name, kinds in reply.runtime.items():
+        if kinds:
+            console.print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+@main.group()
+def event() -> None:
+    """Send and watch user events (a name and a payload of up to 512 bytes)."""
+
+
+@event.command("send")
+@click.argument("name")
+@click.argument("payload", default="")
+@node_option
+@json_option
+def event_send(name: str, payload: str, node: str, as_json: bool) -> None:
+    """Broadcast event NAME with PAYLOAD (UTF-8 text) from a node to the whole cluster."""
+    reply = _call(node, lambda c: c.send_event(name, payload.encode()))
+    if as_json:
+        _print_json({"name": name, "origin": reply.origin, "ltime": reply.ltime})
+    else:
+        click.echo(f"sent {name!r} from {reply.origin} (ltime {reply.ltime})")
+
+
+def event_dict(e: EventNotification) -> dict[str, Any]:
+    """The JSON shape of a delivered event (same fields as the node's user_event log)."""
+    payload, encoding = payload_text(e.payload)
+    return {"name": e.name, "origin": e.origin, "ltime": e.ltime, "payload": payload,
+            "payload_encoding": encoding}
+
+
+@event.command("watch")
+@node_option
+@json_option
+def event_watch(node: str, as_json: bool) -> None:
+    """Print every user event the node delivers, as it happens, until Ctrl-C.
+    With --json: one JSON object per line."""
+
+    async def watch(client: Client) -> None:
+        stream = await client.watch_events()
+        if not as_json:
+            click.echo(f"watching events on {node} (Ctrl-C to stop)", err=True)
+        async for e in stream:
+            if as_json:
+                click.echo(json.dumps(event_dict(e)))
+            else:
+                payload, _ = payload_text(e.payload)
+                click.echo(f"{e.name} from {e.origin} (ltime {e.ltime}): {payload}")
+            sys.stdout.flush()
+
+    try:
+        _call(node, watch)
+    except KeyboardInterrupt:
+        pass
