@@ -72,7 +72,7 @@ class ServerConnection(asyncio.Protocol):
         self._touch()
         try:
             messages = self._decoder.feed(data)
-        except MalformedInput as exc:
+        except (MalformedInput, UnicodeDecodeError) as exc:  # see udp.py on Unicode
             self._drops.malformed("tcp_frame", self.peer, exc)
             self.close()
             return
@@ -167,8 +167,8 @@ class FrameClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._frames.extend(self._decoder.feed(data))
-        except MalformedInput as exc:
-            self._fail(exc)
+        except (MalformedInput, UnicodeDecodeError) as exc:  # see udp.py on Unicode
+            self._fail(MalformedInput(f"the node sent a bad frame: {exc}"))
             self.close()
             return
         if len(self._frames) >= CLIENT_QUEUE_FRAMES_MAX and self._transport is not None:

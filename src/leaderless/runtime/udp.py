@@ -46,7 +46,9 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             return
         try:
             packet = decode_packet(data)
-        except MalformedInput as exc:
+        except (MalformedInput, UnicodeDecodeError) as exc:
+            # UnicodeDecodeError: the codec lets msgspec's error for a bad UTF-8 string
+            # escape (reported to core); it is still the peer's malformed input.
             self._drops.malformed("udp_packet", _peer(addr), exc)
             return
         self._on_packet(packet)

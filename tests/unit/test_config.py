@@ -1,0 +1,152 @@
+"""Configuration: sources, precedence, defaults and error messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from leaderless.config import (
+    ConfigError,
+    env_var,
+    load_config,
+    parse_host_port,
+    settings,
+)
+from leaderless.core.membership_config import MembershipConfig
+from leaderless.core.messages import Address
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "node.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults() -> None:
+    config = load_config({}, env={})
+    assert config.bind == Address("127.0.0.1", 7946)
+    assert config.advertise == config.bind
+    assert config.join == ()
+    assert config.name.endswith("-7946")
+    assert config.data_dir.name == config.name
+    assert config.log_format == "json"
+    assert config.log_level == "info"
+    assert config.membership == MembershipConfig()
+
+
+def test_precedence_toml_then_env_then_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, 'name = "from-toml"\nzone = "z-toml"\nweight = 2.0\n'
+                           'bind = "127.0.0.1:7001"\n[membership]\nprobe_interval_s = 1.0\n')
+    env = {"LEADERLESS_ZONE": "z-env", "LEADERLESS_WEIGHT": "3",
+           "LEADERLESS_MEMBERSHIP_PROBE_INTERVAL_S": "0.8"}
+    config = load_config({"weight": 4.0}, env=env, config_file=path)
+    assert config.name == "from-toml"  # only in the file
+    assert config.zone == "z-env"  # env beats the file
+    assert config.weight == 4.0  # flags beat env
+    assert config.bind == Address("127.0.0.1", 7001)
+    assert config.membership.probe_interval_s == 0.8
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, 'name = "via-env-file"\n')
+    config = load_config({}, env={"LEADERLESS_CONFIG": str(path)})
+    assert config.name == "via-env-file"
+
+
+def test_none_flags_are_ignored() -> None:
+    config = load_config({"name": None, "join": [], "tags": []},
+                         env={"LEADERLESS_NAME": "env-name"})
+    assert config.name == "env-name"
+
+
+def test_join_and_tags_accept_lists_and_commas() -> None:
+    config = load_config({"join": ["10.0.0.1:7946,10.0.0.2:7946", "seed.local:8000"],
+                          "tags": ["rack=r1", "role=db,tier=gold"]}, env={})
+    assert config.join == (Address("10.0.0.1", 7946), Address("10.0.0.2", 7946),
+                           Address("seed.local", 8000))
+    assert dict(config.tags) == {"rack": "r1", "role": "db", "tier": "gold"}
+    env_config = load_config({}, env={"LEADERLESS_JOIN": "127.0.0.1:1, 127.0.0.1:2",
+                                      "LEADERLESS_TAGS": "a=b"})
+    assert len(env_config.join) == 2
+    assert dict(env_config.tags) == {"a": "b"}
+
+
+def test_toml_tags_table(tmp_path: Path) -> None:
+    path = write(tmp_path, '[tags]\nrack = "r7"\n')
+    assert dict(load_config({}, env={}, config_file=path).tags) == {"rack": "r7"}
+
+
+def test_ipv6_and_localhost() -> None:
+    assert parse_host_port("[::1]:7000") == Address("::1", 7000)
+    assert parse_host_port("localhost:7000") == Address("127.0.0.1", 7000)
+
+
+def test_wildcard_bind_needs_advertise() -> None:
+    with pytest.raises(ConfigError, match="advertise: required when bind is a wildcard"):
+        load_config({"bind": "0.0.0.0:7946"}, env={})
+    config = load_config({"bind": "0.0.0.0:7946", "advertise": "10.1.2.3:7946"}, env={})
+    assert config.advertise == Address("10.1.2.3", 7946)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"bind": "127.0.0.1:99999"},
+         "bind: '127.0.0.1:99999' is not HOST:PORT with port 0..65535"),
+        ({"bind": "127.0.0.1"}, "bind: '127.0.0.1' is not HOST:PORT"),
+        ({"bind": "example.com:7946"}, "bind: 'example.com:7946' must be an IP address"),
+        ({"advertise": "0.0.0.0:7946"}, "advertise: '0.0.0.0:7946' is a wildcard address"),
+        ({"join": ["10.0.0.1"]}, "join: .* seed '10.0.0.1' is not HOST:PORT"),
+        ({"name": "bad name"}, "name: 'bad name' must start with a letter or digit"),
+        ({"name": "x" * 65}, "is longer than 64 bytes"),
+        ({"weight": "0"}, r"weight: '0' must be in \(0, 1000\]"),
+        ({"weight": "heavy"}, "weight: 'heavy' must be a number"),
+        ({"tags": ["novalue"]}, "tags: .* tag 'novalue' is not KEY=VALUE"),
+        ({"tags": [f"k{i}=v" for i in range(17)]}, "at most 16 are allowed"),
+        ({"log_format": "xml"}, "log_format: 'xml' must be one of json, console"),
+        ({"zone": "z" * 65}, "zone: .* is longer than 64 bytes"),
+        ({"nonsense": 1}, "nonsense: unknown setting given as a flag"),
+    ],
+)
+def test_invalid_settings_name_the_setting(flags: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(flags, env={})
+
+
+def test_invalid_environment_names_the_setting() -> None:
+    with pytest.raises(ConfigError, match="membership.probe_interval_s: 'fast' must be a number"):
+        load_config({}, env={"LEADERLESS_MEMBERSHIP_PROBE_INTERVAL_S": "fast"})
+    with pytest.raises(ConfigError, match="membership.gossip_nodes: '2.5' must be an integer"):
+        load_config({}, env={"LEADERLESS_MEMBERSHIP_GOSSIP_NODES": "2.5"})
+
+
+def test_membership_cross_field_validation() -> None:
+    with pytest.raises(ConfigError, match="membership: probe_timeout_s must be > 0 and <"):
+        load_config({}, env={"LEADERLESS_MEMBERSHIP_PROBE_TIMEOUT_S": "5"})
+
+
+def test_unknown_membership_variable_is_an_error_other_variables_are_ignored() -> None:
+    with pytest.raises(ConfigError, match="LEADERLESS_MEMBERSHIP_PROBE_INTERVAL: not a"):
+        load_config({}, env={"LEADERLESS_MEMBERSHIP_PROBE_INTERVAL": "1"})
+    load_config({}, env={"LEADERLESS_SOMETHING_ELSE": "1"})
+
+
+def test_toml_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config({}, env={}, config_file=write(tmp_path, "name = \n"))
+    with pytest.raises(ConfigError, match="bogus: unknown setting in"):
+        load_config({}, env={}, config_file=write(tmp_path, "bogus = 1\n"))
+    with pytest.raises(ConfigError, match="membership.bogus: unknown setting"):
+        load_config({}, env={}, config_file=write(tmp_path, "[membership]\nbogus = 1\n"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config({}, env={}, config_file=tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="weight: True must be a number"):
+        load_config({}, env={}, config_file=write(tmp_path, "weight = true\n"))
+
+
+def test_every_setting_has_an_env_var() -> None:
+    assert env_var("bind") == "LEADERLESS_BIND"
+    assert env_var("membership.probe_interval_s") == "LEADERLESS_MEMBERSHIP_PROBE_INTERVAL_S"
+    for key in settings():
+        assert env_var(key).startswith("LEADERLESS_")
