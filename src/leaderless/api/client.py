@@ -19,7 +19,7 @@ from leaderless.api.messages import (
     StatusRequest,
     WatchStarted,
 )
-from leaderless.core.messages import Address
+from leaderless.core.messages import EVENT_NAME_BYTES_MAX, EVENT_PAYLOAD_BYTES_MAX, Address
 from leaderless.runtime.tcp import FrameClient
 
 DEFAULT_TIMEOUT_S = 5.0
@@ -88,6 +88,12 @@ class Client:
 
     async def send_event(self, name: str, payload: bytes) -> EventSendReply:
         """Broadcast a user event from the node; raises ApiError if it is refused."""
+        # Checked here too: the node drops (and disconnects) a frame beyond the limits.
+        if not 1 <= len(name.encode()) <= EVENT_NAME_BYTES_MAX:
+            raise ApiError("bad_event", f"event name must be 1..{EVENT_NAME_BYTES_MAX} bytes")
+        if len(payload) > EVENT_PAYLOAD_BYTES_MAX:
+            raise ApiError("bad_event", f"event payload is {len(payload)} bytes; "
+                                        f"the limit is {EVENT_PAYLOAD_BYTES_MAX}")
         result: EventSendReply = await self._call(EventSendRequest(name, payload),
                                                   EventSendReply)
         return result

@@ -116,15 +116,25 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
+def _errno(exc: BaseException) -> int | None:
+    """uvloop wraps the bind error and keeps the errno on ``__cause__``."""
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc.errno
+        exc = exc.__cause__  # type: ignore[assignment]
+    return None
+
+
 def _bind_error(address: Address, side: str, exc: OSError) -> StartupError:
-    if exc.errno == errno.EADDRINUSE:
+    code = _errno(exc)
+    if code == errno.EADDRINUSE:
         return PortInUseError(
             f"bind: {address} is already in use ({side}); stop the process using it or "
             f"choose another port with --bind")
-    if exc.errno == errno.EADDRNOTAVAIL:
+    if code == errno.EADDRNOTAVAIL:
         return StartupError(f"bind: {address.host} is not an address of this machine; "
                             "choose one it has (e.g. 127.0.0.1) with --bind")
-    if exc.errno == errno.EACCES:
+    if code == errno.EACCES:
         return StartupError(f"bind: permission denied for {address} ({side}); "
                             "use a port above 1023 or run with the needed privilege")
     return StartupError(f"bind: cannot listen on {address} ({side}): {exc.strerror or exc}")
