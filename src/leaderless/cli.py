@@ -240,8 +240,8 @@ def event_watch(node: str, as_json: bool) -> None:
 
     async def watch(client: Client) -> None:
         stream = await client.watch_events()
-        if not as_json:
-            click.echo(f"watching events on {node} (Ctrl-C to stop)", err=True)
+        # On stderr even with --json: tells a reader (or a test) that the watch is live.
+        click.echo(f"watching events on {node} (Ctrl-C to stop)", err=True)
         async for e in stream:
             if as_json:
                 click.echo(json.dumps(event_dict(e)))
