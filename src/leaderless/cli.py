@@ -131,14 +131,16 @@ def node_start(config_file: str | None, exit_with_parent: bool, **flags: Any) ->
               help="First port to try; taken ports (UDP or TCP) are skipped.")
 @click.option("--data-dir", default="data", show_default=True, metavar="DIR",
               help="Each node keeps its state and log in DIR/<name>/.")
-def up(nodes: int, base_port: int, data_dir: str) -> None:
-    """Run a local cluster on 127.0.0.1 and show its members live (Ctrl-C stops it)."""
+@json_option
+def up(nodes: int, base_port: int, data_dir: str, as_json: bool) -> None:
+    """Run a local cluster on 127.0.0.1 and show its members live (Ctrl-C stops it).
+    With --json: a JSON object per change, {"ts", "members": [...]}, one per line."""
     from leaderless.runtime.supervisor import run_up
 
     try:
         # Without a terminal rich assumes 80 columns; the table needs a little more.
         console = Console() if sys.stdout.isatty() else Console(width=120)
-        code = run_up(nodes, base_port, Path(data_dir).resolve(), console)
+        code = run_up(nodes, base_port, Path(data_dir).resolve(), console, as_json)
     except OSError as exc:
         _fail(str(exc))
     sys.exit(code)

@@ -37,29 +37,25 @@ Payload = Annotated[bytes, msgspec.Meta(max_length=EVENT_PAYLOAD_BYTES_MAX)]
 CounterMap = Annotated[dict[Text, int], msgspec.Meta(max_length=COUNTERS_MAX)]
 
 
-class _Frame(msgspec.Struct, frozen=True, array_like=True):
-    pass
-
-
 # -- requests ---------------------------------------------------------------------------
 
 
-class MembersRequest(_Frame, tag=100):
+class MembersRequest(msgspec.Struct, frozen=True, array_like=True, tag=100):
     """List every member this node knows, itself included."""
 
 
-class EventSendRequest(_Frame, tag=102):
+class EventSendRequest(msgspec.Struct, frozen=True, array_like=True, tag=102):
     """Broadcast a user event from this node to the whole cluster."""
 
     name: EventName
     payload: Payload
 
 
-class EventWatchRequest(_Frame, tag=104):
+class EventWatchRequest(msgspec.Struct, frozen=True, array_like=True, tag=104):
     """Stream every user event this node delivers from now on."""
 
 
-class StatusRequest(_Frame, tag=107):
+class StatusRequest(msgspec.Struct, frozen=True, array_like=True, tag=107):
     """This node's identity, counts and counters."""
 
 
@@ -79,27 +75,27 @@ class MemberInfo(msgspec.Struct, frozen=True, array_like=True):
     """Unix time (seconds) when this node saw the state change."""
 
 
-class MembersReply(_Frame, tag=101):
+class MembersReply(msgspec.Struct, frozen=True, array_like=True, tag=101):
     members: Annotated[list[MemberInfo], msgspec.Meta(max_length=MEMBERS_MAX)]
 
 
-class EventSendReply(_Frame, tag=103):
+class EventSendReply(msgspec.Struct, frozen=True, array_like=True, tag=103):
     origin: Name
     ltime: LamportTime
 
 
-class WatchStarted(_Frame, tag=105):
+class WatchStarted(msgspec.Struct, frozen=True, array_like=True, tag=105):
     """Events delivered after this frame will be streamed."""
 
 
-class EventNotification(_Frame, tag=106):
+class EventNotification(msgspec.Struct, frozen=True, array_like=True, tag=106):
     name: EventName
     origin: Name
     ltime: LamportTime
     payload: Payload
 
 
-class StatusReply(_Frame, tag=108):
+class StatusReply(msgspec.Struct, frozen=True, array_like=True, tag=108):
     name: Name
     address: Text
     incarnation: Incarnation
@@ -114,7 +110,7 @@ class StatusReply(_Frame, tag=108):
     """The I/O layer's counters by name and kind (runtime.RuntimeCounters)."""
 
 
-class ErrorReply(_Frame, tag=109):
+class ErrorReply(msgspec.Struct, frozen=True, array_like=True, tag=109):
     """The request was understood but refused; ``message`` says why and what to do."""
 
     code: Text

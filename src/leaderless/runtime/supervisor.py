@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from rich import box
 from rich.console import Console
@@ -64,7 +65,10 @@ class Child:
 
 class Supervisor:
     def __init__(self, nodes: int, base_port: int | None, data_dir: Path,
-                 console: Console) -> None:
+                 console: Console, json_output: bool = False) -> None:
+        self.json_output = json_output
+        # With --json, stdout carries only JSON; messages for people go to stderr.
+        self.messages = Console(stderr=True) if json_output else console
         self.nodes = nodes
         self.base_port = base_port
         self.data_dir = data_dir
@@ -79,13 +83,13 @@ class Supervisor:
         ports = find_free_ports(HOST, self.nodes, self.base_port)
         try:
             await self._start_children(ports)
-            self.console.print(f"[bold]{self.nodes} nodes[/] on {HOST} ports "
+            self.messages.print(f"[bold]{self.nodes} nodes[/] on {HOST} ports "
                                f"{', '.join(map(str, ports))}; data and logs in "
                                f"{self.data_dir}/<name>/ . Ctrl-C stops the cluster.")
             await self._display()
         finally:
             await self._stop_children()
-        self.console.print(f"stopped {len(self.children)} nodes")
+        self.messages.print(f"stopped {len(self.children)} nodes")
         return 0
 
     async def _start_children(self, ports: list[int]) -> None:
@@ -116,7 +120,7 @@ class Supervisor:
             _, pending = await asyncio.wait(waits, timeout=STOP_TIMEOUT_S)
             for process in running:
                 if process.returncode is None:
-                    self.console.print(f"pid {process.pid} did not stop in "
+                    self.messages.print(f"pid {process.pid} did not stop in "
                                        f"{STOP_TIMEOUT_S:g} s; killing it")
                     _signal(process, signal.SIGKILL)
             await asyncio.gather(*pending)
@@ -125,23 +129,26 @@ class Supervisor:
                 child.log_file.close()
 
     async def _display(self) -> None:
-        if self.console.is_terminal:
+        if self.console.is_terminal and not self.json_output:
             with Live(self._table(), console=self.console, auto_refresh=False) as live:
                 while not await self._wait_stop(REFRESH_INTERVAL_S):
                     await self._refresh()
                     live.update(self._table(), refresh=True)
             return
-        last_text, last_at = "", 0.0
+        last_rows: list[dict[str, Any]] = []
+        last_at = 0.0
         while not await self._wait_stop(REFRESH_INTERVAL_S):
             await self._refresh()
-            with self.console.capture() as capture:
-                self.console.print(self._table())
-            text = capture.get()
+            rows = self.rows()
             now = time.monotonic()
-            if text != last_text or now - last_at >= PLAIN_REPRINT_S:
+            if rows == last_rows and now - last_at < PLAIN_REPRINT_S:
+                continue
+            last_rows, last_at = rows, now
+            if self.json_output:
+                print(json.dumps({"ts": round(time.time(), 3), "members": rows}), flush=True)
+            else:
                 self.console.print(f"-- {time.strftime('%H:%M:%S')}")
                 self.console.print(self._table())
-                last_text, last_at = text, now
 
     async def _wait_stop(self, timeout_s: float) -> bool:
         try:
@@ -163,33 +170,46 @@ class Supervisor:
         except (OSError, TimeoutError, ConnectionError):
             child.view = None
 
-    def _table(self) -> Table:
+    def rows(self) -> list[dict[str, Any]]:
         """One row per member: its process (if ours), its state and incarnation as the
         first answering node sees them, and how many nodes see it alive."""
         views = [c.view for c in self.children if c.view is not None]
+        reference = {m.name: m for m in views[0]} if views else {}
+        processes = {c.name: c for c in self.children}
+        rows = []
+        for name in sorted({*processes, *(m.name for view in views for m in view)}):
+            child = processes.get(name)
+            member = reference.get(name)
+            rows.append({
+                "name": name,
+                "address": member.address if member else (str(child.address) if child else ""),
+                "process": child.process_state() if child else "external",
+                "pid": child.process.pid if child and child.process else None,
+                "state": member.state if member else None,
+                "incarnation": member.incarnation if member else None,
+                "seen_alive_by": sum(1 for view in views for m in view
+                                     if m.name == name and m.state == "alive"),
+                "views": len(views),
+                "changed_at": member.changed_at if member else None,
+            })
+        return rows
+
+    def _table(self) -> Table:
         table = Table(title=f"leaderless: {len(self.children)} local nodes",
                       box=box.SIMPLE if self.console.is_terminal else box.ASCII)
         for column in ("name", "address", "process", "state", "incarnation",
                        "seen alive by", "last change"):
             table.add_column(column)
-        reference = {m.name: m for m in views[0]} if views else {}
-        processes = {c.name: c for c in self.children}
-        names = sorted({*processes, *(m.name for view in views for m in view)})
-        for name in names:
-            child = processes.get(name)
-            member = reference.get(name)
-            alive_in = sum(1 for view in views for m in view
-                           if m.name == name and m.state == "alive")
-            state = member.state if member else "?"
+        for row in self.rows():
+            state = row["state"] or "?"
             style = STATE_STYLES.get(state, "")
+            changed = row["changed_at"]
             table.add_row(
-                name,
-                member.address if member else (str(child.address) if child else ""),
-                child.process_state() if child else "(external)",
+                row["name"], row["address"], row["process"],
                 f"[{style}]{state}[/]" if style else state,
-                str(member.incarnation) if member else "",
-                f"{alive_in}/{len(views)}",
-                time.strftime("%H:%M:%S", time.localtime(member.changed_at)) if member else "",
+                "" if row["incarnation"] is None else str(row["incarnation"]),
+                f"{row['seen_alive_by']}/{row['views']}",
+                time.strftime("%H:%M:%S", time.localtime(changed)) if changed else "",
             )
         return table
 
@@ -201,6 +221,8 @@ def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
         pass  # it exited between our check and the signal
 
 
-def run_up(nodes: int, base_port: int | None, data_dir: Path, console: Console) -> int:
-    """Run the local cluster until SIGINT/SIGTERM; returns the exit code."""
-    return run(Supervisor(nodes, base_port, data_dir, console).run())
+def run_up(nodes: int, base_port: int | None, data_dir: Path, console: Console,
+           json_output: bool = False) -> int:
+    """Run the local cluster until SIGINT/SIGTERM; returns the exit code. With
+    ``json_output``, one JSON object per changed table on stdout instead of tables."""
+    return run(Supervisor(nodes, base_port, data_dir, console, json_output).run())

@@ -61,7 +61,7 @@ class ServerConnection(asyncio.Protocol):
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         if len(self._registry) >= CONNECTIONS_MAX:
             self._drops.overload("tcp_connections", self.peer)
-            transport.abort()
+            self._transport.abort()
             return
         self._registry.add(self)
         self._touch()

@@ -86,7 +86,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
                 self._drops.send_error("udp_address", to, "not an IP address")
                 continue
             for data in datagrams:
-                if transport.get_write_buffer_size() > SEND_BUFFER_BYTES_MAX:
+                if _buffered_bytes(transport) > SEND_BUFFER_BYTES_MAX:
                     self._drops.overload("udp_send_buffer", to)
                     continue
                 try:
@@ -98,6 +98,12 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self.flush()
         if self._transport is not None:
             self._transport.close()
+
+
+def _buffered_bytes(transport: asyncio.DatagramTransport) -> int:
+    # Both asyncio's and uvloop's datagram transports have it; typeshed does not know.
+    size: int = getattr(transport, "get_write_buffer_size", lambda: 0)()
+    return size
 
 
 def _peer(addr: Any) -> str:
