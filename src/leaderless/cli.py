@@ -157,7 +157,9 @@ def member_dict(member: MemberInfo) -> dict[str, Any]:
 
 def _ago(unix_s: float) -> str:
     seconds = max(0, int(time.time() - unix_s))
-    clock = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(unix_s))
+    same_day = time.localtime(unix_s)[:3] == time.localtime()[:3]
+    clock = time.strftime("%H:%M:%S" if same_day else "%Y-%m-%d %H:%M:%S",
+                          time.localtime(unix_s))
     if seconds < 120:
         return f"{clock} ({seconds}s ago)"
     if seconds < 7200:
@@ -218,8 +220,10 @@ def event() -> None:
 @node_option
 @json_option
 def event_send(name: str, payload: str, node: str, as_json: bool) -> None:
-    """Broadcast event NAME with PAYLOAD (UTF-8 text) from a node to the whole cluster."""
-    reply = _call(node, lambda c: c.send_event(name, payload.encode()))
+    """Broadcast event NAME with PAYLOAD (up to 512 bytes) from a node to the cluster."""
+    # fsencode: arguments that are not valid UTF-8 reach us surrogate-escaped; send the
+    # bytes the user gave.
+    reply = _call(node, lambda c: c.send_event(name, os.fsencode(payload)))
     if as_json:
         _print_json({"name": name, "origin": reply.origin, "ltime": reply.ltime})
     else:
