@@ -138,7 +138,8 @@ def test_join_retries_until_a_seed_answers(tmp_path: Path) -> None:
         await joiner.start()
         seed = make_node(tmp_path, "seed", port=seed_port)
         try:
-            await asyncio.sleep(0.2)  # let the first attempt fail: there is no seed yet
+            await wait_until(lambda: joiner.membership.counters.push_pulls_failed >= 1,
+                             "a join attempt failed (there is no seed yet)")
             assert not joiner.joined.is_set()
             await seed.start()
             await asyncio.wait_for(joiner.joined.wait(), 30)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import traceback
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -55,6 +56,7 @@ async def _serve(config: NodeConfig, parent_pid: int | None) -> int:
         log.error("start_failed", error=str(exc))
         return EXIT_STARTUP
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_log_unhandled(log))
     stop_requested = asyncio.Event()
 
     def on_signal(signum: int) -> None:
@@ -77,6 +79,19 @@ async def _serve(config: NodeConfig, parent_pid: int | None) -> int:
             task.cancel()
     await node.stop()
     return EXIT_FATAL if node.fatal_error else EXIT_OK
+
+
+def _log_unhandled(log: NodeLogger) -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]],
+                                                 None]:
+    """Errors escaping a callback are bugs; log them as JSON (stderr stays parseable)."""
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        trace = "".join(traceback.format_exception(exc)) if exc is not None else ""
+        log.error("unhandled_error", context=str(context.get("message", "")),
+                  error=repr(exc), traceback=trace)
+
+    return handler
 
 
 async def _watch_parent(parent_pid: int, stop: asyncio.Event, log: NodeLogger) -> None:
