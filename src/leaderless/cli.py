@@ -108,9 +108,9 @@ def node() -> None:
 @click.option("--weight", type=float, help="Capacity weight, (0, 1000] [default: 1].")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), help="[default: json]")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="[default: info]")
-@click.option("--exit-with-parent", is_flag=True, hidden=True,
-              help="Leave when the parent process exits (used by `leaderless up`).")
-def node_start(config_file: str | None, exit_with_parent: bool, **flags: Any) -> None:
+@click.option("--parent-pid", type=int, hidden=True,
+              help="Leave when this process is no longer our parent (used by `leaderless up`).")
+def node_start(config_file: str | None, parent_pid: int | None, **flags: Any) -> None:
     """Start a node and serve until SIGTERM or Ctrl-C (then leave gracefully)."""
     flags["join"] = list(flags["join"])
     flags["tags"] = list(flags["tags"])
@@ -118,7 +118,7 @@ def node_start(config_file: str | None, exit_with_parent: bool, **flags: Any) ->
         config = load_config(flags, config_file=config_file)
     except ConfigError as exc:
         _fail(str(exc), EXIT_CONFIG)
-    sys.exit(run_node(config, parent_pid=os.getppid() if exit_with_parent else None))
+    sys.exit(run_node(config, parent_pid=parent_pid))
 
 
 # -- up -----------------------------------------------------------------------------------

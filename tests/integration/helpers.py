@@ -2,7 +2,7 @@
 loopback ports and tmp dirs.
 
 Every process a test starts is registered with a ``Processes`` owner whose fixture kills it
-at the end, pass or fail. Children also get ``--exit-with-parent`` so that even a killed
+at the end, pass or fail. Children also get ``--parent-pid`` so that even a killed
 pytest leaves no node behind. Waiting is always polling with a deadline.
 """
 
@@ -117,7 +117,7 @@ class Processes:
         data_dir.mkdir(parents=True, exist_ok=True)
         log_path = data_dir / "stderr.log"
         args = [LEADERLESS, "node", "start", "--name", name, "--bind", f"127.0.0.1:{port}",
-                "--data-dir", str(data_dir), "--exit-with-parent", *extra]
+                "--data-dir", str(data_dir), "--parent-pid", str(os.getpid()), *extra]
         if join:
             args += ["--join", join]
         with log_path.open("ab") as log:

@@ -96,7 +96,8 @@ def _log_unhandled(log: NodeLogger) -> Callable[[asyncio.AbstractEventLoop, dict
 
 async def _watch_parent(parent_pid: int, stop: asyncio.Event, log: NodeLogger) -> None:
     """Leave when the supervisor that started us is gone, so a killed ``leaderless up``
-    leaves no orphan nodes behind."""
+    leaves no orphan nodes behind. The supervisor passes its pid: if it died before we
+    got here, ``getppid()`` already differs and we leave at once."""
     while os.getppid() == parent_pid:
         await asyncio.sleep(PARENT_CHECK_INTERVAL_S)
     log.warning("parent_exited", parent_pid=parent_pid)

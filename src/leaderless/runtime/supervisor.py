@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -102,7 +103,7 @@ class Supervisor:
             self.children.append(child)
             args = [sys.executable, "-m", "leaderless", "node", "start", "--name", name,
                     "--bind", f"{HOST}:{port}", "--data-dir", str(data_dir),
-                    "--exit-with-parent"]
+                    "--parent-pid", str(os.getpid())]
             if i > 1:
                 args += ["--join", seed]
             child.log_file = child.log_path.open("ab")
