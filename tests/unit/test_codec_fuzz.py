@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -45,7 +44,7 @@ SAMPLE_PACKET = Packet(
     "node-a",
     [Ping(7, "node-b", ADDRESS), Ack(3)],
     [Alive("node-c", 4, ADDRESS, NodeMeta(zone="z1", tags={"k": "v"})),
-     Suspect("node-d", 1, "node-a"), UserEvent("node-a", 9, "deploy", b"\x00\xffpayload")],
+     Suspect("node-d", 1, "node-a"), UserEvent("node-a", 0, 9, "deploy", b"\x00\xffpayload")],
 )
 SAMPLE_PUSH_PULL = PushPull(
     "node-a", True, False,
@@ -62,19 +61,11 @@ msgpack_values = st.recursive(
 )
 
 
-CORE_UTF8_BUG = (
-    "core/codec.py lets msgspec's UnicodeDecodeError (a str field holding invalid UTF-8) "
-    "escape decode_packet and FrameDecoder.feed instead of raising MalformedInput; the "
-    "runtime catches it too, see test_live_node_survives_garbage")
-
-
 def decode_or_malformed(data: bytes) -> Packet | None:
     try:
         return decode_packet(data)
     except MalformedInput:
         return None
-    except UnicodeDecodeError:
-        pytest.xfail(CORE_UTF8_BUG)
 
 
 def feed_or_malformed(decoder: FrameDecoder[Any], chunks: list[bytes]) -> list[Any] | None:
@@ -84,8 +75,6 @@ def feed_or_malformed(decoder: FrameDecoder[Any], chunks: list[bytes]) -> list[A
             out += decoder.feed(chunk)
     except MalformedInput:
         return None
-    except UnicodeDecodeError:
-        pytest.xfail(CORE_UTF8_BUG)
     return out
 
 

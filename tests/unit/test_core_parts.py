@@ -62,11 +62,14 @@ def test_local_health_is_bounded_and_scales_timeouts() -> None:
 
 def test_user_events_deduplicate_and_reject_too_old() -> None:
     ev = UserEvents(buffer=16)
-    e = UserEvent("n1", 5, "deploy", b"x")
+    e = UserEvent("n1", 0, 5, "deploy", b"x")
     assert ev.accept(e) and not ev.accept(e)
-    ev.accept(UserEvent("n2", 100, "later", b""))
-    assert not ev.accept(UserEvent("n3", 50, "old", b"")) and ev.too_old == 1
-    assert ev.create("me", "mine", b"").ltime == 101
+    ev.accept(UserEvent("n2", 0, 100, "later", b""))
+    assert not ev.accept(UserEvent("n3", 0, 50, "old", b"")) and ev.too_old == 1
+    assert ev.create("me", 0, "mine", b"").ltime == 101
+    # The same origin and Lamport time from a later incarnation is a different event.
+    assert ev.accept(UserEvent("n1", 1, 100, "after restart", b""))
+    assert not ev.accept(UserEvent("n1", 1, 100, "after restart", b""))
 
 
 def test_formulas_scale_with_cluster_size() -> None:

@@ -41,7 +41,7 @@ def decode_packet(data: bytes) -> Packet:
         raise MalformedInput(f"datagram of {len(data)} bytes exceeds {PACKET_BYTES_MAX}")
     try:
         return _packet_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
         raise MalformedInput(f"bad packet: {exc}") from None
 
 
@@ -77,7 +77,7 @@ class FrameDecoder(Generic[T]):
             del self._buffer[:end]
             try:
                 messages.append(self._decoder.decode(body))
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
                 raise MalformedInput(f"bad frame: {exc}") from None
         return messages
 

@@ -54,7 +54,7 @@ from leaderless.core.messages import (
     UserEvent,
 )
 from leaderless.core.suspicion import Suspicion
-from leaderless.core.user_events import UserEvents
+from leaderless.core.user_events import UserEvents, event_id
 
 ARRAY_HEADER_GROWTH_BYTES = 2
 """A msgpack array header grows from 1 to 3 bytes past 15 items; keep room for that."""
@@ -191,13 +191,14 @@ class Membership:
     def next_deadline(self) -> float:
         """The earliest ``now`` at which ``on_tick`` has work to do."""
         times = [self._next_gossip_at, self._next_push_pull_at, self._next_reap_at]
-        if not self._left:
-            times += [self._next_probe_at, self._next_reconnect_at]
+        times.extend(r.deadline for r in self._relays.values())
+        if self._left:  # a node that left stops probing and judging others
+            return min(times)
+        times += [self._next_probe_at, self._next_reconnect_at]
         if self._probe is not None and not self._probe.acked:
             times.append(self._probe.timeout_at if not self._probe.indirect_sent
                          else self._probe.deadline)
         times.extend(s.deadline() for s in self._suspicions.values())
-        times.extend(r.deadline for r in self._relays.values())
         return min(times)
 
     # -- local commands ----------------------------------------------------------------
@@ -241,8 +242,8 @@ class Membership:
         if len(payload) > EVENT_PAYLOAD_BYTES_MAX:
             raise ValueError(
                 f"event payload is {len(payload)} bytes; the limit is {EVENT_PAYLOAD_BYTES_MAX}")
-        event = self._events.create(self.name, name, payload)
-        self._broadcast(("event", event.origin, event.ltime), event)
+        event = self._events.create(self.name, self._me.incarnation, name, payload)
+        self._broadcast(("event", *event_id(event)), event)
         return [DeliverUserEvent(event), *self._gossip(now)]
 
     # -- inputs from the network -------------------------------------------------------
@@ -517,7 +518,7 @@ class Membership:
         self.counters.events_too_old = self._events.too_old
         if not accepted:
             return []
-        self._broadcast(("event", event.origin, event.ltime), event)
+        self._broadcast(("event", *event_id(event)), event)
         return [DeliverUserEvent(event)] if deliver else []
 
     def _refute(self, accused_incarnation: int) -> list[Effect]:

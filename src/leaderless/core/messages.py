@@ -2,7 +2,9 @@
 
 Every message is a typed msgspec ``Struct`` with an explicit bound on every field a peer
 controls, so a hostile or broken peer cannot make us allocate without limit: decoding
-validates the bounds and rejects the frame (see ``core.codec``).
+validates the bounds and rejects the frame (see ``core.codec``). Text limits count
+characters, as msgspec does (up to 4 bytes each in UTF-8); the packet builder measures
+encoded bytes, so a long name costs room, never correctness.
 
 The integer tags are the wire protocol: they are append-only. Never renumber or reuse one.
 """
@@ -103,9 +105,12 @@ class Left(msgspec.Struct, frozen=True, array_like=True, tag=4):
 
 
 class UserEvent(msgspec.Struct, frozen=True, array_like=True, tag=5):
-    """A named event broadcast by ``origin``; (origin, ltime) identifies it."""
+    """A named event broadcast by ``origin``; (origin, origin_incarnation, ltime) identifies
+    it. The incarnation keeps ids unique across restarts, since the Lamport clock is not
+    persisted and a restarted node counts again from where the cluster lets it."""
 
     origin: Name
+    origin_incarnation: Incarnation
     ltime: LamportTime
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=EVENT_NAME_BYTES_MAX)]
     payload: Annotated[bytes, msgspec.Meta(max_length=EVENT_PAYLOAD_BYTES_MAX)]

@@ -1,6 +1,7 @@
 """User events: a named payload any node broadcasts, delivered once by every live member.
 
-Events are ordered by a Lamport clock and identified by (origin, ltime). We remember the
+Events are ordered by a Lamport clock and identified by (origin, origin incarnation,
+ltime). We remember the
 last ``buffer`` event ids to drop duplicates (gossip delivers most events several times);
 an event older than the window (ltime below the newest seen minus ``buffer``) is dropped as
 too old, since we could no longer tell whether we delivered it.
@@ -31,12 +32,13 @@ class UserEvents:
         assert buffer > 0
         self._buffer = buffer
         self.clock = LamportClock()
-        self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._seen: OrderedDict[tuple[str, int, int], None] = OrderedDict()
         self.recent: deque[UserEvent] = deque(maxlen=buffer)
         self.too_old = 0
 
-    def create(self, origin: str, name: str, payload: bytes) -> UserEvent:
-        event = UserEvent(origin=origin, ltime=self.clock.tick(), name=name, payload=payload)
+    def create(self, origin: str, incarnation: int, name: str, payload: bytes) -> UserEvent:
+        event = UserEvent(origin=origin, origin_incarnation=incarnation,
+                          ltime=self.clock.tick(), name=name, payload=payload)
         self._remember(event)
         return event
 
@@ -46,7 +48,7 @@ class UserEvents:
         if event.ltime + self._buffer < self.clock.time:
             self.too_old += 1
             return False
-        if (event.origin, event.ltime) in self._seen:
+        if event_id(event) in self._seen:
             return False
         self._remember(event)
         return True
@@ -55,11 +57,12 @@ class UserEvents:
         """On join: events up to ``ltime`` happened before we were here; do not replay them."""
         self.clock.witness(ltime)
 
-    def is_before_join(self, event: UserEvent, join_ltime: int) -> bool:
-        return event.ltime <= join_ltime
-
     def _remember(self, event: UserEvent) -> None:
-        self._seen[(event.origin, event.ltime)] = None
+        self._seen[event_id(event)] = None
         while len(self._seen) > self._buffer:
             self._seen.popitem(last=False)
         self.recent.append(event)
+
+
+def event_id(event: UserEvent) -> tuple[str, int, int]:
+    return (event.origin, event.origin_incarnation, event.ltime)

@@ -47,8 +47,8 @@ InboundFrame = PushPull | Request
 PUSH_PULLS_IN_FLIGHT_MAX = 16
 """Outbound syncs at once (and one per peer): each may carry megabytes at 20,000 members."""
 TICK_FLOOR_S = 0.005
-"""The timer never fires sooner than this after the last tick. A deadline already in the
-past would otherwise spin the loop (see the report about next_deadline after leave)."""
+"""The timer never fires sooner than this after the last tick: deadlines a few ms apart
+share one tick, and a deadline that is already due cannot spin the loop."""
 JOIN_RETRY_INITIAL_S = 0.5
 JOIN_RETRY_MAX_S = 10.0
 SUBSCRIBERS_MAX = 1024

@@ -72,7 +72,7 @@ class ServerConnection(asyncio.Protocol):
         self._touch()
         try:
             messages = self._decoder.feed(data)
-        except (MalformedInput, UnicodeDecodeError) as exc:  # see udp.py on Unicode
+        except MalformedInput as exc:
             self._drops.malformed("tcp_frame", self.peer, exc)
             self.close()
             return
@@ -167,7 +167,7 @@ class FrameClient(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             self._frames.extend(self._decoder.feed(data))
-        except (MalformedInput, UnicodeDecodeError) as exc:  # see udp.py on Unicode
+        except MalformedInput as exc:
             self._fail(MalformedInput(f"the node sent a bad frame: {exc}"))
             self.close()
             return

@@ -46,9 +46,7 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             return
         try:
             packet = decode_packet(data)
-        except (MalformedInput, UnicodeDecodeError) as exc:
-            # UnicodeDecodeError: the codec lets msgspec's error for a bad UTF-8 string
-            # escape (reported to core); it is still the peer's malformed input.
+        except MalformedInput as exc:
             self._drops.malformed("udp_packet", _peer(addr), exc)
             return
         self._on_packet(packet)
