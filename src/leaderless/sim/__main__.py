@@ -1,0 +1,101 @@
+"""``python -m leaderless.sim``: run a simulated cluster from a seed and print what happened.
+
+    python -m leaderless.sim membership --nodes 1000 --seed 7 --loss 0.05 --duration 120
+    python -m leaderless.sim partition --nodes 50 --seed 7
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import click
+
+from leaderless.sim.scenarios import run_membership, run_partition_heal
+
+JOIN_NODES_MAX = 1000
+"""Above this, ``--bootstrap auto`` builds the cluster converged (joins cost O(n^2))."""
+
+
+def membership_command(nodes: int, seed: int, loss: float, duration: float, bootstrap: str,
+                       window: float, stop_early: bool, min_duration: float = 0.0) -> str:
+    """The one-line command that reproduces a ``run_membership`` call."""
+    cmd = (f"python -m leaderless.sim membership --nodes {nodes} --seed {seed} --loss {loss} "
+           f"--duration {duration} --bootstrap {bootstrap} --window {window}")
+    if stop_early:
+        cmd += f" --stop-early --min-duration {min_duration}"
+    return cmd
+
+
+def partition_command(nodes: int, seed: int, loss: float, hold: float) -> str:
+    return (f"python -m leaderless.sim partition --nodes {nodes} --seed {seed} --loss {loss} "
+            f"--hold {hold}")
+
+
+def _fmt(value: float | None, unit: str = "s") -> str:
+    return "never" if value is None else f"{value:.3f} {unit}"
+
+
+@click.group()
+def main() -> None:
+    """Deterministic simulations of a leaderless cluster (same core code, simulated world)."""
+
+
+@main.command()
+@click.option("--nodes", type=click.IntRange(3, 20_000), default=50, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--loss", type=click.FloatRange(0, 0.99), default=0.0, show_default=True,
+              help="Probability that a datagram is lost (each direction, each packet).")
+@click.option("--duration", type=click.FloatRange(min=1), default=120.0, show_default=True,
+              help="Simulated seconds to run in all.")
+@click.option("--bootstrap", type=click.Choice(["auto", "join", "converged"]), default="auto",
+              show_default=True, help=f"auto: join up to {JOIN_NODES_MAX} nodes, else converged.")
+@click.option("--window", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="Quiet seconds after convergence over which traffic is measured.")
+@click.option("--stop-early", is_flag=True, help="Stop once detection and dissemination are done.")
+@click.option("--min-duration", type=click.FloatRange(min=0), default=0.0,
+              help="With --stop-early: run at least this long, then until all views agree.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def membership(nodes: int, seed: int, loss: float, duration: float, bootstrap: str,
+               window: float, stop_early: bool, min_duration: float, as_json: bool) -> None:
+    """Converge, crash one node and change another's metadata, and measure."""
+    mode = bootstrap if bootstrap != "auto" else (
+        "join" if nodes <= JOIN_NODES_MAX else "converged")
+    result, _ = run_membership(nodes, seed, loss, duration, mode,  # type: ignore[arg-type]
+                               window, stop_early, min_duration)
+    if as_json:
+        click.echo(json.dumps(result.to_json(), sort_keys=True))
+        return
+    r = result
+    click.echo(f"{r.nodes} nodes, seed {r.seed}, loss {r.loss:.1%}, {r.bootstrap} bootstrap, "
+               f"{r.duration_s:.1f} simulated s in {r.wall_s:.1f} wall s ({r.events} events)")
+    click.echo(f"  converged after        {_fmt(r.converged_s)}")
+    click.echo(f"  traffic (quiet {r.window_s:.1f} s)  {r.msgs_per_node_s:.2f} msgs and "
+               f"{r.bytes_per_node_s:.0f} bytes per node per s")
+    click.echo(f"  dissemination          {_fmt(r.dissemination_s)} (metadata of {r.updated})")
+    click.echo(f"  detection              {_fmt(r.detection_s)} (crash of {r.crashed})")
+    click.echo(f"  false suspicions       {r.false_suspicions}")
+    click.echo(f"  false deaths           {r.false_deaths}")
+    click.echo(f"  all views agree at end {r.agreed_at_end}")
+
+
+@main.command()
+@click.option("--nodes", type=click.IntRange(4, 20_000), default=50, show_default=True)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--loss", type=click.FloatRange(0, 0.99), default=0.0, show_default=True)
+@click.option("--hold", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Seconds to keep the cut after each side holds the other dead.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def partition(nodes: int, seed: int, loss: float, hold: float, as_json: bool) -> None:
+    """Cut the cluster in two until each side holds the other dead, heal, reconverge."""
+    result, _ = run_partition_heal(nodes, seed, loss, hold)
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(result), sort_keys=True))
+        return
+    click.echo(f"{result.nodes} nodes, seed {result.seed}, loss {result.loss:.1%}: "
+               f"split after {_fmt(result.split_s)}, healed at {result.healed_at:.1f} s, "
+               f"reconverged {_fmt(result.reconverged_s)} later ({result.wall_s:.1f} wall s)")
+
+
+if __name__ == "__main__":
+    main()
