@@ -140,7 +140,7 @@ class Cluster:
         if shared is None:
             shared = len(self.nodes) > 500
         processes = [self._new_process(nd) for nd in self.nodes]
-        install_converged(processes, self.clock.now, shared)
+        install_converged(processes, self.clock.now, shared, self.rng)
         for nd in self.nodes:
             self._schedule_wake(nd)
 

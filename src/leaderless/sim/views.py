@@ -19,6 +19,7 @@ looks one up (the caller may then mutate it), and pays only for what it touched.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -46,10 +47,11 @@ class MemberOverlay:
     which are read-only (core only reads what it iterates).
     """
 
-    __slots__ = ("_base", "_own", "_gone", "_extra")
+    __slots__ = ("_base", "_positions", "_own", "_gone", "_extra")
 
-    def __init__(self, base: dict[str, FrozenMember]) -> None:
+    def __init__(self, base: dict[str, FrozenMember], positions: dict[str, int]) -> None:
         self._base = base
+        self._positions = positions  # key -> its place in base's order
         self._own: dict[str, Member] = {}  # own copies at their base position
         self._gone: set[str] = set()  # base keys deleted from their base position
         self._extra: dict[str, Member] = {}  # keys added at the end
@@ -108,17 +110,25 @@ class MemberOverlay:
         for key, _ in self.items():
             yield key
 
-    def items(self) -> Iterator[tuple[str, Member]]:
-        own, gone = self._own, self._gone
-        for key, proto in self._base.items():
-            if gone and key in gone:
-                continue
-            yield key, own.get(key, proto)
-        yield from self._extra.items()
+    def items(self) -> list[tuple[str, Member]]:
+        own_get, gone = self._own.get, self._gone
+        pairs = [(k, own_get(k, p)) for k, p in self._base.items() if k not in gone]
+        pairs.extend(self._extra.items())
+        return pairs
 
-    def values(self) -> Iterator[Member]:
-        for _, m in self.items():
-            yield m
+    def values(self) -> list[Member]:
+        # Full-state syncs and reaping iterate every member: copy the shared list at C
+        # speed and patch in this node's own copies, O(n) memcpy + O(own).
+        if self._gone:
+            own_get, gone = self._own.get, self._gone
+            values = [own_get(k, p) for k, p in self._base.items() if k not in gone]
+        else:
+            values = list(self._base.values())
+            positions = self._positions
+            for key, member in self._own.items():
+                values[positions[key]] = member
+        values.extend(self._extra.values())
+        return values
 
     def own_count(self) -> int:
         """How many members this node has materialized (for memory accounting)."""
@@ -186,18 +196,31 @@ class SharedView:
         self.index = {name: i for i, name in enumerate(self.names)}
 
 
-def install_converged(nodes: list[Membership], now: float, shared: bool) -> None:
+def install_converged(nodes: list[Membership], now: float, shared: bool,
+                      rng: random.Random) -> None:
     """Make every node know every other as alive at incarnation 0, nothing to gossip.
 
     Each node's ``_live`` is the full name list with itself swap-removed, the same layout
-    ``_remove_live`` would leave; ``_probe_order`` stays empty, so the first probe shuffles
-    ``_live`` with the node's own rng, as core does at the start of every round.
+    ``_remove_live`` would leave.
+
+    Each node's first probe round (``_probe_order``) walks one random permutation of all
+    members, drawn once from ``rng``, from a random starting point of its own (itself left
+    out). For any one member, the step at which a node probes it is then uniform and
+    independent across nodes, exactly as if each node had shuffled on its own, but it costs
+    a list copy instead of a 10,000-element Python shuffle per node (50 s at 10,000 nodes).
+    From the second round on, core shuffles with the node's own rng as always.
     """
     protos = [Member(m.name, m.address, m.meta, m.incarnation, MemberStatus.ALIVE, now)
               for m in nodes]
     view = SharedView(protos)
     names = view.names
+    walk = list(names)
+    rng.shuffle(walk)
     for m in nodes:
+        start = rng.randrange(len(walk))
+        probe_order = walk[start:] + walk[:start]
+        probe_order.remove(m.name)
+        m._probe_order = probe_order  # noqa: SLF001
         assert m.live_count() == 1 and m.pending_broadcasts() == 0, "install on fresh nodes"
         me = m._me  # noqa: SLF001 - see module docstring
         live = list(names)
@@ -206,7 +229,7 @@ def install_converged(nodes: list[Membership], now: float, shared: bool) -> None
         if last != m.name:
             live[my_index] = last
         if shared:
-            members: Any = MemberOverlay(view.members)
+            members: Any = MemberOverlay(view.members, view.index)
             members[m.name] = me
             index: Any = IndexOverlay(view.index)
             index.pop(m.name)
