@@ -11,20 +11,30 @@ import json
 
 import click
 
-from leaderless.sim.scenarios import run_membership, run_partition_heal
+from leaderless.core.membership_config import MembershipConfig
+from leaderless.sim.scenarios import JOIN_SPACING_S, run_membership, run_partition_heal
 
 JOIN_NODES_MAX = 1000
 """Above this, ``--bootstrap auto`` builds the cluster converged (joins cost O(n^2))."""
+DETECTION_ROOM_S = 30.0
 
 
 def membership_command(nodes: int, seed: int, loss: float, duration: float, bootstrap: str,
                        window: float, stop_early: bool, min_duration: float = 0.0) -> str:
     """The one-line command that reproduces a ``run_membership`` call."""
     cmd = (f"python -m leaderless.sim membership --nodes {nodes} --seed {seed} --loss {loss} "
-           f"--duration {duration} --bootstrap {bootstrap} --window {window}")
+           f"--duration {duration} --bootstrap {bootstrap} --window {window} --window-start 0")
     if stop_early:
         cmd += f" --stop-early --min-duration {min_duration}"
     return cmd
+
+
+def default_window_start(nodes: int, bootstrap: str, duration: float, window: float) -> float:
+    """After every node's first full-state sync (15-30 s after it starts, whatever n), if
+    that leaves the window plus ~30 s for detection; else right after convergence."""
+    last_start = (nodes - 1) * JOIN_SPACING_S if bootstrap == "join" else 0.0
+    start = last_start + MembershipConfig().push_pull_interval_s
+    return start if start + window + DETECTION_ROOM_S <= duration else 0.0
 
 
 def partition_command(nodes: int, seed: int, loss: float, hold: float) -> str:
@@ -52,17 +62,24 @@ def main() -> None:
               show_default=True, help=f"auto: join up to {JOIN_NODES_MAX} nodes, else converged.")
 @click.option("--window", type=click.FloatRange(min=0), default=10.0, show_default=True,
               help="Quiet seconds after convergence over which traffic is measured.")
+@click.option("--window-start", type=float, default=None,
+              help="Start the quiet window no earlier than this. Default: once every node "
+                   "had its first full-state sync (start + 30 s), if the duration allows.")
 @click.option("--stop-early", is_flag=True, help="Stop once detection and dissemination are done.")
 @click.option("--min-duration", type=click.FloatRange(min=0), default=0.0,
               help="With --stop-early: run at least this long, then until all views agree.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def membership(nodes: int, seed: int, loss: float, duration: float, bootstrap: str,
-               window: float, stop_early: bool, min_duration: float, as_json: bool) -> None:
+               window: float, window_start: float | None, stop_early: bool,
+               min_duration: float, as_json: bool) -> None:
     """Converge, crash one node and change another's metadata, and measure."""
     mode = bootstrap if bootstrap != "auto" else (
         "join" if nodes <= JOIN_NODES_MAX else "converged")
+    if window_start is None:
+        window_start = default_window_start(nodes, mode, duration, window)
     result, _ = run_membership(nodes, seed, loss, duration, mode,  # type: ignore[arg-type]
-                               window, stop_early, min_duration)
+                               window, stop_early, min_duration,
+                               window_start_s=window_start)
     if as_json:
         click.echo(json.dumps(result.to_json(), sort_keys=True))
         return
@@ -71,7 +88,10 @@ def membership(nodes: int, seed: int, loss: float, duration: float, bootstrap: s
                f"{r.duration_s:.1f} simulated s in {r.wall_s:.1f} wall s ({r.events} events)")
     click.echo(f"  converged after        {_fmt(r.converged_s)}")
     click.echo(f"  traffic (quiet {r.window_s:.1f} s)  {r.msgs_per_node_s:.2f} msgs and "
-               f"{r.bytes_per_node_s:.0f} bytes per node per s")
+               f"{r.bytes_per_node_s:.0f} bytes per node per s "
+               f"({r.udp_bytes_per_node_s:.0f} of them UDP)")
+    click.echo(f"  full-state syncs       {r.sync_bytes_per_node_s:.0f} bytes per node per s "
+               "amortized over the push-pull period")
     click.echo(f"  dissemination          {_fmt(r.dissemination_s)} (metadata of {r.updated})")
     click.echo(f"  detection              {_fmt(r.detection_s)} (crash of {r.crashed})")
     click.echo(f"  false suspicions       {r.false_suspicions}")

@@ -18,9 +18,11 @@ import time
 from collections.abc import Callable
 from typing import Literal
 
+from leaderless.core.codec import encode_frame
 from leaderless.core.effects import MemberEventKind
+from leaderless.core.membership import Membership
 from leaderless.core.membership_config import MembershipConfig
-from leaderless.core.messages import NodeMeta
+from leaderless.core.messages import MemberRecord, NodeMeta, PushPull
 from leaderless.sim.checks import all_agree, false_deaths, false_suspicions
 from leaderless.sim.cluster import Cluster
 from leaderless.sim.network import LinkModel
@@ -54,6 +56,11 @@ class MembershipResult:
     bytes_per_node_s: float
     """UDP + TCP sent per node per simulated second over the quiet window."""
     window_s: float
+    udp_bytes_per_node_s: float
+    """The UDP part of bytes_per_node_s (probes and gossip)."""
+    sync_bytes_per_node_s: float
+    """Full-state sync cost in steady state, amortized: one request and one reply of the
+    whole view per push-pull period (a short window sees few syncs, or none at 10,000)."""
     crashed: str
     updated: str
     agreed_at_end: bool
@@ -81,11 +88,16 @@ def run_membership(
     min_duration_s: float = 0.0,
     config: MembershipConfig | None = None,
     on_done: Callable[[Cluster], None] | None = None,
+    window_start_s: float = 0.0,
 ) -> tuple[MembershipResult, Cluster]:
     """The CLI's scenario. With ``stop_early`` the run ends once detection, dissemination
     and agreement are all reached, instead of at ``duration_s``; but not before
     ``min_duration_s``, after which it ends at the first moment all views agree.
-    ``on_done`` sees the cluster at the moment the stop condition first held."""
+    ``on_done`` sees the cluster at the moment the stop condition first held.
+
+    The quiet window starts at convergence, or at ``window_start_s`` if later: every node's
+    first full-state sync comes 15–30 s after it starts whatever n is (core's initial
+    push-pull timer), so a window meant to show steady state should start after that."""
     assert nodes >= 3, "needs a node to crash, one to update and one to watch"
     wall_start = time.perf_counter()
     cluster = Cluster(nodes, seed, config, LinkModel(loss=loss))
@@ -98,6 +110,7 @@ def run_membership(
                                 CHECK_EVERY_S)
     converged_s = clock.now if converged else None
 
+    clock.run_until(min(duration_s, max(clock.now, window_start_s)))
     window_start, before = clock.now, cluster.recorder.traffic.copy()
     clock.run_until(min(duration_s, clock.now + window_s))
     window = clock.now - window_start
@@ -105,6 +118,9 @@ def run_membership(
     per = nodes * window if window > 0 else math.nan
     msgs = (after.messages - before.messages) / per
     sent_bytes = (after.bytes - before.bytes) / per
+    udp_bytes = (after.udp_bytes - before.udp_bytes) / per
+    sync_bytes = 2 * full_state_frame_bytes(cluster.nodes[0].m()) / (
+        cluster.config.push_pull_period_s(nodes))
 
     victim, updater = cluster.rng.sample(cluster.nodes, 2)
     t0 = clock.now
@@ -137,9 +153,17 @@ def run_membership(
         detection_s=_latest(death.first_seen, observers, t0),
         false_deaths=false_deaths(cluster), false_suspicions=false_suspicions(cluster),
         msgs_per_node_s=msgs, bytes_per_node_s=sent_bytes, window_s=window,
+        udp_bytes_per_node_s=udp_bytes, sync_bytes_per_node_s=sync_bytes,
         crashed=victim.name, updated=updater.name, agreed_at_end=all_agree(cluster),
         events=clock.events_run, wall_s=time.perf_counter() - wall_start)
     return result, cluster
+
+
+def full_state_frame_bytes(m: Membership) -> int:
+    """Size on the wire of one full-state sync of ``m``'s view (public API only)."""
+    records = [MemberRecord(x.name, x.address, x.incarnation, x.status, x.meta)
+               for x in m.members()]
+    return len(encode_frame(PushPull(m.name, False, True, records, 0, [])))
 
 
 def _all_started(cluster: Cluster) -> bool:
