@@ -19,8 +19,8 @@ from leaderless.core.messages import UserEvent
 
 MemberRecordRow = tuple[float, int, MemberEventKind, str, int]
 """(time, observer index, kind, member name, incarnation)."""
-UserEventRow = tuple[float, int, str, int, str]
-"""(time, observer index, origin, Lamport time, event name)."""
+UserEventRow = tuple[float, int, str, int, int, str]
+"""(time, observer index, origin, origin incarnation, Lamport time, event name)."""
 _TIME = struct.Struct("<d")
 
 
@@ -105,7 +105,8 @@ class Recorder:
                 w.first_seen[observer] = now
 
     def on_user_event(self, now: float, observer: int, event: UserEvent) -> None:
-        self.user_events.append((now, observer, event.origin, event.ltime, event.name))
+        self.user_events.append((now, observer, event.origin, event.origin_incarnation,
+                                 event.ltime, event.name))
 
     def on_datagram(self, now: float, data: bytes) -> None:
         self.traffic.udp_packets += 1
