@@ -17,6 +17,11 @@ from leaderless.sim.scenarios import JOIN_SPACING_S, run_membership, run_partiti
 JOIN_NODES_MAX = 1000
 """Above this, ``--bootstrap auto`` builds the cluster converged (joins cost O(n^2))."""
 DETECTION_ROOM_S = 30.0
+SYNC_NODES_MAX = 4000
+"""Above this many converged nodes, full-state syncs are too costly to simulate (O(n^2))."""
+FIRST_SYNC_S = MembershipConfig().push_pull_interval_s / 2
+"""The earliest first full-state sync of a node: 0.5 * push_pull_interval_s after start."""
+LARGE_DURATION_S = 14.0
 
 
 def membership_command(nodes: int, seed: int, loss: float, duration: float, bootstrap: str,
@@ -56,12 +61,14 @@ def main() -> None:
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option("--loss", type=click.FloatRange(0, 0.99), default=0.0, show_default=True,
               help="Probability that a datagram is lost (each direction, each packet).")
-@click.option("--duration", type=click.FloatRange(min=1), default=120.0, show_default=True,
-              help="Simulated seconds to run in all.")
+@click.option("--duration", type=click.FloatRange(min=1), default=None,
+              help=f"Simulated seconds to run in all. Default: 120, or {LARGE_DURATION_S:g} "
+                   f"above {SYNC_NODES_MAX:,} converged nodes.")
 @click.option("--bootstrap", type=click.Choice(["auto", "join", "converged"]), default="auto",
               show_default=True, help=f"auto: join up to {JOIN_NODES_MAX} nodes, else converged.")
-@click.option("--window", type=click.FloatRange(min=0), default=10.0, show_default=True,
-              help="Quiet seconds after convergence over which traffic is measured.")
+@click.option("--window", type=click.FloatRange(min=0), default=None,
+              help="Quiet seconds after convergence over which traffic is measured. "
+                   "Default: a quarter of the duration, at most 10.")
 @click.option("--window-start", type=float, default=None,
               help="Start the quiet window no earlier than this. Default: once every node "
                    "had its first full-state sync (start + 30 s), if the duration allows.")
@@ -69,12 +76,24 @@ def main() -> None:
 @click.option("--min-duration", type=click.FloatRange(min=0), default=0.0,
               help="With --stop-early: run at least this long, then until all views agree.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def membership(nodes: int, seed: int, loss: float, duration: float, bootstrap: str,
-               window: float, window_start: float | None, stop_early: bool,
+def membership(nodes: int, seed: int, loss: float, duration: float | None, bootstrap: str,
+               window: float | None, window_start: float | None, stop_early: bool,
                min_duration: float, as_json: bool) -> None:
     """Converge, crash one node and change another's metadata, and measure."""
     mode = bootstrap if bootstrap != "auto" else (
         "join" if nodes <= JOIN_NODES_MAX else "converged")
+    large = mode == "converged" and nodes > SYNC_NODES_MAX
+    if duration is None:
+        duration = LARGE_DURATION_S if large else 120.0
+    if large and duration >= FIRST_SYNC_S:
+        raise click.UsageError(
+            f"{nodes:,} converged nodes can run at most {FIRST_SYNC_S:g} simulated s: then "
+            f"every node starts its first full-state sync (core's initial push-pull timer does "
+            f"not scale with n), which costs O(n^2) to simulate and gives every node its own "
+            f"copy of the whole view (~2 MB per node at 10,000). Use --duration "
+            f"{LARGE_DURATION_S:g}, or at most {SYNC_NODES_MAX:,} nodes.")
+    if window is None:
+        window = min(10.0, duration / 4)
     if window_start is None:
         window_start = default_window_start(nodes, mode, duration, window)
     result, _ = run_membership(nodes, seed, loss, duration, mode,  # type: ignore[arg-type]
