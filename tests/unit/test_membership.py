@@ -298,3 +298,29 @@ def test_join_learns_dead_members_so_a_partition_can_heal() -> None:
     net.apply("d", d.join(end, [net.nodes["a"].address]), end)
     assert net.status("d", "c") == MemberStatus.DEAD
     assert net.kinds("d", "c") == []  # never seen alive: no joined/dead events
+
+
+def test_stale_accusation_is_answered_with_the_current_alive() -> None:
+    """A refutation lost on the way to one member must not let that member's old
+    suspicion run out: the next ping carrying it is answered with the current alive."""
+    net = Net(["a", "b", "c"])
+    net.converge()
+    b = net.nodes["b"]
+    net.apply("b", b.on_packet(0.0, _packet_with(Suspect("b", 0, "c"))), 0.0)
+    assert b.incarnation == 1
+    # Drain b's queue so the refutation is no longer pending anywhere.
+    while b.pending_broadcasts():
+        b._packet([], [])
+    a = net.nodes["a"]
+    a.on_packet(0.0, _packet_with(Suspect("b", 0, "c")))  # a never heard the refutation
+    assert net.status("a", "b") == MemberStatus.SUSPECT
+    ping = Ping(5, "b", a.address)
+    from leaderless.core.messages import Alive, Packet
+
+    effects = b.on_packet(0.1, Packet("a", [ping], [Suspect("b", 0, "a")]))
+    assert b.incarnation == 1 and b.counters.reassertions == 1
+    ack = effects[0].packet  # type: ignore[union-attr]
+    assert ack.probes == [Ack(5)]
+    assert Alive("b", 1, b.address, b.meta) in ack.updates
+    net.apply("a", a.on_packet(0.1, ack), 0.1)
+    assert net.status("a", "b") == MemberStatus.ALIVE

@@ -108,6 +108,7 @@ class MembershipCounters:
     suspicions_raised: int = 0
     suspicions_heard: int = 0
     refutations: int = 0
+    reassertions: int = 0
     deaths_declared: int = 0
     misdirected_pings: int = 0
     address_conflicts: int = 0
@@ -466,7 +467,11 @@ class Membership:
 
     def _on_suspect(self, now: float, s: Suspect) -> list[Effect]:
         m = self._members.get(s.name)
-        if m is None or s.incarnation < m.incarnation:
+        if m is None:
+            return []
+        if s.incarnation < m.incarnation:
+            if s.name == self.name:
+                self._reassert()
             return []
         if m.status in (MemberStatus.DEAD, MemberStatus.LEFT):
             return []
@@ -489,7 +494,11 @@ class Membership:
 
     def _on_dead(self, now: float, d: Dead) -> list[Effect]:
         m = self._members.get(d.name)
-        if m is None or d.incarnation < m.incarnation:
+        if m is None:
+            return []
+        if d.incarnation < m.incarnation:
+            if d.name == self.name:
+                self._reassert()
             return []
         if m.status in (MemberStatus.DEAD, MemberStatus.LEFT):
             return []
@@ -528,6 +537,14 @@ class Membership:
         self._me.incarnation = max(self._me.incarnation, accused_incarnation) + 1
         self._broadcast(self.name, self._alive_of(self._me))
         return [SaveIncarnation(self._me.incarnation)]
+
+    def _reassert(self) -> None:
+        """Someone still accuses an incarnation we already refuted: our refutation did not
+        reach them. Send it again (first in line, so it rides the very next datagram —
+        usually the ack to the accuser's ping) without raising the incarnation again."""
+        if not self._left:
+            self.counters.reassertions += 1
+            self._broadcast(self.name, self._alive_of(self._me))
 
     def _expire_suspicions(self, now: float) -> list[Effect]:
         effects: list[Effect] = []
