@@ -490,6 +490,12 @@ class Membership:
         m.incarnation = s.incarnation
         self._set_status(m, MemberStatus.SUSPECT, now)
         self._broadcast(s.name, s)
+        if s.accuser != self.name:
+            # Probe it next: our own probe either confirms the suspicion (Lifeguard counts
+            # it) or carries it to the member, whose answer is the refutation we may have
+            # missed. Without this, a node that lost every copy of a refutation could wait
+            # a whole probe round (n - 1 intervals) and declare a live member dead.
+            self._probe_order.append(s.name)
         return [self._event(MemberEventKind.SUSPECT, m)]
 
     def _on_dead(self, now: float, d: Dead) -> list[Effect]:
