@@ -155,6 +155,16 @@ def free_ports(count: int, taken: set[int]) -> list[int]:
     return ports
 
 
+def machine_busy_ticks() -> int:
+    """CPU ticks spent by every process on the machine (all CPUs), from /proc/stat."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0
+    idle, iowait = fields[3], fields[4] if len(fields) > 4 else 0
+    return sum(fields[:8]) - idle - iowait
+
+
 def cpu_ticks(pid: int) -> int:
     """utime + stime of a process in clock ticks (0 if it is gone)."""
     try:
@@ -248,7 +258,7 @@ class Cluster:
     def start(self, name: str) -> Instance:
         assert name not in self.live, f"{name} is already running"
         self._serial += 1
-        log = (self.workdir / "logs" / f"{self.system}-{name}-{self._serial}.log")
+        log = self.workdir / "logs" / f"{self.system}-n{self.n}-{name}-{self._serial}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         popen = spawn(self.command(name), self.env, stderr=subprocess.PIPE)
         inst = Instance(name, self._serial, popen, time.time())
@@ -482,8 +492,10 @@ def quiet_phase(cluster: Cluster, quiet_s: float, busy_cpu: bool) -> dict[str, A
             os.sched_setaffinity(busy.pid, {busy_cpu_index})  # saturate exactly one CPU
     try:
         ticks0, t0, own0 = cluster.cpu_ticks(), time.time(), time.process_time()
+        machine0 = machine_busy_ticks()
         cluster.sleep(quiet_s)
         ticks1, t1, own1 = cluster.cpu_ticks(), time.time(), time.process_time()
+        machine1 = machine_busy_ticks()
         busy_ticks = cpu_ticks(busy.pid) if busy is not None else 0
     finally:
         if busy is not None:
@@ -498,6 +510,12 @@ def quiet_phase(cluster: Cluster, quiet_s: float, busy_cpu: bool) -> dict[str, A
         "busy_loop_cpu_pct": round(100 * busy_ticks / hz / elapsed, 1) if busy else None,
         "node_cpu_pct_mean": round(100 * (ticks1 - ticks0) / hz / elapsed / cluster.n, 2),
         "harness_cpu_pct": round(100 * (own1 - own0) / elapsed, 2),
+        # whatever else ran on the machine meanwhile (other people's tests, simulations):
+        # machine busy time minus the nodes, the busy loop and this harness, in % of one CPU
+        "other_processes_cpu_pct": round(
+            100 * ((machine1 - machine0) - (ticks1 - ticks0) - busy_ticks) / hz / elapsed
+            - 100 * (own1 - own0) / elapsed, 1),
+        "loadavg_1m_at_end": round(os.getloadavg()[0], 2),
         "nodes_live_at_end": len(cluster.live),
     }
     return result
@@ -557,6 +575,7 @@ def detection_trial(cluster: Cluster, victim: str, detect_timeout_s: float,
         "rejoined": rejoined,
         "rejoin_s": round(rejoin_at - restarted_at, 3) if rejoined else None,
         "false_during_detection": count_failures(cluster, killed_at, detect_end, [victim]),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
     }
 
 
