@@ -42,9 +42,10 @@ def default_window_start(nodes: int, bootstrap: str, duration: float, window: fl
     return start if start + window + DETECTION_ROOM_S <= duration else 0.0
 
 
-def partition_command(nodes: int, seed: int, loss: float, hold: float) -> str:
+def partition_command(nodes: int, seed: int, loss: float, hold: float,
+                      split_max: float = 60.0) -> str:
     return (f"python -m leaderless.sim partition --nodes {nodes} --seed {seed} --loss {loss} "
-            f"--hold {hold}")
+            f"--hold {hold} --split-max {split_max}")
 
 
 def _fmt(value: float | None, unit: str = "s") -> str:
@@ -124,10 +125,13 @@ def membership(nodes: int, seed: int, loss: float, duration: float | None, boots
 @click.option("--loss", type=click.FloatRange(0, 0.99), default=0.0, show_default=True)
 @click.option("--hold", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Seconds to keep the cut after each side holds the other dead.")
+@click.option("--split-max", type=click.FloatRange(min=1), default=200.0, show_default=True,
+              help="Heal after this long even if the sides do not hold each other dead.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def partition(nodes: int, seed: int, loss: float, hold: float, as_json: bool) -> None:
+def partition(nodes: int, seed: int, loss: float, hold: float, split_max: float,
+              as_json: bool) -> None:
     """Cut the cluster in two until each side holds the other dead, heal, reconverge."""
-    result, _ = run_partition_heal(nodes, seed, loss, hold)
+    result, _ = run_partition_heal(nodes, seed, loss, hold, split_max)
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(result), sort_keys=True))
         return

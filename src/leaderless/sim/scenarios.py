@@ -188,7 +188,7 @@ def run_partition_heal(
     seed: int,
     loss: float = 0.0,
     hold_s: float = 0.0,
-    split_max_s: float = 60.0,
+    split_max_s: float = 200.0,
     reconverge_max_s: float = 120.0,
     config: MembershipConfig | None = None,
 ) -> tuple[PartitionResult, Cluster]:
