@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections import deque
 from collections.abc import Hashable
 
 from leaderless.core.awareness import LocalHealth
@@ -59,6 +60,9 @@ from leaderless.core.user_events import UserEvents, event_id
 ARRAY_HEADER_GROWTH_BYTES = 2
 """A msgpack array header grows from 1 to 3 bytes past 15 items; keep room for that."""
 REAP_CHECK_INTERVAL_S = 10.0
+SUSPECT_PROBES_MAX = 4
+"""Suspected members queued for an early probe; more at once (a partition) wait their
+turn in the round-robin."""
 
 
 @dataclasses.dataclass
@@ -146,6 +150,8 @@ class Membership:
         self.counters = MembershipCounters()
         self._seq = 0
         self._probe_order: list[str] = []
+        self._suspects_to_probe: deque[str] = deque(maxlen=SUSPECT_PROBES_MAX)
+        self._probe_suspect_next = True
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
         self._left = False
@@ -191,7 +197,9 @@ class Membership:
 
     def next_deadline(self) -> float:
         """The earliest ``now`` at which ``on_tick`` has work to do."""
-        times = [self._next_gossip_at, self._next_push_pull_at, self._next_reap_at]
+        times = [self._next_push_pull_at, self._next_reap_at]
+        if self._broadcasts:  # an idle node does not wake up to gossip nothing
+            times.append(self._next_gossip_at)
         times.extend(r.deadline for r in self._relays.values())
         if self._left:  # a node that left stops probing and judging others
             return min(times)
@@ -268,6 +276,10 @@ class Membership:
         if join:
             # History from before we joined is not ours to replay.
             self._events.skip_before(reply.event_ltime)
+            # Members that joined through other seeds while we joined may have finished
+            # gossiping before we were there to hear it: sync again soon, not in 30 s.
+            soon = now + self._rng.uniform(1.0, 3.0)
+            self._next_push_pull_at = min(self._next_push_pull_at, soon)
         return self._merge(now, reply, deliver_events=not join)
 
     def on_push_pull_failed(self, now: float, to: Address) -> list[Effect]:
@@ -333,6 +345,14 @@ class Membership:
         return [self._send(target.address, [ping], first)]
 
     def _next_probe_target(self) -> Member | None:
+        # Every other probe may go to a member someone suspects (newest first), so that
+        # suspicions are confirmed or refuted fast, while the round-robin still advances
+        # at half speed when many members are suspected at once (a partition).
+        self._probe_suspect_next = not self._probe_suspect_next
+        while self._probe_suspect_next and self._suspects_to_probe:
+            m = self._members.get(self._suspects_to_probe.pop())
+            if m is not None and m.status == MemberStatus.SUSPECT:
+                return m
         for _ in range(2):
             while self._probe_order:
                 name = self._probe_order.pop()
@@ -350,9 +370,7 @@ class Membership:
         target = self._members.get(probe.target)
         if target is None:
             return []
-        candidates = [n for n in self._live if n != probe.target]
-        k = min(self.config.indirect_checks, len(candidates))
-        helpers = self._rng.sample(candidates, k) if k else []
+        helpers = self._indirect_helpers(probe.target)
         probe.expected_nacks = len(helpers)
         effects: list[Effect] = []
         for name in helpers:
@@ -360,6 +378,19 @@ class Membership:
             effects.append(self._send(self._members[name].address, [msg]))
             self.counters.indirect_probes_sent += 1
         return effects
+
+    def _indirect_helpers(self, target: str) -> list[str]:
+        """Up to k random members that are alive (not merely suspect: a suspect helper
+        would likely not answer, and its missing nack would wrongly lower our health)."""
+        k = self.config.indirect_checks
+        chosen: dict[str, None] = {}
+        for _ in range(4 * k + 8):  # random picks, bounded: O(k), not O(n)
+            if len(chosen) >= k or not self._live:
+                break
+            name = self._live[self._rng.randrange(len(self._live))]
+            if name != target and self._members[name].status == MemberStatus.ALIVE:
+                chosen[name] = None
+        return list(chosen)
 
     def _probe_failed(self, now: float, probe: _Probe) -> list[Effect]:
         self._probe = None
@@ -400,6 +431,12 @@ class Membership:
                 probe.acked = True
                 if not probe.indirect_sent:
                     self.health.apply(-1)
+                target = self._members.get(probe.target)
+                if target is not None and target.status == MemberStatus.SUSPECT:
+                    # It answers but we still suspect it: its refutation has not reached
+                    # us. Probe it again next period; each ping carries the suspicion, so
+                    # it answers with its current alive.
+                    self._suspects_to_probe.append(target.name)
             return []
         probe = self._probe
         if probe is not None and probe.seq == msg.seq:
@@ -495,7 +532,7 @@ class Membership:
             # it) or carries it to the member, whose answer is the refutation we may have
             # missed. Without this, a node that lost every copy of a refutation could wait
             # a whole probe round (n - 1 intervals) and declare a live member dead.
-            self._probe_order.append(s.name)
+            self._suspects_to_probe.append(s.name)
         return [self._event(MemberEventKind.SUSPECT, m)]
 
     def _on_dead(self, now: float, d: Dead) -> list[Effect]:
@@ -691,7 +728,8 @@ class Membership:
         budget = self.config.packet_bytes_max - base - ARRAY_HEADER_GROWTH_BYTES
         limit = self.config.retransmit_limit(self.live_count())
         room = PACKET_MESSAGES_MAX - len(first)
-        updates = first + self._broadcasts.take(budget, limit, room)
+        updates = first + [u for u in self._broadcasts.take(budget, limit, room)
+                           if u not in first]
         return Packet(self.name, probes, updates)
 
     def _broadcast(self, key: Hashable, update: Update) -> None:
