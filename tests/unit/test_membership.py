@@ -10,6 +10,7 @@ from leaderless.core.messages import (
     MemberStatus,
     Nack,
     NodeMeta,
+    Packet,
     Ping,
     Suspect,
 )
@@ -270,7 +271,7 @@ def test_ack_relay_forwards_original_sequence() -> None:
 
 
 def _packet_with(update: object = None, probe: object = None):  # type: ignore[no-untyped-def]
-    from leaderless.core.messages import Packet
+
 
     return Packet("test", [probe] if probe else [], [update] if update else [])
 
@@ -315,7 +316,7 @@ def test_stale_accusation_is_answered_with_the_current_alive() -> None:
     a.on_packet(0.0, _packet_with(Suspect("b", 0, "c")))  # a never heard the refutation
     assert net.status("a", "b") == MemberStatus.SUSPECT
     ping = Ping(5, "b", a.address)
-    from leaderless.core.messages import Alive, Packet
+    from leaderless.core.messages import Alive
 
     effects = b.on_packet(0.1, Packet("a", [ping], [Suspect("b", 0, "a")]))
     assert b.incarnation == 1 and b.counters.reassertions == 1
@@ -324,3 +325,47 @@ def test_stale_accusation_is_answered_with_the_current_alive() -> None:
     assert Alive("b", 1, b.address, b.meta) in ack.updates
     net.apply("a", a.on_packet(0.1, ack), 0.1)
     assert net.status("a", "b") == MemberStatus.ALIVE
+
+
+def test_member_heard_suspected_is_probed_early_and_again_while_it_answers() -> None:
+    net = Net([f"n{i}" for i in range(6)])
+    net.converge()
+    a = net.nodes["n0"]
+    a.on_packet(0.0, _packet_with(Suspect("n5", 0, "n1")))
+    # Within two probe periods (every other probe may go to a suspect) a pings n5 ...
+    targets = []
+    now = 0.0
+    for _ in range(2):
+        now, target = first_probe(net, "n0", now)
+        targets.append(target)
+        sent = net.take()
+        if target == "n5":
+            # ... carrying the suspicion, and n5's ack is lost, so the suspicion stands.
+            ping = next(x for x in sent if any(isinstance(p, Ping) for p in x.packet.probes))
+            assert any(isinstance(u, Suspect) and u.name == "n5" for u in ping.packet.updates)
+            ack = Packet("n5", [Ack(a._probe.seq)], [])  # type: ignore[union-attr]
+            a.on_packet(now, ack)
+        now += CFG.probe_interval_s
+    assert "n5" in targets
+    # It answered while still suspected: it is queued for another probe.
+    assert list(a._suspects_to_probe) == ["n5"]
+
+
+def test_joiner_syncs_again_soon_after_joining() -> None:
+    net = Net(["a", "b"])
+    b = net.nodes["b"]
+    assert b._next_push_pull_at >= 0.5 * CFG.push_pull_interval_s
+    net.apply("b", b.join(0.0, [net.nodes["a"].address]), 0.0)
+    assert 1.0 <= b._next_push_pull_at <= 3.0
+
+
+def test_idle_node_does_not_wake_for_gossip() -> None:
+    net = Net(["a", "b"])
+    net.converge()
+    a = net.nodes["a"]
+    while a.pending_broadcasts():
+        a._packet([], [])
+    timers = [a._next_probe_at, a._next_push_pull_at, a._next_reap_at, a._next_reconnect_at]
+    assert a.next_deadline() == min(timers)
+    a.on_packet(0.0, _packet_with(Suspect("b", 0, "x")))
+    assert a.pending_broadcasts() and a.next_deadline() <= a._next_gossip_at
