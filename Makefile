@@ -23,12 +23,12 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench
-	$(BIN)/mypy src/leaderless/core
+	$(BIN)/mypy src/leaderless
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check src tests bench
-	$(BIN)/mypy src/leaderless/core
+	$(BIN)/mypy src/leaderless
 
 bench: $(VENV)/.installed-test
 	$(BIN)/pip install -q -e '.[test,bench]'
