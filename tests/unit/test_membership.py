@@ -332,7 +332,7 @@ def test_member_heard_suspected_is_probed_early_and_again_while_it_answers() -> 
     net.converge()
     a = net.nodes["n0"]
     a.on_packet(0.0, _packet_with(Suspect("n5", 0, "n1")))
-    # Within two probe periods (every other probe may go to a suspect) a pings n5 ...
+    # The next probe goes to n5 (at most every other probe serves suspects) ...
     targets = []
     now = 0.0
     for _ in range(2):

@@ -60,6 +60,8 @@ from leaderless.core.user_events import UserEvents, event_id
 ARRAY_HEADER_GROWTH_BYTES = 2
 """A msgpack array header grows from 1 to 3 bytes past 15 items; keep room for that."""
 REAP_CHECK_INTERVAL_S = 10.0
+NACK_TIMEOUT_FRACTION = 0.8
+"""A helper nacks after this fraction of its probe timeout (Lifeguard suggests 80 %)."""
 SUSPECT_PROBES_MAX = 4
 """Suspected members queued for an early probe; more at once (a partition) wait their
 turn in the round-robin."""
@@ -151,7 +153,7 @@ class Membership:
         self._seq = 0
         self._probe_order: list[str] = []
         self._suspects_to_probe: deque[str] = deque(maxlen=SUSPECT_PROBES_MAX)
-        self._probe_suspect_next = True
+        self._last_probe_was_suspect = False
         self._probe: _Probe | None = None
         self._relays: dict[int, _Relay] = {}
         self._left = False
@@ -345,14 +347,16 @@ class Membership:
         return [self._send(target.address, [ping], first)]
 
     def _next_probe_target(self) -> Member | None:
-        # Every other probe may go to a member someone suspects (newest first), so that
-        # suspicions are confirmed or refuted fast, while the round-robin still advances
-        # at half speed when many members are suspected at once (a partition).
-        self._probe_suspect_next = not self._probe_suspect_next
-        while self._probe_suspect_next and self._suspects_to_probe:
-            m = self._members.get(self._suspects_to_probe.pop())
-            if m is not None and m.status == MemberStatus.SUSPECT:
-                return m
+        # A member someone suspects is probed next (newest first), so that suspicions are
+        # confirmed or refuted fast; never twice in a row, so the round-robin still
+        # advances at half speed when many members are suspected at once (a partition).
+        if not self._last_probe_was_suspect:
+            while self._suspects_to_probe:
+                m = self._members.get(self._suspects_to_probe.pop())
+                if m is not None and m.status == MemberStatus.SUSPECT:
+                    self._last_probe_was_suspect = True
+                    return m
+        self._last_probe_was_suspect = False
         for _ in range(2):
             while self._probe_order:
                 name = self._probe_order.pop()
@@ -417,7 +421,10 @@ class Membership:
             return [self._send(msg.reply_to, [Ack(msg.seq)])]
         if isinstance(msg, IndirectPing):
             self._seq += 1
-            deadline = now + self.health.scale(self.config.probe_timeout_s)
+            # Nack before the requester's probe period ends (it sent us this at its probe
+            # timeout, so only interval - timeout is left): a nack that arrives late counts
+            # as missing and wrongly lowers the requester's local health.
+            deadline = now + NACK_TIMEOUT_FRACTION * self.health.scale(self.config.probe_timeout_s)
             self._relays[self._seq] = _Relay(msg.seq, msg.reply_to, deadline, msg.want_nack)
             if len(self._relays) > 4 * self.config.broadcast_queue_max:
                 self._relays.pop(next(iter(self._relays)))  # bound: drop the oldest
