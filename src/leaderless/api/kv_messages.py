@@ -1,0 +1,187 @@
+"""The native client protocol for data: msgpack frames on the node's client port.
+
+A connection carries any number of requests in flight (pipelining): each has a client-
+chosen ``id`` and gets exactly one reply with the same id, in whatever order they finish.
+Framing is ``core.codec``'s (4-byte big-endian length, then msgpack). Tags 120-149 are
+this module's and are append-only.
+
+Consistency is one of ONE, TWO, QUORUM, ALL (None: the keyspace's default).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from leaderless.core.cells import VALUE_BYTES_HARD_MAX
+from leaderless.core.kv_messages import (
+    ErrorText,
+    RequestId,
+    SortKey,
+)
+from leaderless.core.messages import Name
+
+CONSISTENCY_LEVELS = ("ONE", "TWO", "QUORUM", "ALL")
+MODES = ("eventual", "strong")
+REPLICATION_MAX = 15
+TTL_S_MAX = 10 * 365 * 86400
+CLIENT_SCAN_ROWS_MAX = 10_000
+
+Consistency = Annotated[str, msgspec.Meta(max_length=8)]
+# Keys are checked by the node (core.keys.check_key) so an oversized key gets a specific
+# error instead of a generic decode failure; the frame bound still caps memory.
+AnyKey = Annotated[bytes, msgspec.Meta(max_length=64 * 1024)]
+AnyValue = Annotated[bytes, msgspec.Meta(max_length=VALUE_BYTES_HARD_MAX)]
+Text = Annotated[str, msgspec.Meta(max_length=256)]
+
+
+class Put(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=120):
+    id: RequestId
+    keyspace: Text
+    key: AnyKey
+    value: AnyValue
+    sort: AnyKey = b""
+    consistency: Consistency | None = None
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=TTL_S_MAX)] | None = None
+
+
+class Get(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=121):
+    id: RequestId
+    keyspace: Text
+    key: AnyKey
+    sort: AnyKey = b""
+    consistency: Consistency | None = None
+
+
+class Delete(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=122):
+    id: RequestId
+    keyspace: Text
+    key: AnyKey
+    sort: AnyKey = b""
+    consistency: Consistency | None = None
+
+
+class Scan(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=123):
+    """Rows of partition ``key`` with start <= sort < end, in sort-key order."""
+
+    id: RequestId
+    keyspace: Text
+    key: AnyKey
+    start: AnyKey | None = None
+    end: AnyKey | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=CLIENT_SCAN_ROWS_MAX)] = 1000
+    consistency: Consistency | None = None
+
+
+class CreateKeyspace(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True,
+                     tag=124):
+    id: RequestId
+    name: Text
+    replication: Annotated[int, msgspec.Meta(ge=1, le=REPLICATION_MAX)] = 3
+    mode: Text = "eventual"
+    read_consistency: Consistency = "QUORUM"
+    write_consistency: Consistency = "QUORUM"
+    if_not_exists: bool = False
+
+
+class DescribeRing(msgspec.Struct, frozen=True, array_like=True, tag=125):
+    """The ring as this node sees it, for token-aware clients."""
+
+    id: RequestId
+
+
+class ListKeyspaces(msgspec.Struct, frozen=True, array_like=True, tag=126):
+    id: RequestId
+
+
+# -- replies ----------------------------------------------------------------------------
+
+
+class Done(msgspec.Struct, frozen=True, array_like=True, tag=130):
+    """A put, delete or keyspace creation succeeded; ``hlc`` is the write's timestamp."""
+
+    id: RequestId
+    hlc: int = 0
+
+
+class Value(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=131):
+    """A get's answer: ``found`` False means absent, deleted or expired."""
+
+    id: RequestId
+    found: bool
+    value: AnyValue = b""
+    hlc: int = 0
+    expires_at_ms: int = 0
+
+
+class Row(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    sort: SortKey
+    value: AnyValue
+    hlc: int = 0
+    expires_at_ms: int = 0
+
+
+class Rows(msgspec.Struct, frozen=True, array_like=True, tag=132):
+    id: RequestId
+    rows: Annotated[list[Row], msgspec.Meta(max_length=CLIENT_SCAN_ROWS_MAX)]
+    more: bool = False
+    """True if the limit cut the answer short: continue from the last sort key + b"\\0"."""
+
+
+class Failure(msgspec.Struct, frozen=True, array_like=True, tag=133):
+    """The request failed. ``code`` is stable (see ``leaderless.client.errors``);
+    ``message`` says what happened and what to do."""
+
+    id: RequestId
+    code: Text
+    message: ErrorText
+    received: int = 0
+    """For ``unavailable``/``timeout``: replicas that answered..."""
+    required: int = 0
+    """...of how many the consistency level needed."""
+
+
+class RingMember(msgspec.Struct, frozen=True, array_like=True):
+    name: Name
+    client_address: Text
+    """host:port of the member's client listener ("" if it has none)."""
+    token_seed: int
+    token_count: int
+    zone: Text
+    state: Text
+
+
+class RingDescription(msgspec.Struct, frozen=True, array_like=True, tag=134):
+    id: RequestId
+    members: Annotated[list[RingMember], msgspec.Meta(max_length=20_000)]
+
+
+class KeyspaceInfo(msgspec.Struct, frozen=True, array_like=True):
+    name: Text
+    replication: int
+    mode: Text
+    read_consistency: Text
+    write_consistency: Text
+
+
+class Keyspaces(msgspec.Struct, frozen=True, array_like=True, tag=135):
+    id: RequestId
+    keyspaces: Annotated[list[KeyspaceInfo], msgspec.Meta(max_length=10_000)]
+
+
+ClientRequest = Put | Get | Delete | Scan | CreateKeyspace | DescribeRing | ListKeyspaces
+ClientReply = Done | Value | Rows | Failure | RingDescription | Keyspaces
+
+ERROR_CODES = {
+    "bad_request": "the request breaks a limit or is malformed; the message says which",
+    "unknown_keyspace": "no keyspace of that name; create it first",
+    "keyspace_exists": "a keyspace of that name exists already",
+    "unavailable": "too few replicas are alive to reach the consistency level",
+    "timeout": "replicas did not answer in time; the write may or may not have applied",
+    "overloaded": "the node has too many requests in flight; retry with back-off",
+    "storage": "the node's storage failed; it did not apply the request",
+    "not_supported": "the node does not support this yet",
+    "internal": "a bug: please report it with the node's log",
+}
+"""Every ``Failure.code`` with its meaning (the client library maps each to an exception)."""

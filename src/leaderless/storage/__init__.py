@@ -1,0 +1,1 @@
+"""Local storage: the ``Store`` interface (store.py) and its engines."""
