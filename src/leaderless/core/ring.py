@@ -105,7 +105,7 @@ class Ring:
         """Every node, in the order met clockwise from ``tok`` (for hint holders)."""
         if not self.tokens:
             return []
-        return self._replicas_at(self.token_index(tok), len(self.nodes), zone_aware=False)
+        return list(self._replicas_at(self.token_index(tok), len(self.nodes), zone_aware=False))
 
     def _replicas_at(self, index: int, n: int, zone_aware: bool = True) -> tuple[str, ...]:
         key = (index, n if zone_aware else -n)
