@@ -1,0 +1,50 @@
+"""What the client-facing protocols (native ``api.kv_server``, HTTP ``api.http``) need from
+a node's data plane. ``runtime.kv.KvNode`` implements it; the protocols only translate.
+
+Every method raises ``KvError`` (with a stable code from ``api.kv_messages.ERROR_CODES``)
+for anything the client should hear about; any other exception is a bug.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from leaderless.api.kv_messages import KeyspaceInfo, RingMember, Row, Value
+
+
+class KvError(Exception):
+    def __init__(self, code: str, message: str, received: int = 0, required: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.received = received
+        self.required = required
+
+
+class KvService(Protocol):
+    async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
+                  consistency: str | None = None, ttl_s: float | None = None) -> int:
+        """Write; returns the write's HLC timestamp once ``consistency`` replicas have it
+        durably."""
+
+    async def get(self, keyspace: str, key: bytes, sort: bytes = b"",
+                  consistency: str | None = None) -> Value:
+        """Read the newest visible value (``Value.id`` is 0; the protocol sets its own)."""
+
+    async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
+                     consistency: str | None = None) -> int:
+        """Write a tombstone; returns its HLC timestamp."""
+
+    async def scan(self, keyspace: str, key: bytes, start: bytes | None = None,
+                   end: bytes | None = None, limit: int = 1000,
+                   consistency: str | None = None) -> tuple[list[Row], bool]:
+        """Rows of one partition with start <= sort < end; (rows, more)."""
+
+    async def create_keyspace(self, name: str, replication: int = 3, mode: str = "eventual",
+                              read_consistency: str = "QUORUM",
+                              write_consistency: str = "QUORUM",
+                              if_not_exists: bool = False) -> None: ...
+
+    async def list_keyspaces(self) -> list[KeyspaceInfo]: ...
+
+    def ring_members(self) -> list[RingMember]: ...
