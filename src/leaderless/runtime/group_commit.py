@@ -1,0 +1,192 @@
+"""Group commit: many batches written during one event-loop turn share one ``Store.sync``.
+
+Policy ``always`` (the default): ``commit`` writes the batch to the store at once (visible
+to reads) and calls ``done`` only after a ``sync`` that covers it; the node acknowledges
+nothing before that. Every batch committed during one loop turn waits for the same sync,
+scheduled with ``loop.call_soon`` once per turn. The sync runs in one background thread
+(RocksDB's ``flush_wal`` releases the GIL, so the loop keeps serving while the disk works);
+batches committed while a sync is in flight wait for the next one, which starts as soon as
+the current one finishes -- so the groups grow by themselves under load.
+
+Policy ``interval``: ``done(None)`` is called right after the write and a timer syncs every
+``interval_ms``. A kill -9 of the process loses nothing (the OS holds the written data); a
+crash of the machine may lose the writes of the last interval, although acknowledged.
+
+Storage errors are sticky: after a write or sync fails, every waiting ``done`` gets the
+error, ``on_error`` is called once, and every later ``commit`` fails at once. An fsync that
+failed cannot be retried safely (the kernel may have dropped the dirty pages), so the node
+should stop serving writes and restart (see docs/storage.md).
+
+All methods must be called on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Sequence
+
+from leaderless.storage.store import StorageError, Store, Write
+
+POLICIES = ("always", "interval")
+Done = Callable[[StorageError | None], None]
+
+
+class GroupCommit:
+    def __init__(self, store: Store, policy: str = "always", interval_ms: float = 100.0, *,
+                 on_error: Callable[[StorageError], None], sync_in_thread: bool = True) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"fsync policy {policy!r} is not one of {POLICIES}")
+        if not interval_ms > 0:
+            raise ValueError(f"fsync interval must be > 0 ms, not {interval_ms}")
+        self.store = store
+        self.policy = policy
+        self.interval_s = interval_ms / 1000.0
+        self._on_error = on_error
+        self._executor = (concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="group-commit") if sync_in_thread else None)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[Done] = []  # waiting for the next sync (policy always)
+        self._pending_writes = 0
+        self._dirty = False  # written since the last sync started
+        self._sync_scheduled = False
+        self._in_flight: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._error: StorageError | None = None
+        self._closed = False
+        # Metrics (read by obs/): totals and the shape of the last group.
+        self.commits = 0
+        """Batches committed."""
+        self.writes = 0
+        """Rows (puts and deletes) written."""
+        self.syncs = 0
+        """Syncs completed."""
+        self.last_batch_commits = 0
+        """Batches covered by the last sync."""
+        self.last_batch_writes = 0
+        """Rows covered by the last sync."""
+        self.group_sizes: dict[int, int] = {}
+        """Histogram of batches per sync, bucketed to the next power of two (1, 2, 4, ...)."""
+
+    @property
+    def failed(self) -> StorageError | None:
+        return self._error
+
+    def commit(self, batch: Sequence[Write], done: Done) -> None:
+        """Write ``batch`` now; call ``done(None)`` once it is durable under the policy,
+        or ``done(error)``. ``done`` may run before ``commit`` returns (policy interval,
+        or when the store has already failed)."""
+        if self._closed:
+            raise RuntimeError("GroupCommit.commit after close")
+        if self._error is not None:
+            done(self._error)
+            return
+        loop = self._running_loop()
+        try:
+            self.store.write(batch)
+        except StorageError as exc:
+            self._fail(exc, [done])
+            return
+        self.commits += 1
+        self.writes += len(batch)
+        self._dirty = True
+        if self.policy == "interval":
+            done(None)
+            if self._timer is None:
+                self._timer = loop.call_later(self.interval_s, self._on_timer)
+            return
+        self._pending.append(done)
+        self._pending_writes += len(batch)
+        if not self._sync_scheduled and self._in_flight is None:
+            self._sync_scheduled = True
+            loop.call_soon(self._start_sync)
+
+    async def close(self) -> None:
+        """Finish the sync in flight, sync what is left, and stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._in_flight is not None:
+            await asyncio.shield(self._in_flight)
+        if self._error is None and (self._dirty or self._pending):
+            self._start_sync()
+            while self._in_flight is not None:
+                await asyncio.shield(self._in_flight)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closed or self._error is not None:
+            return
+        if self._dirty and self._in_flight is None:
+            self._start_sync()
+        # Re-arm only while there is something to sync, so an idle node does not wake up.
+        if self._dirty or self._in_flight is not None:
+            self._timer = self._running_loop().call_later(self.interval_s, self._on_timer)
+
+    def _start_sync(self) -> None:
+        self._sync_scheduled = False
+        if self._in_flight is not None or self._error is not None:
+            return  # the sync in flight finishes, then starts the next one
+        if not self._dirty and not self._pending:
+            return
+        group, self._pending = self._pending, []
+        writes, self._pending_writes = self._pending_writes, 0
+        self._dirty = False
+        loop = self._running_loop()
+        if self._executor is None:
+            fut: asyncio.Future[None] = loop.create_future()
+            try:
+                self.store.sync()
+                fut.set_result(None)
+            except BaseException as exc:
+                fut.set_exception(exc)
+        else:
+            fut = asyncio.ensure_future(loop.run_in_executor(self._executor, self.store.sync))
+        self._in_flight = fut
+        fut.add_done_callback(lambda f: self._sync_done(f, group, writes))
+
+    def _sync_done(self, fut: asyncio.Future[None], group: list[Done], writes: int) -> None:
+        self._in_flight = None
+        exc = fut.exception()
+        if exc is not None:
+            error = exc if isinstance(exc, StorageError) else StorageError(
+                f"sync failed unexpectedly: {exc!r}")
+            self._fail(error, group)
+            return
+        if self._error is not None:
+            # A later write failed while this sync ran: the store is in an unknown state,
+            # so acknowledge nothing more (a client retry is safe; a false ack is not).
+            for done in group:
+                done(self._error)
+            return
+        self.syncs += 1
+        self.last_batch_commits = len(group)
+        self.last_batch_writes = writes
+        if group:
+            bucket = 1 << (len(group) - 1).bit_length()
+            self.group_sizes[bucket] = self.group_sizes.get(bucket, 0) + 1
+        for done in group:
+            done(None)
+        if self._pending and not self._closed:
+            self._start_sync()
+
+    def _fail(self, error: StorageError, group: list[Done]) -> None:
+        first = self._error is None
+        if first:
+            self._error = error
+        waiting, self._pending = group + self._pending, []
+        self._pending_writes = 0
+        for done in waiting:
+            done(self._error)
+        if first:
+            self._on_error(error)
