@@ -64,6 +64,26 @@ class NodeConfig:
     leave_timeout_s: float = 2.0
     io_timeout_s: float = 5.0
     membership: MembershipConfig = dataclasses.field(default_factory=MembershipConfig)
+    client: Address | None = None
+    """The native client listener (``--client``); None: no client port."""
+    http: Address | None = None
+    """The HTTP/JSON API listener (``--http``); None: no HTTP port."""
+    storage: str = "rocksdb"
+    """``rocksdb`` (durable, the default) or ``memory`` (lost on exit: tests and demos)."""
+    fsync: str = "always"
+    """``always``: acknowledge a write only after the fsync that covers it (group commit:
+    one fsync per event-loop turn). ``interval``: acknowledge at once and fsync every
+    ``fsync_interval_ms``: faster, but a machine crash (not a process crash) may lose the
+    writes of the last interval."""
+    fsync_interval_ms: float = 100.0
+    value_bytes_max: int = 1 << 20
+    """Largest value a client may write (1 MiB by default, at most 8 MiB - 4 KiB)."""
+    tombstone_grace_s: float = 10 * 86400.0
+    """How long a delete's tombstone is kept before it is purged (Cassandra's
+    gc_grace_seconds): a replica down longer than this may resurrect the deleted value."""
+    hint_window_s: float = 3 * 3600.0
+    """A replica down longer than this gets no more hints; anti-entropy catches it up."""
+    anti_entropy_interval_s: float = 30.0
 
 
 # -- parsers: raw value (str from env/flags, or a TOML value) -> typed value -------------
@@ -215,6 +235,14 @@ def _parse_path(raw: Any) -> Path:
     return Path(raw).expanduser()
 
 
+def _parse_value_limit(raw: Any) -> int:
+    limit = _parse_int(raw)
+    hard = (8 << 20) - 4096
+    if not 1 <= limit <= hard:
+        raise ValueError(f"must be 1..{hard} bytes (a value must fit in one 8 MiB frame)")
+    return limit
+
+
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "name": _parse_name,
     "bind": _parse_bind,
@@ -228,6 +256,15 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "log_level": _parse_choice(LOG_LEVELS),
     "leave_timeout_s": _parse_float(0, 300),
     "io_timeout_s": _parse_float(0, 300),
+    "client": _parse_bind,
+    "http": _parse_bind,
+    "storage": _parse_choice(("rocksdb", "memory")),
+    "fsync": _parse_choice(("always", "interval")),
+    "fsync_interval_ms": _parse_float(0, 60_000),
+    "value_bytes_max": _parse_value_limit,
+    "tombstone_grace_s": _parse_float(0, 10 * 365 * 86400.0),
+    "hint_window_s": _parse_float(0, 30 * 86400.0, low_open=False),
+    "anti_entropy_interval_s": _parse_float(0, 86400.0),
 }
 """Top-level settings. ``membership.<field>`` settings come from MembershipConfig."""
 
@@ -365,7 +402,12 @@ def build_config(raw: Mapping[str, Any]) -> NodeConfig:
         leave_timeout_s=values.get("leave_timeout_s", 2.0),
         io_timeout_s=values.get("io_timeout_s", 5.0),
         membership=_membership_config(raw),
+        **{key: values[key] for key in _DATA_SETTINGS if key in values},
     )
+
+
+_DATA_SETTINGS = ("client", "http", "storage", "fsync", "fsync_interval_ms", "value_bytes_max",
+                  "tombstone_grace_s", "hint_window_s", "anti_entropy_interval_s")
 
 
 def _membership_config(raw: Mapping[str, Any]) -> MembershipConfig:

@@ -88,3 +88,10 @@ class ReplicaScanReply(msgspec.Struct, frozen=True, array_like=True, tag=35):
 
 ReplicaRequest = ReplicaWrite | ReplicaRead | ReplicaScan
 ReplicaReply = ReplicaAck | ReplicaReadReply | ReplicaScanReply
+
+
+class PeerHello(msgspec.Struct, frozen=True, array_like=True, tag=36):
+    """First frame on a data-plane link: who is sending (replies need no name, anti-entropy
+    does)."""
+
+    name: Name

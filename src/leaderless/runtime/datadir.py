@@ -15,6 +15,7 @@ from pathlib import Path
 from leaderless.runtime.errors import DataDirError
 
 INCARNATION_FILE = "incarnation"
+TOKEN_SEED_FILE = "token_seed"
 LOCK_FILE = "LOCK"
 
 
@@ -71,6 +72,22 @@ class DataDir:
             raise DataDirError(
                 f"data_dir: {str(path)!r} is corrupt (expected a number, found {text[:20]!r}); "
                 "restore it, or start this node with a new --name and an empty --data-dir")
+        return int(text)
+
+    def token_seed(self, draw: int) -> int:
+        """The ring token seed chosen at first start (``draw``, persisted), ever after the
+        same: a node that changed its tokens on restart would move data around."""
+        path = self.path / TOKEN_SEED_FILE
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            self._write_durably(TOKEN_SEED_FILE, f"{draw}\n".encode())
+            return draw
+        except OSError as exc:
+            raise DataDirError(f"data_dir: cannot read {str(path)!r}: {exc.strerror}") from None
+        if not text.isdigit() or int(text) >= 2**64:
+            raise DataDirError(f"data_dir: {str(path)!r} is corrupt (expected a number); "
+                               "restore it from a backup of this node's data dir")
         return int(text)
 
     def save_incarnation(self, incarnation: int) -> None:

@@ -50,7 +50,12 @@ class ServerConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._close_callbacks: list[Callable[[], None]] = []
         self._idle: asyncio.TimerHandle | None = None
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._last_activity = 0.0
         self.peer = ""
+        self.peer_name: str | None = None
+        """The node name a peer announced (``PeerHello``); None for clients."""
         self.streaming = False
         """True while the connection carries a stream (a watch): it is not idle."""
 
@@ -103,14 +108,19 @@ class ServerConnection(asyncio.Protocol):
             self._transport.resume_reading()
 
     def _touch(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
+        # One timer per connection, re-armed lazily: a busy peer sends thousands of
+        # frames a second and must not cost a timer each.
         loop = asyncio.get_running_loop()
-        self._idle = loop.call_later(IDLE_TIMEOUT_S, self._on_idle)
+        self._last_activity = loop.time()
+        if self._idle is None:
+            self._idle = loop.call_later(IDLE_TIMEOUT_S, self._on_idle)
 
     def _on_idle(self) -> None:
-        if self.streaming:
-            self._touch()
+        self._idle = None
+        idle_s = asyncio.get_running_loop().time() - self._last_activity
+        if self.streaming or idle_s < IDLE_TIMEOUT_S:
+            self._idle = asyncio.get_running_loop().call_later(
+                max(0.1, IDLE_TIMEOUT_S - idle_s), self._on_idle)
         else:
             self.close()
 
@@ -121,18 +131,30 @@ class ServerConnection(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return False
-        if transport.get_write_buffer_size() > WRITE_BUFFER_BYTES_MAX:
+        if transport.get_write_buffer_size() + self._pending_bytes > WRITE_BUFFER_BYTES_MAX:
             self._drops.overload(drop_kind, self.peer)
             self.close()
             return False
-        transport.write(encode_frame(message))
+        # Replies of one loop turn leave in one write (one syscall), not one each.
+        frame = encode_frame(message)
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(frame)
+        self._pending_bytes += len(frame)
         return True
+
+    def _flush(self) -> None:
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        transport = self._transport
+        if transport is not None and not transport.is_closing() and pending:
+            transport.write(b"".join(pending))
 
     def on_close(self, callback: Callable[[], None]) -> None:
         self._close_callbacks.append(callback)
 
     def close(self) -> None:
         if self._transport is not None:
+            self._flush()
             self._transport.close()
 
     def abort(self) -> None:

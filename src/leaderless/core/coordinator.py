@@ -1,0 +1,445 @@
+"""The coordinator: any node turns one client request into replica requests and back.
+
+Writes go to every live replica of the key and succeed after W durable acks; a replica
+that is down (or does not ack before the timeout) gets the write as a hint, kept by the
+next healthy node clockwise (or by the coordinator), so it receives it when it returns.
+Hints do not count towards W: a QUORUM read must always meet a QUORUM write (Cassandra's
+choice; Dynamo's sloppy quorum counts them and loses that guarantee).
+
+Reads ask R live replicas (this node first if it is one, then alive before suspect) and
+answer with the newest cell by (HLC, writer). If a replica is slower than the speculative
+delay (the recent p99 of replica reads, at least ``speculative_floor_s``), one more replica
+is asked. Replicas that answered with an older cell are repaired before the read returns
+(blocking read repair, as Cassandra does for QUORUM), so a value once read is never
+"un-read" by a later QUORUM read.
+
+The state machine is sans-I/O: the caller passes the ring and the set of live nodes
+(``Topology``), feeds replica replies to ``on_reply`` and calls ``on_tick`` by
+``next_deadline``; effects are ``SendReplica`` (``to`` may be this node) and ``Respond``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import itertools
+from collections.abc import Iterator, Mapping
+from collections.abc import Set as AbstractSet
+
+from leaderless.core.cells import Cell, newest
+from leaderless.core.keys import token
+from leaderless.core.kv_messages import (
+    ReplicaAck,
+    ReplicaRead,
+    ReplicaReadReply,
+    ReplicaReply,
+    ReplicaRequest,
+    ReplicaScan,
+    ReplicaScanReply,
+    ReplicaWrite,
+    ScanRow,
+)
+from leaderless.core.quorum import required
+from leaderless.core.ring import Ring
+
+
+@dataclasses.dataclass(frozen=True)
+class CoordinatorConfig:
+    write_timeout_s: float = 2.0
+    """Cassandra's write_request_timeout is 2 s: long enough for a busy disk, short
+    enough that a client learns of trouble before its own timeout."""
+    read_timeout_s: float = 2.0
+    speculative_floor_s: float = 0.005
+    """Never ask an extra replica sooner than this: below it the retry costs more load
+    than the tail latency it saves on a LAN."""
+    speculative_ceiling_s: float = 0.5
+    ops_in_flight_max: int = 100_000
+    """Requests this node coordinates at once; beyond it clients get ``overloaded``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+    """The coordinator's view: the ring, the nodes believed up (alive or suspect), and
+    those believed fully alive (preferred for reads)."""
+
+    ring: Ring
+    up: AbstractSet[str]
+    alive: AbstractSet[str]
+    hints_allowed: Mapping[str, bool] = dataclasses.field(default_factory=dict)
+    """Per down node: False once it has been down longer than the hint window."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SendReplica:
+    to: str
+    message: ReplicaRequest
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WriteDone:
+    hlc: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReadDone:
+    cell: Cell | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ScanDone:
+    rows: list[ScanRow]
+    more: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failed:
+    code: str
+    """``unavailable`` | ``timeout`` | ``overloaded`` | ``storage``"""
+    message: str
+    received: int = 0
+    required: int = 0
+
+
+Result = WriteDone | ReadDone | ScanDone | Failed
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Respond:
+    op_id: int
+    result: Result
+
+
+Effect = SendReplica | Respond
+
+
+@dataclasses.dataclass
+class CoordinatorCounters:
+    writes: int = 0
+    reads: int = 0
+    scans: int = 0
+    unavailable: int = 0
+    timeouts: int = 0
+    hints_sent: int = 0
+    read_repairs: int = 0
+    speculative_retries: int = 0
+    replica_errors: int = 0
+
+
+@dataclasses.dataclass
+class _Op:
+    op_id: int
+    kind: str  # "write" | "read" | "scan"
+    need: int
+    deadline: float
+    request: ReplicaRequest
+    replicas: tuple[str, ...]
+    candidates: list[str]
+    """Live replicas not asked yet (reads: speculative retry goes to these)."""
+    sent: dict[int, str] = dataclasses.field(default_factory=dict)
+    """request id -> replica, for requests not yet answered."""
+    sent_at: dict[int, float] = dataclasses.field(default_factory=dict)
+    ok: int = 0
+    failed: int = 0
+    answers: dict[str, Cell | None] = dataclasses.field(default_factory=dict)
+    scans: dict[str, list[ScanRow]] = dataclasses.field(default_factory=dict)
+    responded: bool = False
+    speculate_at: float = float("inf")
+    repairs: int = 0
+    """Read repairs outstanding; the read answers when they are acked (or time out)."""
+    result: Result | None = None
+    hint_targets: list[str] = dataclasses.field(default_factory=list)
+    """Writes: replicas that must get a hint if they have not acked by the deadline."""
+
+
+class Coordinator:
+    def __init__(self, me: str, config: CoordinatorConfig, ids: Iterator[int]) -> None:
+        self.me = me
+        self.config = config
+        self.counters = CoordinatorCounters()
+        self._ids = ids
+        self._ops: dict[int, _Op] = {}
+        self._by_request: dict[int, int] = {}
+        self._deadlines: list[tuple[float, int]] = []
+        self._latencies: list[float] = []
+        self._latency_at = itertools.count()
+        self._topology: Topology | None = None
+
+    # -- requests ----------------------------------------------------------------------
+
+    def write(self, now: float, op_id: int, topology: Topology, keyspace: str, replication: int,
+              partition: bytes, sort: bytes, cell: Cell, consistency: str) -> list[Effect]:
+        self.counters.writes += 1
+        self._topology = topology
+        need = required(consistency, replication)
+        tok = token(partition)
+        replicas = topology.ring.preference_list(tok, replication)
+        live = [r for r in replicas if r in topology.up]
+        if len(live) < need or len(self._ops) >= self.config.ops_in_flight_max:
+            return [self._refuse(op_id, len(live), need, replication)]
+        effects: list[Effect] = []
+        op = _Op(op_id, "write", need, now + self.config.write_timeout_s,
+                 ReplicaWrite(0, keyspace, partition, sort, cell), replicas, [])
+        self._start(op)
+        for replica in live:
+            effects.append(self._send(op, replica, now))
+        for down in replicas:
+            if down not in topology.up:
+                effects.extend(self._hint(topology, tok, replicas, down, op.request))
+        return effects
+
+    def read(self, now: float, op_id: int, topology: Topology, keyspace: str, replication: int,
+             partition: bytes, sort: bytes, consistency: str) -> list[Effect]:
+        self.counters.reads += 1
+        request = ReplicaRead(0, keyspace, partition, sort)
+        return self._start_read(now, op_id, topology, replication, partition, consistency,
+                                "read", request)
+
+    def scan(self, now: float, op_id: int, topology: Topology, keyspace: str, replication: int,
+             partition: bytes, start: bytes | None, end: bytes | None, limit: int,
+             consistency: str) -> list[Effect]:
+        self.counters.scans += 1
+        request = ReplicaScan(0, keyspace, partition, start, end, limit)
+        return self._start_read(now, op_id, topology, replication, partition, consistency,
+                                "scan", request)
+
+    def _start_read(self, now: float, op_id: int, topology: Topology, replication: int,
+                    partition: bytes, consistency: str, kind: str,
+                    request: ReplicaRead | ReplicaScan) -> list[Effect]:
+        self._topology = topology
+        need = required(consistency, replication)
+        replicas = topology.ring.preference_list(token(partition), replication)
+        live = [r for r in replicas if r in topology.up]
+        if len(live) < need or len(self._ops) >= self.config.ops_in_flight_max:
+            return [self._refuse(op_id, len(live), need, replication)]
+        # This node first (no network), then alive before suspect, then ring order.
+        live.sort(key=lambda r: (r != self.me, r not in topology.alive))
+        op = _Op(op_id, kind, need, now + self.config.read_timeout_s, request, replicas,
+                 live[need:])
+        self._start(op)
+        op.speculate_at = now + self._speculative_delay_s()
+        return [self._send(op, replica, now) for replica in live[:need]]
+
+    def _refuse(self, op_id: int, live: int, need: int, replication: int) -> Respond:
+        if live < need:
+            self.counters.unavailable += 1
+            return Respond(op_id, Failed(
+                "unavailable", f"{live} of {replication} replicas are alive; the consistency "
+                f"level needs {need}", live, need))
+        return Respond(op_id, Failed("overloaded", "this node coordinates too many requests; "
+                                     "retry with back-off"))
+
+    def _start(self, op: _Op) -> None:
+        assert op.op_id not in self._ops, f"op id {op.op_id} reused while in flight"
+        self._ops[op.op_id] = op
+        heapq.heappush(self._deadlines, (op.deadline, op.op_id))
+
+    def _send(self, op: _Op, replica: str, now: float) -> SendReplica:
+        request_id = next(self._ids)
+        op.sent[request_id] = replica
+        op.sent_at[request_id] = now
+        self._by_request[request_id] = op.op_id
+        return SendReplica(replica, _with_id(op.request, request_id))
+
+    def _hint(self, topology: Topology, tok: int, replicas: tuple[str, ...], target: str,
+              write: ReplicaRequest) -> list[Effect]:
+        assert isinstance(write, ReplicaWrite)
+        if not topology.hints_allowed.get(target, True):
+            return []
+        holder = self.me
+        for name in topology.ring.walk(tok):
+            if name not in replicas and name in topology.alive:
+                holder = name
+                break
+        self.counters.hints_sent += 1
+        # Hint writes are fire-and-forget for this op: their acks are ignored (id unknown).
+        hint = ReplicaWrite(next(self._ids), write.keyspace, write.partition, write.sort,
+                            write.cell, hint_for=target)
+        return [SendReplica(holder, hint)]
+
+    # -- replies and time --------------------------------------------------------------
+
+    def owns(self, request_id: int) -> bool:
+        return request_id in self._by_request
+
+    def on_reply(self, now: float, replica: str, reply: ReplicaReply) -> list[Effect]:
+        """A replica's answer (``replica`` is informational; the request id identifies it)."""
+        op_id = self._by_request.pop(reply.id, None)
+        op = self._ops.get(op_id) if op_id is not None else None
+        if op is None:
+            return []
+        sender = op.sent.pop(reply.id, replica)
+        sent_at = op.sent_at.pop(reply.id, now)
+        if reply.error:
+            self.counters.replica_errors += 1
+            op.failed += 1
+        elif isinstance(reply, ReplicaAck):
+            if op.kind == "write":
+                op.ok += 1
+            else:
+                op.repairs -= 1
+        elif isinstance(reply, ReplicaReadReply):
+            self._record_latency(now - sent_at)
+            op.ok += 1
+            op.answers[sender] = reply.cell
+        elif isinstance(reply, ReplicaScanReply):
+            self._record_latency(now - sent_at)
+            op.ok += 1
+            op.scans[sender] = reply.rows
+        return self._progress(now, op)
+
+    def _progress(self, now: float, op: _Op) -> list[Effect]:
+        effects: list[Effect] = []
+        if op.kind == "write":
+            if not op.responded and op.ok >= op.need:
+                assert isinstance(op.request, ReplicaWrite)
+                effects.append(self._respond(op, WriteDone(op.request.cell.hlc)))
+            elif not op.responded and op.failed > len(op.replicas) - op.need:
+                effects.append(self._respond(op, Failed(
+                    "storage", f"{op.failed} replicas failed to store the write; "
+                    f"{op.ok} of {op.need} needed acknowledged it", op.ok, op.need)))
+        elif op.result is None and op.ok >= op.need:
+            op.result = self._read_result(op)
+            effects.extend(self._read_repair(now, op))
+        elif (op.result is None and op.failed > 0 and not op.sent and op.candidates):
+            effects.append(self._send(op, op.candidates.pop(0), now))
+        if op.result is not None and not op.responded and op.repairs <= 0:
+            effects.append(self._respond(op, op.result))
+        if op.responded and not op.sent:
+            self._finish(op)
+        return effects
+
+    def _read_result(self, op: _Op) -> Result:
+        if op.kind == "read":
+            return ReadDone(newest(list(op.answers.values())))
+        assert isinstance(op.request, ReplicaScan)
+        return ScanDone(*merge_scans(op.scans, op.request.limit))
+
+    def _read_repair(self, now: float, op: _Op) -> list[Effect]:
+        """Send the newest version to every replica that answered with an older one."""
+        request = op.request
+        effects: list[Effect] = []
+        stale: list[tuple[str, bytes, Cell]] = []
+        if isinstance(request, ReplicaRead):
+            best = newest(list(op.answers.values()))
+            if best is not None:
+                stale = [(r, request.sort, best) for r, c in op.answers.items()
+                         if best.newer_than(c)]
+        elif isinstance(op.result, ScanDone):
+            for row in op.result.rows:
+                for replica, rows in op.scans.items():
+                    theirs = next((r.cell for r in rows if r.sort == row.sort), None)
+                    if row.cell.newer_than(theirs):
+                        stale.append((replica, row.sort, row.cell))
+        for replica, sort, cell in stale:
+            self.counters.read_repairs += 1
+            op.repairs += 1
+            repair = ReplicaWrite(next(self._ids), request.keyspace, request.partition, sort,
+                                  cell)
+            op.sent[repair.id] = replica
+            op.sent_at[repair.id] = now
+            self._by_request[repair.id] = op.op_id
+            effects.append(SendReplica(replica, repair))
+        return effects
+
+    def _respond(self, op: _Op, result: Result) -> Respond:
+        op.responded = True
+        return Respond(op.op_id, result)
+
+    def _finish(self, op: _Op) -> None:
+        self._ops.pop(op.op_id, None)
+        for request_id in op.sent:
+            self._by_request.pop(request_id, None)
+
+    def on_tick(self, now: float) -> list[Effect]:
+        effects: list[Effect] = []
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, op_id = heapq.heappop(self._deadlines)
+            op = self._ops.get(op_id)
+            if op is not None:
+                effects.extend(self._expire(op))
+        for op in list(self._ops.values()):
+            if op.kind != "write" and op.result is None and op.speculate_at <= now:
+                op.speculate_at = float("inf")
+                if op.candidates:
+                    self.counters.speculative_retries += 1
+                    effects.append(self._send(op, op.candidates.pop(0), now))
+        return effects
+
+    def _expire(self, op: _Op) -> list[Effect]:
+        effects: list[Effect] = []
+        if not op.responded:
+            if op.result is not None:  # answered; only read repairs were outstanding
+                effects.append(self._respond(op, op.result))
+            else:
+                self.counters.timeouts += 1
+                what = "acknowledged the write" if op.kind == "write" else "answered"
+                effects.append(self._respond(op, Failed(
+                    "timeout", f"{op.ok} of {op.need} needed replicas {what} in time",
+                    op.ok, op.need)))
+        if op.kind == "write" and self._topology is not None:
+            # Replicas that never acked get the write as a hint (they may be partitioned).
+            request = op.request
+            tok = token(request.partition)
+            for replica in set(op.sent.values()):
+                if isinstance(request, ReplicaWrite) and request.hint_for is None:
+                    effects.extend(self._hint(self._topology, tok, op.replicas, replica,
+                                              request))
+        op.sent.clear()
+        self._finish(op)
+        return effects
+
+    def next_deadline(self) -> float:
+        soonest = self._deadlines[0][0] if self._deadlines else float("inf")
+        for op in self._ops.values():
+            if op.result is None and op.speculate_at < soonest:
+                soonest = op.speculate_at
+        return soonest
+
+    def in_flight(self) -> int:
+        return len(self._ops)
+
+    # -- speculative delay ---------------------------------------------------------------
+
+    def _record_latency(self, latency_s: float) -> None:
+        if len(self._latencies) < 512:
+            self._latencies.append(latency_s)
+        else:
+            self._latencies[next(self._latency_at) % 512] = latency_s
+
+    def _speculative_delay_s(self) -> float:
+        if len(self._latencies) < 32:
+            return self.config.speculative_ceiling_s / 5
+        p99 = sorted(self._latencies)[int(len(self._latencies) * 0.99)]
+        return min(self.config.speculative_ceiling_s,
+                   max(self.config.speculative_floor_s, p99))
+
+
+def _with_id(request: ReplicaRequest, request_id: int) -> ReplicaRequest:
+    if isinstance(request, ReplicaWrite):
+        return ReplicaWrite(request_id, request.keyspace, request.partition, request.sort,
+                            request.cell, request.hint_for)
+    if isinstance(request, ReplicaRead):
+        return ReplicaRead(request_id, request.keyspace, request.partition, request.sort)
+    return ReplicaScan(request_id, request.keyspace, request.partition, request.start,
+                       request.end, request.limit)
+
+
+def merge_scans(scans: Mapping[str, list[ScanRow]], limit: int) -> tuple[list[ScanRow], bool]:
+    """Newest cell per sort key across replicas. A replica that hit ``limit`` saw nothing
+    past its last row, so the merged answer stops there (``more`` is then True)."""
+    cutoff: bytes | None = None
+    more = False
+    for rows in scans.values():
+        if len(rows) >= limit:
+            more = True
+            last = rows[-1].sort
+            cutoff = last if cutoff is None or last < cutoff else cutoff
+    merged: dict[bytes, Cell] = {}
+    for rows in scans.values():
+        for row in rows:
+            if cutoff is not None and row.sort > cutoff:
+                continue
+            if row.cell.newer_than(merged.get(row.sort)):
+                merged[row.sort] = row.cell
+    result = [ScanRow(sort, merged[sort]) for sort in sorted(merged)]
+    return result[:limit], more or len(result) > limit
