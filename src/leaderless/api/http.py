@@ -1,0 +1,386 @@
+"""The HTTP/JSON API, on its own listener (aiohttp). Same operations as the native
+protocol, for curl, browsers and languages without a native client.
+
+Keys are URL path segments, percent-encoded, and may hold any bytes (``%2F`` for a ``/``
+inside a key, ``%00`` for a zero byte); values travel raw in the body.
+
+==========================================  ================================================
+``PUT    /v1/kv/{keyspace}/{key}``           body = the value (raw bytes). Query: ``sort``,
+                                             ``consistency`` (ONE/TWO/QUORUM/ALL), ``ttl``
+                                             (seconds). 200 ``{"hlc": n}``
+``GET    /v1/kv/{keyspace}/{key}``           200 the raw value, ``Content-Type:
+                                             application/octet-stream``, headers
+                                             ``X-Leaderless-Hlc`` and (with a TTL)
+                                             ``X-Leaderless-Expires-At-Ms``; 404 when absent.
+                                             ``?format=json``: ``{"keyspace", "key", "sort",
+                                             "value_b64", "value_utf8" (null unless UTF-8),
+                                             "hlc", "expires_at_ms"}``. Query: ``sort``,
+                                             ``consistency``
+``DELETE /v1/kv/{keyspace}/{key}``           200 ``{"hlc": n}`` (deleting an absent key is
+                                             not an error). Query: ``sort``, ``consistency``
+``GET    /v1/scan/{keyspace}/{key}``         rows of one partition with start <= sort < end:
+                                             ``{"rows": [{"sort", "sort_b64", "value_b64",
+                                             "value_utf8", "hlc", "expires_at_ms"}], "more",
+                                             "next_start"}``; ``next_start`` (percent-encoded)
+                                             continues the scan. Query: ``start``, ``end``,
+                                             ``limit`` (1..10000, default 1000),
+                                             ``consistency``
+``POST   /v1/keyspaces``                     JSON ``{"name", "replication": 3, "mode":
+                                             "eventual"|"strong", "read_consistency",
+                                             "write_consistency", "if_not_exists": false}``;
+                                             201 the keyspace
+``GET    /v1/keyspaces``                     ``{"keyspaces": [{"name", "replication", "mode",
+                                             "read_consistency", "write_consistency"}]}``
+``GET    /v1/ring``                          ``{"members": [{"name", "client_address",
+                                             "token_seed", "token_count", "zone", "state"}]}``
+==========================================  ================================================
+
+Keys and sort keys in JSON answers are given as ``sort`` (text, when valid UTF-8, else null)
+and ``sort_b64`` (always). Errors are JSON ``{"error": code, "message", "received",
+"required"}`` with status 400 ``bad_request``, 404 ``unknown_keyspace`` / ``not_found`` /
+``no_route``, 405 ``method_not_allowed``, 409 ``keyspace_exists``, 413 ``value_too_large``,
+503 ``unavailable`` / ``overloaded`` (with ``Retry-After: 1``), 504 ``timeout``, 500
+``storage`` / ``internal``, 501 ``not_supported``. Unknown query parameters are a 400, so a
+typo (``?consistncy=ONE``) never passes silently.
+"""
+
+from __future__ import annotations
+
+import base64
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+from urllib.parse import quote_from_bytes, unquote_to_bytes
+
+import msgspec
+from aiohttp import web
+
+from leaderless.api.kv_messages import (
+    CLIENT_SCAN_ROWS_MAX,
+    CONSISTENCY_LEVELS,
+    MODES,
+    REPLICATION_MAX,
+    TTL_S_MAX,
+)
+from leaderless.api.service import KvError, KvService
+from leaderless.core.cells import VALUE_BYTES_MAX_DEFAULT
+from leaderless.runtime.logs import NodeLogger
+
+BODY_MARGIN_BYTES = 64 * 1024
+"""Bodies may exceed the value limit by this much (a keyspace JSON body is tiny), so a
+value just over the limit gets a precise 413 rather than a connection reset."""
+
+STATUS_BY_CODE = {
+    "bad_request": 400,
+    "not_found": 404,
+    "no_route": 404,
+    "unknown_keyspace": 404,
+    "method_not_allowed": 405,
+    "keyspace_exists": 409,
+    "value_too_large": 413,
+    "unavailable": 503,
+    "overloaded": 503,
+    "timeout": 504,
+    "storage": 500,
+    "internal": 500,
+    "not_supported": 501,
+}
+
+_json = msgspec.json.Encoder()
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class HttpError(Exception):
+    def __init__(self, code: str, message: str, received: int = 0, required: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.received = received
+        self.required = required
+
+
+def error_response(code: str, message: str, received: int = 0,
+                   required: int = 0) -> web.Response:
+    body = {"error": code, "message": message, "received": received, "required": required}
+    headers = {"Retry-After": "1"} if code == "overloaded" else None
+    return web.Response(body=_json.encode(body), status=STATUS_BY_CODE.get(code, 500),
+                        content_type="application/json", headers=headers)
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_json.encode(value), status=status,
+                        content_type="application/json")
+
+
+async def serve_http(service: KvService, host: str, port: int, *,
+                     value_bytes_max: int = VALUE_BYTES_MAX_DEFAULT,
+                     log: NodeLogger | None = None) -> web.AppRunner:
+    """Start the HTTP API on ``host:port`` (0: any free port, see ``runner.addresses``).
+    Stop it with ``await runner.cleanup()``."""
+    app = make_app(service, value_bytes_max=value_bytes_max, log=log)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    return runner
+
+
+def make_app(service: KvService, *, value_bytes_max: int = VALUE_BYTES_MAX_DEFAULT,
+             log: NodeLogger | None = None) -> web.Application:
+    api = HttpApi(service, value_bytes_max, log or NodeLogger("", "http"))
+    app = web.Application(client_max_size=value_bytes_max + BODY_MARGIN_BYTES,
+                          middlewares=[api.errors])
+    app.router.add_route("*", "/v1/kv/{tail:.*}", api.kv)
+    app.router.add_route("GET", "/v1/scan/{tail:.*}", api.scan)
+    app.router.add_post("/v1/keyspaces", api.create_keyspace)
+    app.router.add_get("/v1/keyspaces", api.list_keyspaces)
+    app.router.add_get("/v1/ring", api.ring)
+    return app
+
+
+class HttpApi:
+    def __init__(self, service: KvService, value_bytes_max: int, log: NodeLogger) -> None:
+        self._service = service
+        self._value_bytes_max = value_bytes_max
+        self._log = log
+
+    @web.middleware
+    async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except HttpError as exc:
+            return error_response(exc.code, exc.message, exc.received, exc.required)
+        except KvError as exc:
+            return error_response(exc.code, exc.message, exc.received, exc.required)
+        except web.HTTPRequestEntityTooLarge:
+            return error_response("value_too_large", self._too_large())
+        except web.HTTPMethodNotAllowed as exc:
+            return error_response("method_not_allowed",
+                                  f"{request.method} is not allowed on {request.path}; use "
+                                  + ", ".join(sorted(exc.allowed_methods)))
+        except web.HTTPNotFound:
+            return error_response("no_route", f"no such route: {request.path} (see /v1/kv, "
+                                  "/v1/scan, /v1/keyspaces, /v1/ring)")
+        except web.HTTPException:
+            raise
+        except Exception as exc:  # a bug: answer 500 and log it
+            self._log.error("http_request_failed", method=request.method, path=request.path,
+                            error=repr(exc)[:500], traceback=traceback.format_exc()[-4000:])
+            return error_response("internal", f"the node failed on this request "
+                                  f"({type(exc).__name__}); please report it with its log")
+
+    def _too_large(self) -> str:
+        return (f"the value is larger than this node's limit of {self._value_bytes_max} "
+                "bytes (value_bytes_max)")
+
+    # -- /v1/kv ----------------------------------------------------------------------------
+
+    async def kv(self, request: web.Request) -> web.StreamResponse:
+        keyspace, key = _keyspace_and_key(request, "/v1/kv/")
+        method = request.method
+        if method == "PUT":
+            query = _query(request, {"sort", "consistency", "ttl"})
+            length = request.content_length
+            if length is not None and length > self._value_bytes_max:
+                raise HttpError("value_too_large", self._too_large())
+            value = await request.read()
+            if len(value) > self._value_bytes_max:
+                raise HttpError("value_too_large", self._too_large())
+            hlc = await self._service.put(keyspace, key, value, query.get("sort", b""),
+                                          _consistency(query), _ttl(query))
+            return json_response({"hlc": hlc})
+        if method in ("GET", "HEAD"):
+            query = _query(request, {"sort", "consistency", "format"})
+            as_json = _format(query)
+            sort = query.get("sort", b"")
+            found = await self._service.get(keyspace, key, sort, _consistency(query))
+            if not found.found:
+                raise HttpError("not_found", f"no value for key {_show(key)}"
+                                + (f" sort {_show(sort)}" if sort else "")
+                                + f" in keyspace {keyspace!r}")
+            if as_json:
+                return json_response({
+                    "keyspace": keyspace, "key": _utf8(key), "key_b64": _b64(key),
+                    "sort": _utf8(sort), "sort_b64": _b64(sort),
+                    "value_b64": _b64(found.value), "value_utf8": _utf8(found.value),
+                    "hlc": found.hlc, "expires_at_ms": found.expires_at_ms})
+            headers = {"X-Leaderless-Hlc": str(found.hlc), "ETag": f'"{found.hlc}"'}
+            if found.expires_at_ms:
+                headers["X-Leaderless-Expires-At-Ms"] = str(found.expires_at_ms)
+            return web.Response(body=found.value, headers=headers,
+                                content_type="application/octet-stream")
+        if method == "DELETE":
+            query = _query(request, {"sort", "consistency"})
+            hlc = await self._service.delete(keyspace, key, query.get("sort", b""),
+                                             _consistency(query))
+            return json_response({"hlc": hlc})
+        raise web.HTTPMethodNotAllowed(method, ["GET", "HEAD", "PUT", "DELETE"])
+
+    async def scan(self, request: web.Request) -> web.StreamResponse:
+        keyspace, key = _keyspace_and_key(request, "/v1/scan/")
+        query = _query(request, {"start", "end", "limit", "consistency"})
+        limit = _int(query, "limit", 1000, 1, CLIENT_SCAN_ROWS_MAX)
+        rows, more = await self._service.scan(keyspace, key, query.get("start"),
+                                              query.get("end"), limit, _consistency(query))
+        body: dict[str, Any] = {
+            "rows": [{"sort": _utf8(r.sort), "sort_b64": _b64(r.sort),
+                      "value_b64": _b64(r.value), "value_utf8": _utf8(r.value),
+                      "hlc": r.hlc, "expires_at_ms": r.expires_at_ms} for r in rows],
+            "more": more,
+            "next_start": quote_from_bytes(rows[-1].sort + b"\0", safe="")
+            if more and rows else None,
+        }
+        return json_response(body)
+
+    # -- keyspaces and ring ----------------------------------------------------------------
+
+    async def create_keyspace(self, request: web.Request) -> web.StreamResponse:
+        _query(request, set())
+        raw = await request.read()
+        try:
+            spec = msgspec.json.decode(raw, type=KeyspaceSpec)
+        except msgspec.ValidationError as exc:
+            raise HttpError("bad_request", f"invalid keyspace JSON: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise HttpError("bad_request", f"the body is not valid JSON ({exc}); send "
+                            '{"name": "...", "replication": 3, "mode": "eventual"}') from None
+        mode = spec.mode.lower()
+        if mode not in MODES:
+            raise HttpError("bad_request", f"mode {spec.mode!r} is not one of {', '.join(MODES)}")
+        read = _level(spec.read_consistency, "read_consistency")
+        write = _level(spec.write_consistency, "write_consistency")
+        await self._service.create_keyspace(spec.name, spec.replication, mode, read, write,
+                                            spec.if_not_exists)
+        return json_response({"name": spec.name, "replication": spec.replication, "mode": mode,
+                              "read_consistency": read, "write_consistency": write},
+                             status=201)
+
+    async def list_keyspaces(self, request: web.Request) -> web.StreamResponse:
+        _query(request, set())
+        spaces = await self._service.list_keyspaces()
+        return json_response({"keyspaces": [msgspec.structs.asdict(k) for k in spaces]})
+
+    async def ring(self, request: web.Request) -> web.StreamResponse:
+        _query(request, set())
+        members = self._service.ring_members()
+        return json_response({"members": [msgspec.structs.asdict(m) for m in members]})
+
+
+class KeyspaceSpec(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    replication: Annotated[int, msgspec.Meta(ge=1, le=REPLICATION_MAX)] = 3
+    mode: str = "eventual"
+    read_consistency: str = "QUORUM"
+    write_consistency: str = "QUORUM"
+    if_not_exists: bool = False
+
+
+# -- request parsing ----------------------------------------------------------------------
+
+
+def _keyspace_and_key(request: web.Request, prefix: str) -> tuple[str, bytes]:
+    """(keyspace, key bytes) from the raw path, so %2F and non-UTF-8 bytes survive."""
+    raw = request.raw_path.split("?", 1)[0]
+    tail = raw[len(prefix):] if raw.startswith(prefix) else ""
+    keyspace_raw, sep, key_raw = tail.partition("/")
+    if not sep or not keyspace_raw or not key_raw:
+        raise HttpError("bad_request", f"the path must be {prefix}{{keyspace}}/{{key}} "
+                        "(percent-encode a '/' inside a key as %2F)")
+    try:
+        keyspace = unquote_to_bytes(keyspace_raw).decode()
+    except UnicodeDecodeError:
+        raise HttpError("bad_request", "the keyspace name is not UTF-8") from None
+    return keyspace, unquote_to_bytes(key_raw)
+
+
+def _query(request: web.Request, allowed: set[str]) -> dict[str, bytes]:
+    """Query parameters as raw bytes (percent-decoded; '+' is a space)."""
+    result: dict[str, bytes] = {}
+    for part in request.query_string.split("&"):
+        if not part:
+            continue
+        name_raw, _, value_raw = part.partition("=")
+        name = unquote_to_bytes(name_raw.replace("+", " ")).decode(errors="replace")
+        if name not in allowed:
+            known = ", ".join(sorted(allowed)) or "none"
+            raise HttpError("bad_request", f"unknown query parameter {name[:40]!r} "
+                            f"(this route takes: {known})")
+        result[name] = unquote_to_bytes(value_raw.replace("+", " "))
+    return result
+
+
+def _text(query: dict[str, bytes], name: str) -> str | None:
+    raw = query.get(name)
+    if raw is None:
+        return None
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise HttpError("bad_request", f"{name} is not UTF-8") from None
+
+
+def _level(text: str, name: str) -> str:
+    level = text.upper()
+    if level not in CONSISTENCY_LEVELS:
+        raise HttpError("bad_request", f"{name} {text[:20]!r} is not one of "
+                        + ", ".join(CONSISTENCY_LEVELS))
+    return level
+
+
+def _consistency(query: dict[str, bytes]) -> str | None:
+    text = _text(query, "consistency")
+    return None if text is None or text == "" else _level(text, "consistency")
+
+
+def _ttl(query: dict[str, bytes]) -> float | None:
+    text = _text(query, "ttl")
+    if text is None or text == "":
+        return None
+    try:
+        ttl = float(text)
+    except ValueError:
+        raise HttpError("bad_request", f"ttl {text[:20]!r} is not a number of seconds") from None
+    if not 0 < ttl <= TTL_S_MAX:
+        raise HttpError("bad_request", f"ttl must be in (0, {TTL_S_MAX}] seconds, got {text}")
+    return ttl
+
+
+def _int(query: dict[str, bytes], name: str, default: int, lo: int, hi: int) -> int:
+    text = _text(query, name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise HttpError("bad_request", f"{name} {text[:20]!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise HttpError("bad_request", f"{name} must be in {lo}..{hi}, got {value}")
+    return value
+
+
+def _format(query: dict[str, bytes]) -> bool:
+    text = _text(query, "format")
+    if text in (None, "", "raw"):
+        return False
+    if text == "json":
+        return True
+    raise HttpError("bad_request", f"format {text!r} is not raw or json")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _utf8(data: bytes) -> str | None:
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _show(data: bytes) -> str:
+    text = _utf8(data)
+    return repr(text[:80]) if text is not None else data[:40].hex()
+
+
+__all__ = ["STATUS_BY_CODE", "make_app", "serve_http"]

@@ -1,0 +1,345 @@
+"""The native client listener: ``api.kv_messages`` requests over length-prefixed msgpack.
+
+One ``asyncio.Protocol`` per connection (Protocol, not streams: about 3x the requests per
+core here, see DESIGN.md). Each decoded request runs as its own task against the node's
+``KvService``; its reply carries the request's id, so replies leave in whatever order the
+requests finish (pipelining). Replies that finish in the same loop turn on one connection
+are encoded into one buffer and written with one ``transport.write`` (one syscall, one
+TCP segment train) by a ``call_soon`` flush.
+
+Limits and what happens at them:
+
+- ``max_in_flight_per_connection``: when a connection has that many requests running, we
+  stop *starting* its requests and pause reading its socket; decoded bytes wait in the
+  connection's buffer and TCP pushes back on the client. Requests resume when the count
+  falls to half. We chose backpressure over ``overloaded`` replies: a pipelining client
+  that sends faster than the node serves just sees latency, never spurious errors, and
+  memory per connection stays bounded (in-flight requests + one socket read).
+- ``max_connections``: a connection beyond it is closed on accept.
+- A frame that is not a valid request (bad length, bad msgpack, unknown tag, a field over
+  its limit) gets ``Failure(id=0, code="bad_request")`` and the connection is closed: we can
+  no longer trust where the next frame starts. Other connections are unaffected.
+- A slow reader (the transport's write buffer over its high-water mark) also pauses
+  reading and starting requests until the buffer drains.
+
+Errors: ``KvError`` becomes ``Failure(code, message, received, required)``; any other
+exception is a bug: ``Failure(code="internal")`` and an error log line with the traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import traceback
+import weakref
+from typing import Any, cast
+
+import msgspec
+
+from leaderless.api.kv_messages import (
+    ClientReply,
+    ClientRequest,
+    CreateKeyspace,
+    DescribeRing,
+    Failure,
+    Get,
+    Keyspaces,
+    ListKeyspaces,
+    Put,
+    RingDescription,
+    Rows,
+    Scan,
+)
+from leaderless.api.kv_messages import (
+    Delete as DeleteRequest,
+)
+from leaderless.api.kv_messages import (
+    Done as DoneReply,
+)
+from leaderless.api.service import KvError, KvService
+from leaderless.core.codec import FRAME_BYTES_MAX
+from leaderless.core.kv_messages import ERROR_TEXT_MAX
+from leaderless.runtime.logs import NodeLogger
+
+CLIENT_CONNECTIONS_MAX = 1024
+"""Client connections served at once. A pooling client opens a few per node; 1,024 covers
+hundreds of application processes, and each idle connection costs only a few KiB."""
+IN_FLIGHT_PER_CONNECTION_MAX = 1024
+"""Requests running at once per connection. The DESIGN prototype gained throughput up to
+256 in flight per node; 1,024 leaves room for one connection to carry a whole client's
+load while bounding the memory one connection can pin (1,024 x the largest request)."""
+WRITE_BUFFER_HIGH_BYTES = 4 * 1024 * 1024
+"""Queued reply bytes at which we stop reading a connection until its reader catches up."""
+
+_HEADER = struct.Struct(">I")
+_HEADER_SIZE = _HEADER.size
+_decoder: msgspec.msgpack.Decoder[Any] = msgspec.msgpack.Decoder(ClientRequest)
+_encoder = msgspec.msgpack.Encoder()
+_connections: weakref.WeakKeyDictionary[asyncio.AbstractServer, set[ClientConnection]] = (
+    weakref.WeakKeyDictionary())
+
+
+async def serve_clients(service: KvService, host: str, port: int, *,
+                        max_connections: int = CLIENT_CONNECTIONS_MAX,
+                        max_in_flight_per_connection: int = IN_FLIGHT_PER_CONNECTION_MAX,
+                        log: NodeLogger | None = None) -> asyncio.Server:
+    """Listen for native clients on ``host:port`` (port 0: any free port; read it from
+    ``server.sockets[0].getsockname()``). Stop with ``server.close()`` then
+    ``abort_connections(server)`` (open connections outlive ``close`` in Python 3.11)."""
+    assert max_connections > 0
+    assert max_in_flight_per_connection > 0
+    registry: set[ClientConnection] = set()
+    logger = log or NodeLogger("", "kv_server")
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: ClientConnection(service, registry, max_connections,
+                                 max_in_flight_per_connection, logger),
+        host, port)
+    _connections[server] = registry
+    return server
+
+
+def abort_connections(server: asyncio.AbstractServer) -> None:
+    """Close every open connection of a server made by ``serve_clients`` (for shutdown)."""
+    for conn in list(_connections.get(server, ())):
+        conn.abort()
+
+
+def connection_count(server: asyncio.AbstractServer) -> int:
+    return len(_connections.get(server, ()))
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: split frames, start requests, coalesce replies."""
+
+    def __init__(self, service: KvService, registry: set[ClientConnection],
+                 max_connections: int, max_in_flight: int, log: NodeLogger) -> None:
+        self._service = service
+        self._registry = registry
+        self._max_connections = max_connections
+        self._max_in_flight = max_in_flight
+        self._log = log
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._inbuf = bytearray()
+        self._outbuf = bytearray()
+        self._flush_scheduled = False
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reading_paused = False
+        self._writing_paused = False
+        self._eof = False
+        self._bad = False
+        self.peer = ""
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's, so no isinstance check here.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        if len(self._registry) >= self._max_connections:
+            self._log.warning("client_connection_refused", peer=self.peer,
+                              reason=f"{self._max_connections} connections open")
+            self._transport.abort()
+            self._transport = None
+            return
+        self._registry.add(self)
+        self._transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
+
+    def data_received(self, data: bytes) -> None:
+        if self._transport is None or self._transport.is_closing():
+            return
+        self._inbuf += data
+        self._process_input()
+
+    def eof_received(self) -> bool | None:
+        # The client half-closed (e.g. `nc -N`): answer what it sent, then close.
+        self._eof = True
+        if self._in_flight or self._outbuf:
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._registry.discard(self)
+        self._transport = None
+        for task in list(self._tasks):
+            task.cancel()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        self._update_reading()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._update_reading()
+        self._process_input()
+
+    # -- input -----------------------------------------------------------------------------
+
+    def _process_input(self) -> None:
+        """Start every complete request in the buffer, until the in-flight bound."""
+        buf = self._inbuf
+        view = memoryview(buf)
+        at = 0
+        try:
+            while (not self._bad and len(buf) - at >= _HEADER_SIZE
+                   and self._in_flight < self._max_in_flight
+                   and not self._writing_paused and self._transport is not None):
+                (length,) = _HEADER.unpack_from(buf, at)
+                if length > FRAME_BYTES_MAX:
+                    self._malformed(f"frame of {length} bytes exceeds {FRAME_BYTES_MAX}")
+                    return
+                end = at + _HEADER_SIZE + length
+                if len(buf) < end:
+                    break
+                try:
+                    request = _decoder.decode(view[at + _HEADER_SIZE:end])
+                except (msgspec.DecodeError, msgspec.ValidationError,
+                        UnicodeDecodeError) as exc:
+                    self._malformed(f"bad frame: {exc}")
+                    return
+                at = end
+                self._start(request)
+        finally:
+            view.release()
+            if self._bad:
+                buf.clear()
+            elif at:
+                del buf[:at]
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        want_pause = self._writing_paused or self._in_flight >= self._max_in_flight
+        if want_pause and not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+        elif not want_pause and self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
+    def _malformed(self, reason: str) -> None:
+        self._log.warning("client_bad_frame", peer=self.peer, error=reason[:200])
+        self._bad = True
+        self._reply(Failure(0, "bad_request",
+                            _text(f"{reason}; closing the connection (is the client speaking "
+                                  "the leaderless native protocol?)")))
+        self._flush()
+        if self._transport is not None:
+            self._transport.close()  # after the Failure is written
+
+    def _start(self, request: ClientRequest) -> None:
+        self._in_flight += 1
+        task = self._loop.create_task(self._serve(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- requests --------------------------------------------------------------------------
+
+    async def _serve(self, request: ClientRequest) -> None:
+        try:
+            reply = await execute(self._service, request)
+        except KvError as exc:
+            reply = Failure(request.id, exc.code, _text(exc.message), exc.received,
+                            exc.required)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in the data plane: tell the client, log it
+            self._log.error("client_request_failed", peer=self.peer,
+                            request=type(request).__name__, error=repr(exc)[:500],
+                            traceback=traceback.format_exc()[-4000:])
+            reply = Failure(request.id, "internal",
+                            _text(f"the node failed on this request ({type(exc).__name__}); "
+                                  "please report it with the node's log"))
+        finally:
+            self._in_flight -= 1
+        self._reply(reply)
+        if self._in_flight <= self._max_in_flight // 2 and self._inbuf:
+            self._process_input()
+        elif self._reading_paused:
+            self._update_reading()
+
+    # -- output ----------------------------------------------------------------------------
+
+    def _reply(self, reply: ClientReply) -> None:
+        if self._transport is None:
+            return
+        out = self._outbuf
+        start = len(out)
+        out += b"\0\0\0\0"
+        _encoder.encode_into(reply, out, start + _HEADER_SIZE)
+        length = len(out) - start - _HEADER_SIZE
+        if length > FRAME_BYTES_MAX:
+            del out[start:]
+            failure = Failure(getattr(reply, "id", 0), "bad_request",
+                              f"the reply would be {length} bytes, over the frame limit of "
+                              f"{FRAME_BYTES_MAX}; ask for fewer rows (a smaller limit)")
+            out += b"\0\0\0\0"
+            _encoder.encode_into(failure, out, start + _HEADER_SIZE)
+            length = len(out) - start - _HEADER_SIZE
+        _HEADER.pack_into(out, start, length)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._outbuf:
+            return
+        data = bytes(self._outbuf)
+        self._outbuf.clear()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+            if self._eof and not self._in_flight:
+                transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+async def execute(service: KvService, request: ClientRequest) -> ClientReply:
+    """Run one request against the service and build its reply (KvError propagates)."""
+    kind = type(request)
+    if kind is Put:
+        put = cast(Put, request)
+        hlc = await service.put(put.keyspace, put.key, put.value, put.sort, put.consistency,
+                                put.ttl_s)
+        return DoneReply(put.id, hlc)
+    if kind is Get:
+        get = cast(Get, request)
+        value = await service.get(get.keyspace, get.key, get.sort, get.consistency)
+        return msgspec.structs.replace(value, id=get.id)
+    if kind is DeleteRequest:
+        delete = cast(DeleteRequest, request)
+        hlc = await service.delete(delete.keyspace, delete.key, delete.sort,
+                                   delete.consistency)
+        return DoneReply(delete.id, hlc)
+    if kind is Scan:
+        scan = cast(Scan, request)
+        rows, more = await service.scan(scan.keyspace, scan.key, scan.start, scan.end,
+                                        scan.limit, scan.consistency)
+        return Rows(scan.id, rows, more)
+    if kind is CreateKeyspace:
+        create = cast(CreateKeyspace, request)
+        await service.create_keyspace(create.name, create.replication, create.mode,
+                                      create.read_consistency, create.write_consistency,
+                                      create.if_not_exists)
+        return DoneReply(create.id)
+    if kind is ListKeyspaces:
+        return Keyspaces(request.id, await service.list_keyspaces())
+    if kind is DescribeRing:
+        return RingDescription(request.id, service.ring_members())
+    raise AssertionError(f"unhandled request type {kind.__name__}")
+
+
+def _text(message: str) -> str:
+    """Fit a message into ``Failure.message``'s limit (it is validated on decode)."""
+    if len(message) <= ERROR_TEXT_MAX:
+        return message
+    return message[:ERROR_TEXT_MAX - 3] + "..."

@@ -1,0 +1,51 @@
+"""The Python client for leaderless's key-value store.
+
+    from leaderless.client import Client
+    with Client(["127.0.0.1:7400"]) as kv:
+        kv.create_keyspace("users", replication=3, if_not_exists=True)
+        kv.put("users", "alice", b"...")
+        kv.get("users", "alice")
+
+``AsyncClient`` is the asyncio version with the same methods. Both are token-aware (each
+request goes to a replica of its key) and retry once on another node after a connection
+failure or ``overloaded``; errors are the exceptions below, one per protocol error code.
+"""
+
+from leaderless.api.kv_messages import KeyspaceInfo, RingMember, Row
+from leaderless.client.async_client import AsyncClient, Item
+from leaderless.client.errors import (
+    BadRequestError,
+    ConnectionLostError,
+    InternalError,
+    KeyspaceExistsError,
+    LeaderlessError,
+    NoNodeAvailableError,
+    NotSupportedError,
+    OverloadedError,
+    RequestTimeoutError,
+    StorageError,
+    UnavailableError,
+    UnknownKeyspaceError,
+)
+from leaderless.client.sync_client import Client
+
+__all__ = [
+    "AsyncClient",
+    "BadRequestError",
+    "Client",
+    "ConnectionLostError",
+    "InternalError",
+    "Item",
+    "KeyspaceExistsError",
+    "KeyspaceInfo",
+    "LeaderlessError",
+    "NoNodeAvailableError",
+    "NotSupportedError",
+    "OverloadedError",
+    "RequestTimeoutError",
+    "RingMember",
+    "Row",
+    "StorageError",
+    "UnavailableError",
+    "UnknownKeyspaceError",
+]

@@ -1,0 +1,474 @@
+"""``AsyncClient``: the asyncio client for the native protocol, token-aware, with retries.
+
+Routing: at connect (and every ``ring_refresh_s``, and soon after a connection fails) the
+client asks any node for the ring (``DescribeRing``) and the keyspaces (``ListKeyspaces``).
+It builds the same ``core.ring.Ring`` the nodes use from the alive members' (name,
+token_seed, token_count, zone) and sends each keyed request to one of the key's N replicas
+(N: the keyspace's replication factor, 3 if unknown), picked at random among those it can
+reach, so the coordinator is a replica and one network hop is saved. When no replica is
+reachable (or the ring has no client addresses) any reachable node serves the request:
+every node can coordinate every key.
+
+Retries: a request whose connection fails, or that a node answers with ``overloaded``, is
+retried once on another node. That is safe for every data operation: gets and scans are
+reads; a retried put or delete is stamped with a *new* timestamp by the node that
+coordinates the retry, so if the first attempt did apply, the retry simply overwrites it
+with the same value (last-writer-wins registers make that harmless, but a reader may see
+the write's timestamp change). ``timeout`` and ``unavailable`` are raised, never retried
+silently: a timed-out write may or may not have applied, and the error says how many
+replicas acknowledged (``received``) of how many were needed (``required``).
+Creating a keyspace is retried only with ``if_not_exists`` (otherwise a retry of a create
+that did apply would report ``keyspace_exists``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import random
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+from leaderless.api.kv_messages import (
+    CLIENT_SCAN_ROWS_MAX,
+    ClientReply,
+    CreateKeyspace,
+    Delete,
+    DescribeRing,
+    Done,
+    Failure,
+    Get,
+    KeyspaceInfo,
+    Keyspaces,
+    ListKeyspaces,
+    Put,
+    RingDescription,
+    RingMember,
+    Row,
+    Rows,
+    Scan,
+    Value,
+)
+from leaderless.client.connection import NodeConnection
+from leaderless.client.errors import (
+    BadRequestError,
+    ConnectionLostError,
+    LeaderlessError,
+    NoNodeAvailableError,
+    OverloadedError,
+    error_for,
+)
+from leaderless.core.cells import VALUE_BYTES_HARD_MAX
+from leaderless.core.keys import token
+from leaderless.core.ring import Ring, RingNode
+
+DEFAULT_TIMEOUT_S = 10.0
+"""Per request, client side. Longer than a node's own replica timeout, so a slow quorum is
+reported by the node (with received/required) rather than cut short here."""
+CONNECT_TIMEOUT_S = 3.0
+DEFAULT_CONNECTIONS_PER_NODE = 2
+"""Pipelining makes one connection enough for throughput; a second keeps a large value
+from delaying every small request behind it."""
+RING_REFRESH_S = 10.0
+"""How often the ring and keyspace list are re-read (and 0.5 s after a failure)."""
+NODE_RETRY_AFTER_S = 1.0
+"""A node we failed to reach is skipped for this long before we try it again."""
+DEFAULT_REPLICATION = 3
+SCAN_PAGE_ROWS = 1000
+KEYSPACE_TEXT_MAX = 256
+KEY_BYTES_MAX = 64 * 1024
+"""The wire limits (``api.kv_messages``): over them the node could not even decode the frame,
+so the client refuses locally with a clear error instead."""
+
+BytesLike = bytes | str
+R = TypeVar("R")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Item:
+    """A value with its version: ``hlc`` is the write's hybrid-logical-clock timestamp;
+    ``expires_at_ms`` is its TTL expiry in unix milliseconds (0: never)."""
+
+    value: bytes
+    hlc: int
+    expires_at_ms: int
+
+
+def _b(data: BytesLike, what: str) -> bytes:
+    if isinstance(data, str):
+        return data.encode()
+    if isinstance(data, bytes | bytearray | memoryview):
+        return bytes(data)
+    raise TypeError(f"{what} must be bytes or str, not {type(data).__name__}")
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"node address {address!r} is not HOST:PORT")
+    return ("127.0.0.1" if host == "localhost" else host), int(port)
+
+
+class AsyncClient:
+    """``async with AsyncClient(["127.0.0.1:7400"]) as kv: await kv.put("ks", "k", b"v")``.
+
+    ``nodes`` are client-listener addresses (``HOST:PORT``) of any nodes of the cluster;
+    the rest are discovered from the ring. Keys and values are ``bytes`` or ``str`` (UTF-8).
+    """
+
+    def __init__(self, nodes: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 connections_per_node: int = DEFAULT_CONNECTIONS_PER_NODE,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 ring_refresh_s: float = RING_REFRESH_S, token_aware: bool = True,
+                 rng: random.Random | None = None) -> None:
+        if isinstance(nodes, str):
+            nodes = [n for n in nodes.split(",") if n.strip()]
+        if not nodes:
+            raise ValueError("give at least one node address (HOST:PORT)")
+        if timeout_s <= 0 or connections_per_node < 1:
+            raise ValueError("timeout_s must be > 0 and connections_per_node >= 1")
+        self.seeds = [f"{h}:{p}" for h, p in map(_split, nodes)]
+        self.timeout_s = timeout_s
+        self.connections_per_node = connections_per_node
+        self.connect_timeout_s = connect_timeout_s
+        self.ring_refresh_s = ring_refresh_s
+        self.token_aware = token_aware
+        self._rng = rng or random.Random()
+        self._pools: dict[str, list[NodeConnection]] = {}
+        self._connecting: dict[str, asyncio.Future[NodeConnection]] = {}
+        self._next_conn: dict[str, int] = {}
+        self._growing: set[str] = set()
+        self._down_until: dict[str, float] = {}
+        self._ring = Ring(())
+        self._addresses: dict[str, str] = {}  # member name -> client address
+        self._replication: dict[str, int] = {}
+        self._refresher: asyncio.Task[None] | None = None
+        self._refresh_soon: asyncio.TimerHandle | None = None
+        self._connected = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> AsyncClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Reach a node and learn the ring; raises ``NoNodeAvailableError`` if none answers."""
+        if self._closed:
+            raise LeaderlessError("the client is closed", code="closed")
+        if self._connected:
+            return
+        await self.refresh()
+        self._connected = True
+        if self.ring_refresh_s > 0 and self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        if self._refresh_soon is not None:
+            self._refresh_soon.cancel()
+        for pool in self._pools.values():
+            for conn in pool:
+                conn.close()
+        self._pools.clear()
+
+    async def refresh(self) -> None:
+        """Re-read the ring and the keyspaces from any reachable node."""
+        reply = await self._request(None, DescribeRing, (), retry=True)
+        assert isinstance(reply, RingDescription)
+        self._set_ring(reply.members)
+        spaces = await self._request(None, ListKeyspaces, (), retry=True)
+        assert isinstance(spaces, Keyspaces)
+        self._replication = {ks.name: ks.replication for ks in spaces.keyspaces}
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ring_refresh_s)
+            with contextlib.suppress(LeaderlessError):
+                await self.refresh()
+
+    def _schedule_refresh(self) -> None:
+        if self._refresh_soon is not None or self._closed or not self._connected:
+            return
+        loop = asyncio.get_running_loop()
+
+        def go() -> None:
+            self._refresh_soon = None
+            task = loop.create_task(self._quiet_refresh())
+            task.add_done_callback(lambda t: None)
+
+        self._refresh_soon = loop.call_later(0.5, go)
+
+    async def _quiet_refresh(self) -> None:
+        with contextlib.suppress(LeaderlessError):
+            await self.refresh()
+
+    def _set_ring(self, members: list[RingMember]) -> None:
+        alive = [m for m in members if m.state == "alive" and m.client_address
+                 and m.token_count > 0]
+        self._ring = Ring(RingNode(m.name, m.token_seed, m.token_count, m.zone) for m in alive)
+        self._addresses = {m.name: m.client_address for m in alive}
+
+    @property
+    def ring(self) -> Ring:
+        return self._ring
+
+    # -- data operations -------------------------------------------------------------------
+
+    async def put(self, keyspace: str, key: BytesLike, value: BytesLike, *,
+                  sort: BytesLike | None = None, consistency: str | None = None,
+                  ttl: float | None = None) -> int:
+        """Write ``value`` under (key, sort); returns the write's HLC timestamp once the
+        consistency level's replicas have it durably. ``ttl`` is in seconds."""
+        k, s = self._key(keyspace, key, sort)
+        v = _b(value, "value")
+        if len(v) > VALUE_BYTES_HARD_MAX:
+            raise BadRequestError(f"the value has {len(v)} bytes; no node accepts more than "
+                                  f"{VALUE_BYTES_HARD_MAX}")
+        if ttl is not None and ttl <= 0:
+            raise BadRequestError(f"ttl must be > 0 seconds, got {ttl}")
+        reply = await self._keyed(keyspace, k, Put,
+                                  (keyspace, k, v, s, _level(consistency), ttl))
+        assert isinstance(reply, Done)
+        return reply.hlc
+
+    async def get(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
+                  consistency: str | None = None) -> bytes | None:
+        """The value, or None when absent, deleted or expired."""
+        item = await self.get_with_meta(keyspace, key, sort=sort, consistency=consistency)
+        return None if item is None else item.value
+
+    async def get_with_meta(self, keyspace: str, key: BytesLike, *,
+                            sort: BytesLike | None = None,
+                            consistency: str | None = None) -> Item | None:
+        k, s = self._key(keyspace, key, sort)
+        reply = await self._keyed(keyspace, k, Get, (keyspace, k, s, _level(consistency)))
+        assert isinstance(reply, Value)
+        return Item(reply.value, reply.hlc, reply.expires_at_ms) if reply.found else None
+
+    async def delete(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
+                     consistency: str | None = None) -> int:
+        """Delete (write a tombstone); returns its HLC timestamp. Deleting an absent key
+        succeeds."""
+        k, s = self._key(keyspace, key, sort)
+        reply = await self._keyed(keyspace, k, Delete, (keyspace, k, s, _level(consistency)))
+        assert isinstance(reply, Done)
+        return reply.hlc
+
+    async def scan(self, keyspace: str, key: BytesLike, *, start: BytesLike | None = None,
+                   end: BytesLike | None = None, limit: int | None = None,
+                   consistency: str | None = None) -> list[Row]:
+        """Rows of partition ``key`` with start <= sort < end in sort-key order (``Row``:
+        sort, value, hlc, expires_at_ms), paging through the node's replies until ``limit``
+        rows (None: the whole range)."""
+        k, _ = self._key(keyspace, key, None)
+        lo = None if start is None else _b(start, "start")
+        hi = None if end is None else _b(end, "end")
+        if limit is not None and limit < 1:
+            raise BadRequestError(f"limit must be >= 1, got {limit}")
+        level = _level(consistency)
+        rows: list[Row] = []
+        while True:
+            want = SCAN_PAGE_ROWS if limit is None else min(limit - len(rows),
+                                                            CLIENT_SCAN_ROWS_MAX)
+            reply = await self._keyed(keyspace, k, Scan, (keyspace, k, lo, hi, want, level))
+            assert isinstance(reply, Rows)
+            rows.extend(reply.rows)
+            if not reply.more or not reply.rows or (limit is not None and len(rows) >= limit):
+                return rows
+            lo = reply.rows[-1].sort + b"\0"
+
+    # -- keyspaces -------------------------------------------------------------------------
+
+    async def create_keyspace(self, name: str, replication: int = DEFAULT_REPLICATION,
+                              mode: str = "eventual", *, read_consistency: str = "QUORUM",
+                              write_consistency: str = "QUORUM",
+                              if_not_exists: bool = False) -> None:
+        _check_text(name, "keyspace name")
+        args = (name, replication, mode, read_consistency.upper(), write_consistency.upper(),
+                if_not_exists)
+        await self._request(None, CreateKeyspace, args, retry=if_not_exists)
+        self._replication.setdefault(name, replication)
+
+    async def list_keyspaces(self) -> list[KeyspaceInfo]:
+        reply = await self._request(None, ListKeyspaces, (), retry=True)
+        assert isinstance(reply, Keyspaces)
+        self._replication = {ks.name: ks.replication for ks in reply.keyspaces}
+        return list(reply.keyspaces)
+
+    async def describe_ring(self) -> list[RingMember]:
+        reply = await self._request(None, DescribeRing, (), retry=True)
+        assert isinstance(reply, RingDescription)
+        self._set_ring(reply.members)
+        return list(reply.members)
+
+    # -- routing and retries ---------------------------------------------------------------
+
+    def _key(self, keyspace: str, key: BytesLike, sort: BytesLike | None
+             ) -> tuple[bytes, bytes]:
+        _check_text(keyspace, "keyspace name")
+        k = _b(key, "key")
+        s = b"" if sort is None else _b(sort, "sort")
+        if len(k) > KEY_BYTES_MAX or len(s) > KEY_BYTES_MAX:
+            raise BadRequestError(f"keys are limited to {KEY_BYTES_MAX} bytes on the wire "
+                                  "(and the node's own limit is lower)")
+        return k, s
+
+    async def _keyed(self, keyspace: str, key: bytes, kind: type[Any], args: tuple[Any, ...]
+                     ) -> ClientReply:
+        if not self._connected:
+            await self.connect()
+        replicas: list[str] = []
+        if self.token_aware and len(self._ring):
+            n = self._replication.get(keyspace, DEFAULT_REPLICATION)
+            names = self._ring.preference_list(token(key), n)
+            replicas = [self._addresses[name] for name in names]
+        return await self._request(replicas, kind, args, retry=True)
+
+    def _candidates(self, preferred: list[str] | None, exclude: str | None) -> list[str]:
+        """Addresses to try, best first: reachable replicas (shuffled), then every other
+        known node (shuffled), then nodes recently down (last resort)."""
+        now = asyncio.get_running_loop().time()
+        known = list(dict.fromkeys([*self._addresses.values(), *self.seeds]))
+        first = [a for a in (preferred or []) if a != exclude]
+        self._rng.shuffle(first)
+        rest = [a for a in known if a != exclude and a not in first]
+        self._rng.shuffle(rest)
+        ordered = first + rest
+        up = [a for a in ordered if self._down_until.get(a, 0.0) <= now]
+        down = [a for a in ordered if self._down_until.get(a, 0.0) > now]
+        return up + down
+
+    async def _request(self, preferred: list[str] | None, kind: type[Any],
+                       args: tuple[Any, ...], *, retry: bool) -> ClientReply:
+        if self._closed:
+            raise LeaderlessError("the client is closed", code="closed")
+        attempts = 2 if retry else 1
+        failed: str | None = None
+        last: LeaderlessError | None = None
+        tried_connect: set[str] = set()
+        while attempts > 0:
+            conn = await self._any_connection(self._candidates(preferred, failed),
+                                              tried_connect)
+            if conn is None:
+                break
+            attempts -= 1
+            try:
+                reply = await conn.call(kind, args, self.timeout_s)
+            except ConnectionLostError as exc:
+                last, failed = exc, conn.address
+                self._mark_down(conn.address)
+                continue
+            if isinstance(reply, Failure):
+                err = error_for(reply.code, reply.message, reply.received, reply.required)
+                if isinstance(err, OverloadedError):
+                    last, failed = err, conn.address
+                    continue
+                raise err
+            return reply
+        if last is not None:
+            raise last
+        raise NoNodeAvailableError(
+            "no node answers at " + ", ".join(tried_connect or self.seeds)
+            + "; are the nodes running, and are these their client (not gossip) ports?")
+
+    async def _any_connection(self, candidates: list[str], tried: set[str]
+                              ) -> NodeConnection | None:
+        for address in candidates:
+            conn = self._pooled(address)
+            if conn is not None:
+                return conn
+            if address in tried:
+                continue
+            tried.add(address)
+            try:
+                return await self._open(address)
+            except (OSError, TimeoutError):
+                self._mark_down(address)
+        return None
+
+    def _pooled(self, address: str) -> NodeConnection | None:
+        pool = self._pools.get(address)
+        if not pool:
+            return None
+        live = [c for c in pool if c.is_open]
+        if len(live) != len(pool):
+            self._pools[address] = pool = live
+        if (pool and len(pool) < self.connections_per_node and address not in self._growing
+                and not self._closed):
+            # Grow the pool in the background; use what we have meanwhile.
+            self._growing.add(address)
+            task = asyncio.get_running_loop().create_task(self._open(address))
+
+            def grown(t: asyncio.Task[Any]) -> None:
+                self._growing.discard(address)
+                _ignore_result(t)
+
+            task.add_done_callback(grown)
+        if not pool:
+            return None
+        i = self._next_conn.get(address, 0)
+        self._next_conn[address] = i + 1
+        return pool[i % len(pool)]
+
+    async def _open(self, address: str) -> NodeConnection:
+        pending = self._connecting.get(address)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[NodeConnection] = loop.create_future()
+        self._connecting[address] = future
+        try:
+            host, port = _split(address)
+            conn = await NodeConnection.open(host, port, self.connect_timeout_s)
+        except (OSError, TimeoutError) as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it, nobody else must
+            raise
+        finally:
+            self._connecting.pop(address, None)
+        if self._closed:
+            conn.close()
+            raise ConnectionLostError("the client is closed")
+        self._pools.setdefault(address, []).append(conn)
+        self._down_until.pop(address, None)
+        future.set_result(conn)
+        return conn
+
+    def _mark_down(self, address: str) -> None:
+        self._down_until[address] = asyncio.get_running_loop().time() + NODE_RETRY_AFTER_S
+        self._schedule_refresh()
+
+
+def _ignore_result(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _level(consistency: str | None) -> str | None:
+    if consistency is None:
+        return None
+    level = consistency.upper()
+    if len(level) > 8:
+        raise BadRequestError(f"consistency {consistency[:20]!r} is not one of ONE, TWO, "
+                              "QUORUM, ALL")
+    return level
+
+
+def _check_text(text: str, what: str) -> None:
+    if not isinstance(text, str):
+        raise TypeError(f"{what} must be str, not {type(text).__name__}")
+    if len(text) > KEYSPACE_TEXT_MAX:
+        raise BadRequestError(f"the {what} has {len(text)} characters; the limit is "
+                              f"{KEYSPACE_TEXT_MAX}")

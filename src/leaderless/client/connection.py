@@ -1,0 +1,184 @@
+"""One pipelined connection to one node's client listener.
+
+Requests get ids from a per-connection counter and wait on futures keyed by id; replies
+may arrive in any order. Requests issued in the same loop turn go out in one
+``transport.write`` (``call_soon`` flush), which is what lets 64 concurrent callers share
+one socket cheaply. Per-request timeouts are enforced by one sweep timer per connection
+rather than a timer per request (cheaper on the hot path; a timeout fires up to
+``SWEEP_INTERVAL_S`` late).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any, cast
+
+import msgspec
+
+from leaderless.api.kv_messages import ClientReply
+from leaderless.client.errors import ConnectionLostError, RequestTimeoutError
+from leaderless.core.codec import FRAME_BYTES_MAX, FrameDecoder, MalformedInput
+
+SWEEP_INTERVAL_S = 0.05
+"""How often a connection with requests in flight checks their deadlines."""
+PENDING_MAX = 65_536
+"""Requests in flight on one connection; beyond it ``send`` waits for room (the node
+itself stops reading beyond its own bound, so more would only queue in memory)."""
+
+_HEADER = struct.Struct(">I")
+_encoder = msgspec.msgpack.Encoder()
+
+
+class NodeConnection(asyncio.Protocol):
+    """``conn = await NodeConnection.open(host, port, t)``; ``await conn.call(Get, ...)``."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._decoder: FrameDecoder[ClientReply] = FrameDecoder(ClientReply, FRAME_BYTES_MAX)
+        self._pending: dict[int, tuple[asyncio.Future[ClientReply], float]] = {}
+        self._next_id = 1
+        self._outbuf = bytearray()
+        self._flush_scheduled = False
+        self._sweep: asyncio.TimerHandle | None = None
+        self._error: Exception | None = None
+        self._room = asyncio.Event()
+        self._room.set()
+        self._write_ready = asyncio.Event()
+        self._write_ready.set()
+
+    @classmethod
+    async def open(cls, host: str, port: int, timeout_s: float) -> NodeConnection:
+        """Connect within ``timeout_s`` (raises OSError or TimeoutError)."""
+        loop = asyncio.get_running_loop()
+        address = f"{host}:{port}"
+        async with asyncio.timeout(timeout_s):
+            _, protocol = await loop.create_connection(lambda: cls(address), host, port)
+        return protocol
+
+    # -- asyncio.Protocol ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio's, so no isinstance check here.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            replies = self._decoder.feed(data)
+        except MalformedInput as exc:
+            self._fail(ConnectionLostError(f"{self.address} sent a bad frame: {exc}"))
+            self.close()
+            return
+        pending = self._pending
+        for reply in replies:
+            entry = pending.pop(reply.id, None)
+            if entry is None:
+                if reply.id == 0:  # the node refused our framing; it closes the connection
+                    self._fail(ConnectionLostError(
+                        f"{self.address} refused a frame: {getattr(reply, 'message', reply)}"))
+                continue  # a reply to a request that already timed out
+            future = entry[0]
+            if not future.done():
+                future.set_result(reply)
+        if not self._room.is_set() and len(pending) < PENDING_MAX // 2:
+            self._room.set()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._fail(ConnectionLostError(
+            f"the connection to {self.address} broke" + (f": {exc}" if exc else "")))
+
+    def pause_writing(self) -> None:
+        self._write_ready.clear()
+
+    def resume_writing(self) -> None:
+        self._write_ready.set()
+
+    # -- requests --------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return self._error is None and self._transport is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    async def call(self, kind: type[Any], args: tuple[Any, ...], timeout_s: float
+                   ) -> ClientReply:
+        """Send ``kind(id, *args)`` and wait for its reply (raises ``ConnectionLostError``
+        or ``RequestTimeoutError``)."""
+        if self._error is not None:
+            raise self._error
+        if not self._room.is_set() or not self._write_ready.is_set():
+            await self._room.wait()
+            await self._write_ready.wait()
+            if self._error is not None:
+                raise self._error
+        request_id = self._next_id
+        self._next_id += 1
+        self._write(kind(request_id, *args))
+        future: asyncio.Future[ClientReply] = self._loop.create_future()
+        self._pending[request_id] = (future, self._loop.time() + timeout_s)
+        if len(self._pending) >= PENDING_MAX:
+            self._room.clear()
+        if self._sweep is None:
+            self._sweep = self._loop.call_later(SWEEP_INTERVAL_S, self._on_sweep)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            self._pending.pop(request_id, None)
+            raise
+
+    def _write(self, request: Any) -> None:
+        out = self._outbuf
+        start = len(out)
+        out += b"\0\0\0\0"
+        _encoder.encode_into(request, out, start + 4)
+        _HEADER.pack_into(out, start, len(out) - start - 4)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._outbuf and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(bytes(self._outbuf))
+        self._outbuf.clear()
+
+    def _on_sweep(self) -> None:
+        self._sweep = None
+        if not self._pending:
+            return
+        now = self._loop.time()
+        expired = [rid for rid, (_, deadline) in self._pending.items() if deadline <= now]
+        for rid in expired:
+            future, _ = self._pending.pop(rid)
+            if not future.done():
+                future.set_exception(RequestTimeoutError(
+                    f"no reply from {self.address} in time; a write may or may not have "
+                    "applied", code="timeout"))
+        if self._pending:
+            self._sweep = self._loop.call_later(SWEEP_INTERVAL_S, self._on_sweep)
+        if not self._room.is_set() and len(self._pending) < PENDING_MAX // 2:
+            self._room.set()
+
+    def _fail(self, exc: Exception) -> None:
+        if self._error is None:
+            self._error = exc
+        pending, self._pending = self._pending, {}
+        for future, _ in pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        self._room.set()  # wake waiters so they see the error
+        self._write_ready.set()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+        self._fail(ConnectionLostError(f"the connection to {self.address} was closed"))

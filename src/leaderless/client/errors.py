@@ -1,0 +1,116 @@
+"""The client library's exceptions: one class per ``Failure.code`` of the native protocol
+(``api.kv_messages.ERROR_CODES``), all subclasses of ``LeaderlessError``.
+
+Each carries the node's ``code`` and ``message`` and, for ``unavailable`` and ``timeout``,
+``received`` (replicas that answered) and ``required`` (how many the consistency level
+needed), so a caller can tell "1 of 2" from "0 of 2".
+"""
+
+from __future__ import annotations
+
+from leaderless.api.kv_messages import ERROR_CODES
+
+
+class LeaderlessError(Exception):
+    """Base of every error the client raises."""
+
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None, received: int = 0,
+                 required: int = 0) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        self.message = message
+        self.received = received
+        self.required = required
+
+    def __str__(self) -> str:
+        text = f"{self.code}: {self.message}"
+        if self.required:
+            text += f" (received {self.received} of {self.required} replicas)"
+        return text
+
+
+class BadRequestError(LeaderlessError):
+    """The request breaks a limit or is malformed; the message says which."""
+
+    code = "bad_request"
+
+
+class UnknownKeyspaceError(LeaderlessError):
+    """No keyspace of that name; create it first."""
+
+    code = "unknown_keyspace"
+
+
+class KeyspaceExistsError(LeaderlessError):
+    """A keyspace of that name exists already."""
+
+    code = "keyspace_exists"
+
+
+class UnavailableError(LeaderlessError):
+    """Too few replicas are alive to reach the consistency level (nothing was attempted)."""
+
+    code = "unavailable"
+
+
+class RequestTimeoutError(LeaderlessError):
+    """Replicas did not answer in time. For a write: it may or may not have applied."""
+
+    code = "timeout"
+
+
+class OverloadedError(LeaderlessError):
+    """The node has too many requests in flight; retry with back-off."""
+
+    code = "overloaded"
+
+
+class StorageError(LeaderlessError):
+    """The node's storage failed; it did not apply the request."""
+
+    code = "storage"
+
+
+class NotSupportedError(LeaderlessError):
+    """The node does not support this yet."""
+
+    code = "not_supported"
+
+
+class InternalError(LeaderlessError):
+    """A bug in the node: please report it with the node's log."""
+
+    code = "internal"
+
+
+class NoNodeAvailableError(LeaderlessError):
+    """No node in the client's list could be reached (or every one failed the request's
+    connection). Check the addresses and that the nodes run."""
+
+    code = "no_node_available"
+
+
+class ConnectionLostError(LeaderlessError):
+    """The connection to a node broke while a request was in flight; for a write, it may or
+    may not have applied."""
+
+    code = "connection_lost"
+
+
+ERRORS_BY_CODE: dict[str, type[LeaderlessError]] = {
+    cls.code: cls
+    for cls in (BadRequestError, UnknownKeyspaceError, KeyspaceExistsError, UnavailableError,
+                RequestTimeoutError, OverloadedError, StorageError, NotSupportedError,
+                InternalError)
+}
+assert set(ERRORS_BY_CODE) == set(ERROR_CODES), "every protocol code needs an exception"
+
+
+def error_for(code: str, message: str, received: int = 0, required: int = 0) -> LeaderlessError:
+    """The exception for a node's ``Failure`` (an unknown code, from a newer node, becomes a
+    plain ``LeaderlessError`` that keeps the code)."""
+    cls = ERRORS_BY_CODE.get(code, LeaderlessError)
+    return cls(message, code=code, received=received, required=required)

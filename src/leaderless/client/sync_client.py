@@ -1,0 +1,124 @@
+"""``Client``: the blocking client. It runs an ``AsyncClient`` on a private event loop in a
+background thread, so it works from plain scripts, threads and Jupyter (whose own loop is
+already running) alike. Methods and arguments are the ``AsyncClient``'s."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+from leaderless.api.kv_messages import KeyspaceInfo, RingMember, Row
+from leaderless.client.async_client import (
+    CONNECT_TIMEOUT_S,
+    DEFAULT_CONNECTIONS_PER_NODE,
+    DEFAULT_REPLICATION,
+    DEFAULT_TIMEOUT_S,
+    AsyncClient,
+    BytesLike,
+    Item,
+)
+
+T = TypeVar("T")
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+class Client:
+    """``with Client(["127.0.0.1:7400"]) as kv: kv.put("ks", "k", b"v")``. Thread-safe:
+    calls from several threads are pipelined over the same connections."""
+
+    def __init__(self, nodes: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 connections_per_node: int = DEFAULT_CONNECTIONS_PER_NODE,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, **options: Any) -> None:
+        self._loop = _new_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever,
+                                        name="leaderless-client", daemon=True)
+        self._thread.start()
+        self._closed = False
+
+        async def make() -> AsyncClient:
+            return AsyncClient(nodes, timeout_s=timeout_s,
+                               connections_per_node=connections_per_node,
+                               connect_timeout_s=connect_timeout_s, **options)
+
+        try:
+            self._client = self._run(make())
+            self._run(self._client.connect())
+        except BaseException:
+            self.close()
+            raise
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("the client is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        client = getattr(self, "_client", None)
+        if client is not None:
+            try:
+                self._run(client.close())
+            except Exception:  # closing must not fail; the loop goes away regardless
+                pass
+        self._closed = True
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._loop.close()
+
+    def put(self, keyspace: str, key: BytesLike, value: BytesLike, *,
+            sort: BytesLike | None = None, consistency: str | None = None,
+            ttl: float | None = None) -> int:
+        return self._run(self._client.put(keyspace, key, value, sort=sort,
+                                          consistency=consistency, ttl=ttl))
+
+    def get(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
+            consistency: str | None = None) -> bytes | None:
+        return self._run(self._client.get(keyspace, key, sort=sort, consistency=consistency))
+
+    def get_with_meta(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
+                      consistency: str | None = None) -> Item | None:
+        return self._run(self._client.get_with_meta(keyspace, key, sort=sort,
+                                                    consistency=consistency))
+
+    def delete(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
+               consistency: str | None = None) -> int:
+        return self._run(self._client.delete(keyspace, key, sort=sort,
+                                             consistency=consistency))
+
+    def scan(self, keyspace: str, key: BytesLike, *, start: BytesLike | None = None,
+             end: BytesLike | None = None, limit: int | None = None,
+             consistency: str | None = None) -> list[Row]:
+        return self._run(self._client.scan(keyspace, key, start=start, end=end, limit=limit,
+                                           consistency=consistency))
+
+    def create_keyspace(self, name: str, replication: int = DEFAULT_REPLICATION,
+                        mode: str = "eventual", *, read_consistency: str = "QUORUM",
+                        write_consistency: str = "QUORUM", if_not_exists: bool = False
+                        ) -> None:
+        self._run(self._client.create_keyspace(
+            name, replication, mode, read_consistency=read_consistency,
+            write_consistency=write_consistency, if_not_exists=if_not_exists))
+
+    def list_keyspaces(self) -> list[KeyspaceInfo]:
+        return self._run(self._client.list_keyspaces())
+
+    def describe_ring(self) -> list[RingMember]:
+        return self._run(self._client.describe_ring())
