@@ -260,3 +260,8 @@ def event_watch(node: str, as_json: bool) -> None:
         _call(node, watch)
     except KeyboardInterrupt:
         pass
+
+
+from leaderless.cli_kv import keyspace, kv  # noqa: E402  (registered last: see cli_kv.py)
+
+main.add_command(keyspace); main.add_command(kv)  # noqa: E702
