@@ -517,3 +517,85 @@ def test_http_errors(method: str, path: str, data: bytes, status: int, code: str
 def test_failure_messages_fit_the_wire_limit() -> None:
     reply = Failure(1, "bad_request", "x" * 512)
     assert msgspec.msgpack.decode(msgspec.msgpack.encode(reply), type=Failure) == reply
+
+
+# -- CLI ---------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def threaded_node() -> Any:
+    """A native listener over the dict double, on its own loop in a thread (the CLI runs
+    its own event loop in the test's thread)."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    service = DictKvService()
+
+    async def start() -> asyncio.Server:
+        return await serve_clients(service, "127.0.0.1", 0)
+
+    server = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    yield f"127.0.0.1:{port_of(server)}"
+
+    async def stop() -> None:
+        server.close()
+        abort_connections(server)
+
+    asyncio.run_coroutine_threadsafe(stop(), loop).result()
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def test_cli_keyspace_and_kv_commands(threaded_node: str) -> None:
+    from click.testing import CliRunner
+
+    from leaderless.cli import main
+
+    runner = CliRunner()
+    node = ["--node", threaded_node]
+
+    def cli(*args: str, stdin: bytes | None = None) -> Any:
+        return runner.invoke(main, [*args, *node], input=stdin)
+
+    assert cli("keyspace", "create", "users", "--replication", "1").exit_code == 0
+    assert cli("keyspace", "create", "users").exit_code == 6
+    assert cli("keyspace", "create", "users", "--if-not-exists").exit_code == 0
+    listed = cli("keyspace", "list", "--json")
+    assert json_loads(listed.stdout)[0]["name"] == "users"
+    assert cli("kv", "put", "users", "alice", "hello", "--ttl", "5").exit_code == 0
+    assert cli("kv", "put", "users", "bob", "-", stdin=b"\x00\x01").exit_code == 0
+    got = cli("kv", "get", "users", "alice")
+    assert (got.exit_code, got.stdout_bytes) == (0, b"hello")
+    assert cli("kv", "get", "users", "bob").stdout_bytes == b"\x00\x01"
+    missing = cli("kv", "get", "users", "carol")
+    assert missing.exit_code == 4 and "no value" in missing.stderr
+    assert cli("kv", "get", "nope", "alice").exit_code == 6
+    assert cli("kv", "put", "users", "error:timeout", "v").exit_code == 5
+    assert cli("kv", "put", "users", "k" * 2000, "v").exit_code == 2
+    for i in range(3):
+        cli("kv", "put", "users", "p", f"v{i}", "--sort", f"s{i}")
+    scanned = cli("kv", "scan", "users", "p", "--start", "s1")
+    assert scanned.stdout == "s1\tv1\ns2\tv2\n"
+    assert cli("kv", "delete", "users", "alice").exit_code == 0
+    assert cli("kv", "get", "users", "alice").exit_code == 4
+    as_json = cli("kv", "get", "users", "bob", "--json")
+    assert json_loads(as_json.stdout)["value_b64"] == "AAE="
+
+
+def test_cli_unreachable_node_exits_1() -> None:
+    from click.testing import CliRunner
+
+    from leaderless.cli import main
+
+    result = CliRunner().invoke(main, ["kv", "get", "ks", "k", "--node",
+                                       f"127.0.0.1:{free_port()}"])
+    assert result.exit_code == 1
+    assert "no node answers" in result.stderr
+
+
+def json_loads(text: str) -> Any:
+    import json
+
+    return json.loads(text)
