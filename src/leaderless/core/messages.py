@@ -64,7 +64,7 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True)
     weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0
     tags: Annotated[dict[TagKey, TagValue], msgspec.Meta(max_length=TAG_COUNT_MAX)] = {}
     version: Annotated[str, msgspec.Meta(max_length=VERSION_BYTES_MAX)] = ""
-    token_seed: Annotated[int, msgspec.Meta(ge=0, le=2**64 - 1)] = 0
+    token_seed: Annotated[int, msgspec.Meta(ge=0)] = 0
     """The ring tokens are derived from (token_seed, token_count) (``core.ring``): two
     integers instead of hundreds of tokens keep an alive update in one datagram."""
     token_count: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
