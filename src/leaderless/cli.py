@@ -1,7 +1,10 @@
 """The ``leaderless`` command.
 
-    leaderless node start [--name N] [--bind HOST:PORT] [--join SEED[,SEED]] ...
+    leaderless node start [--name N] [--bind HOST:PORT] [--join SEED[,SEED]]
+                          [--client HOST:PORT] [--http HOST:PORT] ...
     leaderless up --nodes 3
+    leaderless keyspace create NAME [--replication 3]
+    leaderless kv put|get|delete|scan KEYSPACE KEY ... [--consistency QUORUM]
     leaderless members --node HOST:PORT [--json]
     leaderless status --node HOST:PORT [--json]
     leaderless event send NAME PAYLOAD --node HOST:PORT [--json]
@@ -106,6 +109,17 @@ def node() -> None:
 @click.option("--zone", help="Failure zone (rack, availability zone) of this node.")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Metadata (repeatable).")
 @click.option("--weight", type=float, help="Capacity weight, (0, 1000] [default: 1].")
+@click.option("--client", metavar="HOST:PORT",
+              help="Listen for native clients (data: leaderless.client, `leaderless kv`).")
+@click.option("--http", metavar="HOST:PORT", help="Listen for the HTTP/JSON API.")
+@click.option("--storage", type=click.Choice(("rocksdb", "memory")),
+              help="Storage engine; memory loses everything on exit [default: rocksdb].")
+@click.option("--fsync", type=click.Choice(("always", "interval")),
+              help="always: acknowledge writes after their fsync (group commit); interval: "
+              "fsync every --fsync-interval-ms, faster, may lose that much on a machine "
+              "crash [default: always].")
+@click.option("--fsync-interval-ms", type=float, help="[default: 100]")
+@click.option("--value-bytes-max", type=int, help="Largest value [default: 1048576].")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), help="[default: json]")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="[default: info]")
 @click.option("--parent-pid", type=int, hidden=True,

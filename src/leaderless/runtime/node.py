@@ -20,9 +20,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from leaderless import __version__
+from leaderless.api.http import serve_http
+from leaderless.api.kv_server import abort_connections, serve_clients
 from leaderless.api.messages import Request, StatusReply
 from leaderless.api.server import ApiHandler
 from leaderless.config import NodeConfig, is_ip_literal
+from leaderless.core.anti_entropy_messages import AntiEntropyMessage
 from leaderless.core.codec import MalformedInput
 from leaderless.core.effects import (
     DeliverUserEvent,
@@ -32,18 +35,27 @@ from leaderless.core.effects import (
     SendPacket,
     StartPushPull,
 )
+from leaderless.core.kv_messages import PeerHello, ReplicaRead, ReplicaScan, ReplicaWrite
 from leaderless.core.membership import Member, Membership
 from leaderless.core.messages import Address, NodeMeta, Packet, PushPull, UserEvent
+from leaderless.core.ring import token_count_for
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.errors import DataDirError, StartupError
+from leaderless.runtime.kv import KvNode
 from leaderless.runtime.logs import NodeLogger
+from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.tcp import ServerConnection
 from leaderless.runtime.transport import NetTransport, Transport
+from leaderless.storage.memory import MemoryStore
+from leaderless.storage.rocks import RocksStore
+from leaderless.storage.store import StorageError, Store
 
-InboundFrame = PushPull | Request
-"""What may arrive on the TCP port: a peer's sync or a client's request."""
+InboundFrame = (PushPull | Request | ReplicaWrite | ReplicaRead | ReplicaScan | PeerHello
+                | AntiEntropyMessage)
+"""What may arrive on the TCP port: a peer's sync, a CLI request, or the data plane (a
+coordinator's replica request, anti-entropy)."""
 PUSH_PULLS_IN_FLIGHT_MAX = 16
 """Outbound syncs at once (and one per peer): each may carry megabytes at 20,000 members."""
 TICK_FLOOR_S = 0.005
@@ -82,6 +94,13 @@ class Node:
         self._drained = asyncio.Event()
         self._started_at = 0.0
         self._stopping = False
+        self.kv: KvNode | None = None
+        """The data plane (None until started)."""
+        self._store: Store | None = None
+        self._client_server: asyncio.Server | None = None
+        self._http_runner: Any = None
+        self.client_address: Address | None = None
+        self.http_address: Address | None = None
         self.joined = asyncio.Event()
         """Set once a seed answered (or at once for a cluster of one)."""
         self.stopped = asyncio.Event()
@@ -109,19 +128,80 @@ class Node:
         advertise = self.config.advertise
         if advertise.port == 0:
             advertise = Address(advertise.host, self._transport.address.port)
+        try:
+            await self._start_data_plane()
+        except (StartupError, StorageError, OSError) as exc:
+            await self._transport.close()
+            if self._store is not None:
+                self._store.close()
+            self._data_dir.close()
+            if isinstance(exc, StartupError):
+                raise
+            raise StartupError(f"cannot start the data plane: {exc}") from exc
+        token_seed = self._data_dir.token_seed(self._rng.getrandbits(64))
         meta = NodeMeta(zone=self.config.zone, weight=self.config.weight,
-                        tags=dict(self.config.tags), version=__version__)
+                        tags=dict(self.config.tags), version=__version__,
+                        token_seed=token_seed, token_count=token_count_for(self.config.weight),
+                        client_port=self.client_address.port if self.client_address else 0,
+                        http_port=self.http_address.port if self.http_address else 0)
         self._membership = Membership(self.config.name, advertise, meta,
                                       self.config.membership, self._rng, loop.time(),
                                       incarnation=incarnation)
         self._arm_timer()
+        assert self.kv is not None
+        self.kv.start(self._membership.members())
         self.log.info("started", address=str(advertise), bind=str(self._transport.address),
                       incarnation=incarnation, data_dir=str(self.config.data_dir),
-                      version=__version__)
+                      version=__version__,
+                      client=str(self.client_address) if self.client_address else None,
+                      http=str(self.http_address) if self.http_address else None)
         if self.config.join:
             self._join_task = loop.create_task(self._join_loop(self.config.join))
         else:
             self.joined.set()
+
+    async def _start_data_plane(self) -> None:
+        """Open the store and the client listeners (before the membership, so the member
+        metadata can carry the real client ports)."""
+        config = self.config
+        if config.storage == "memory":
+            self._store = MemoryStore()
+        else:
+            self._store = RocksStore(config.data_dir / "data")
+        drops = self._drops
+
+        def links(hello: Any, reply_type: Any, on_message: Callable[[str, Any], None]
+                  ) -> PeerLinks:
+            return PeerLinks(config.name, hello, reply_type, drops, on_message)
+
+        self.kv = KvNode(
+            config.name, self._store, value_bytes_max=config.value_bytes_max,
+            fsync=config.fsync, fsync_interval_ms=config.fsync_interval_ms,
+            tombstone_grace_s=config.tombstone_grace_s, hint_window_s=config.hint_window_s,
+            anti_entropy_interval_s=config.anti_entropy_interval_s, peers=links,
+            on_fatal=self._fail, rng_seed=self._rng.getrandbits(64))
+        log = NodeLogger(config.name, "api")
+        if config.client is not None:
+            try:
+                self._client_server = await serve_clients(self.kv, config.client.host,
+                                                          config.client.port, log=log)
+            except OSError as exc:
+                raise StartupError(f"client: cannot listen on {config.client}: "
+                                   f"{exc.strerror or exc}; pick another --client port"
+                                   ) from None
+            port = self._client_server.sockets[0].getsockname()[1]
+            self.client_address = Address(config.client.host, port)
+        if config.http is not None:
+            try:
+                self._http_runner = await serve_http(self.kv, config.http.host,
+                                                     config.http.port,
+                                                     value_bytes_max=config.value_bytes_max,
+                                                     log=log)
+            except OSError as exc:
+                raise StartupError(f"http: cannot listen on {config.http}: "
+                                   f"{exc.strerror or exc}; pick another --http port") from None
+            port = self._http_runner.addresses[0][1]
+            self.http_address = Address(config.http.host, port)
 
     async def stop(self) -> None:
         """Leave gracefully: announce it, keep gossiping until the announcement is out
@@ -158,8 +238,17 @@ class Node:
             self._timer = None
         for task in list(self._push_pulls.values()):
             task.cancel()
+        if self._client_server is not None:
+            self._client_server.close()
+            abort_connections(self._client_server)
+        if self._http_runner is not None:
+            await self._http_runner.cleanup()
+        if self.kv is not None:
+            await self.kv.close()
         if self._transport is not None:
             await self._transport.close()
+        if self._store is not None:
+            self._store.close()
         self._data_dir.close()
         self.log.info("stopped")
         self.stopped.set()
@@ -250,8 +339,10 @@ class Node:
             # reply (which carries the new incarnation) leaves.
             self._feed(effects)
             conn.send(reply)
-        else:
+        elif isinstance(message, Request):
             self._api.handle(message, conn)
+        elif self.kv is not None:
+            self.kv.handle_request(message, conn)
 
     # -- effects and time ----------------------------------------------------------------
 
@@ -312,6 +403,8 @@ class Node:
         # Contract with the benchmark harness: msg "member" with kind, member, incarnation.
         self._member_log.info("member", kind=event.kind.value, member=event.name,
                               incarnation=event.incarnation, address=str(event.address))
+        if self.kv is not None and self._membership is not None:
+            self.kv.on_member_event(event, self._membership.member(event.name))
         _notify(self._member_subscribers, event, self.log)
 
     def _on_user_event(self, event: UserEvent) -> None:

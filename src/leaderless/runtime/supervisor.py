@@ -38,6 +38,9 @@ REFRESH_INTERVAL_S = 1.0
 PLAIN_REPRINT_S = 10.0
 """Without a terminal, a table is printed when it changes, and at least this often."""
 QUERY_TIMEOUT_S = 1.0
+CLIENT_BASE_PORT = 7400
+"""Native client ports of ``up`` start here (the CLI's default --node for data commands)."""
+HTTP_BASE_PORT = 7500
 STATE_STYLES = {"alive": "green", "suspect": "yellow", "dead": "red", "left": "dim"}
 
 
@@ -47,6 +50,8 @@ class Child:
     port: int
     data_dir: Path
     log_path: Path
+    client_port: int = 0
+    http_port: int = 0
     process: asyncio.subprocess.Process | None = None
     log_file: IO[bytes] | None = None
     view: list[MemberInfo] | None = None
@@ -82,27 +87,39 @@ class Supervisor:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, self._stop.set)
         ports = find_free_ports(HOST, self.nodes, self.base_port)
+        taken = set(ports)
+        client_ports = _other_ports(self.nodes, CLIENT_BASE_PORT if self.base_port else None,
+                                    taken)
+        http_ports = _other_ports(self.nodes, HTTP_BASE_PORT if self.base_port else None,
+                                  taken)
         try:
-            await self._start_children(ports)
-            self.messages.print(f"[bold]{self.nodes} nodes[/] on {HOST} ports "
-                               f"{', '.join(map(str, ports))}; data and logs in "
+            await self._start_children(ports, client_ports, http_ports)
+            self.messages.print(f"[bold]{self.nodes} nodes[/] on {HOST}; data and logs in "
                                f"{self.data_dir}/<name>/ . Ctrl-C stops the cluster.")
+            for child in self.children:
+                self.messages.print(
+                    f"  {child.name}: cluster {HOST}:{child.port}  client "
+                    f"{HOST}:{child.client_port}  http http://{HOST}:{child.http_port}/")
             await self._display()
         finally:
             await self._stop_children()
         self.messages.print(f"stopped {len(self.children)} nodes")
         return 0
 
-    async def _start_children(self, ports: list[int]) -> None:
+    async def _start_children(self, ports: list[int], client_ports: list[int],
+                              http_ports: list[int]) -> None:
         seed = f"{HOST}:{ports[0]}"
         for i, port in enumerate(ports, start=1):
             name = f"node{i}"
             data_dir = self.data_dir / name
             data_dir.mkdir(parents=True, exist_ok=True)
-            child = Child(name, port, data_dir, data_dir / "node.log")
+            child = Child(name, port, data_dir, data_dir / "node.log", client_ports[i - 1],
+                          http_ports[i - 1])
             self.children.append(child)
             args = [sys.executable, "-m", "leaderless", "node", "start", "--name", name,
                     "--bind", f"{HOST}:{port}", "--data-dir", str(data_dir),
+                    "--client", f"{HOST}:{child.client_port}",
+                    "--http", f"{HOST}:{child.http_port}",
                     "--parent-pid", str(os.getpid())]
             if i > 1:
                 args += ["--join", seed]
@@ -213,6 +230,19 @@ class Supervisor:
                 time.strftime("%H:%M:%S", time.localtime(changed)) if changed else "",
             )
         return table
+
+
+def _other_ports(count: int, base: int | None, taken: set[int]) -> list[int]:
+    """``count`` free ports (from ``base`` up, or any) that are not in ``taken``."""
+    found: list[int] = []
+    start = base
+    while len(found) < count:
+        for port in find_free_ports(HOST, count + len(taken), start):
+            if port not in taken and port not in found and len(found) < count:
+                found.append(port)
+        start = None if start is None else start + count + len(taken)
+    taken.update(found)
+    return found
 
 
 def _signal(process: asyncio.subprocess.Process, signum: int) -> None:

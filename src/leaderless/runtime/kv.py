@@ -1,0 +1,550 @@
+"""The data plane of a running node: coordinator, replica, hints and repair on the event loop.
+
+``KvNode`` implements ``api.service.KvService`` for the client protocols. It keeps the
+ring in step with membership (rebuilt on every member change), runs the coordinator's
+effects (replica requests to peers over ``PeerLinks``, or to the local replica directly),
+commits replica writes through ``GroupCommit`` and replies only once they are durable,
+replays hints to returning peers, runs anti-entropy sessions and purges old tombstones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from leaderless.api.kv_messages import KeyspaceInfo, RingMember, Row, Value
+from leaderless.api.service import KvError
+from leaderless.core.anti_entropy import AntiEntropy, AntiEntropyConfig, ApplyRows, SendToPeer
+from leaderless.core.anti_entropy_messages import AntiEntropyMessage
+from leaderless.core.cells import Cell, decode_cell
+from leaderless.core.coordinator import (
+    Coordinator,
+    CoordinatorConfig,
+    Failed,
+    ReadDone,
+    Respond,
+    Result,
+    ScanDone,
+    SendReplica,
+    Topology,
+    WriteDone,
+)
+from leaderless.core.effects import MemberEvent, MemberEventKind
+from leaderless.core.hints import DeleteHint, Handoff, HintConfig, HintLog, SendHint
+from leaderless.core.hlc import HybridClock
+from leaderless.core.keys import (
+    DATA_PREFIX,
+    KeyError_,
+    check_key,
+    keyspace_prefix,
+    parse_data_key,
+    prefix_end,
+)
+from leaderless.core.kv_messages import (
+    PeerHello,
+    ReplicaAck,
+    ReplicaRead,
+    ReplicaReadReply,
+    ReplicaReply,
+    ReplicaRequest,
+    ReplicaScan,
+    ReplicaScanReply,
+    ReplicaWrite,
+)
+from leaderless.core.membership import Member
+from leaderless.core.merkle import MerkleForest
+from leaderless.core.messages import MemberStatus
+from leaderless.core.quorum import ConsistencyError, required
+from leaderless.core.replica import Replica
+from leaderless.core.ring import Ring, RingNode
+from leaderless.core.schema import (
+    SYSTEM_KEYSPACE,
+    KeyspaceDef,
+    decode_def,
+    encode_def,
+    validate,
+)
+from leaderless.runtime.group_commit import GroupCommit
+from leaderless.runtime.logs import NodeLogger
+from leaderless.runtime.peers import PeerLinks
+from leaderless.runtime.tcp import ServerConnection
+from leaderless.storage.store import StorageError, Store, Write
+
+PeerReply = ReplicaReply | AntiEntropyMessage
+"""What arrives on our outbound links: replicas' replies and anti-entropy messages."""
+BACKGROUND_TICK_S = 0.05
+PURGE_KEYS_PER_TICK = 2000
+PURGE_INTERVAL_S = 60.0
+
+
+class KvNode:
+    def __init__(self, name: str, store: Store, *, value_bytes_max: int, fsync: str,
+                 fsync_interval_ms: float, tombstone_grace_s: float, hint_window_s: float,
+                 anti_entropy_interval_s: float, peers: PeerLinksFactory,
+                 on_fatal: Callable[[str], None], rng_seed: int) -> None:
+        self.name = name
+        self.store = store
+        self.value_bytes_max = value_bytes_max
+        self.tombstone_grace_s = tombstone_grace_s
+        self.log = NodeLogger(name, "kv")
+        self._on_fatal = on_fatal
+        self._ids = itertools.count(1)
+        self._op_ids = itertools.count(1)
+        self.clock = HybridClock()
+        self.forest = MerkleForest()
+        self.forest.rebuild(store)
+        self.hints = HintLog(store)
+        self.replica = Replica(store, self.hints, self.forest.update)
+        self.coordinator = Coordinator(name, CoordinatorConfig(), self._ids)
+        self.handoff = Handoff(self.hints, HintConfig(hint_window_s=hint_window_s))
+        self.anti_entropy = AntiEntropy(name, AntiEntropyConfig(
+            interval_s=anti_entropy_interval_s), _rng(rng_seed), store, self.forest)
+        self.commit = GroupCommit(store, fsync, fsync_interval_ms,
+                                  on_error=self._storage_failed)
+        self.links = peers(PeerHello(name), PeerReply, self._on_peer_message)
+        self._futures: dict[int, asyncio.Future[Result]] = {}
+        self._members: dict[str, Member] = {}
+        self._down_since: dict[str, float] = {}
+        self._hint_window_s = hint_window_s
+        self._topology = Topology(Ring([]), frozenset(), frozenset())
+        self._keyspaces: dict[str, KeyspaceDef] = {}
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = float("inf")
+        self._background: asyncio.Task[None] | None = None
+        self._purge_cursor = DATA_PREFIX
+        self._next_purge = 0.0
+        self._closed = False
+        self._replication: dict[str, int] = {}
+        self._replication_refresh_at = 0.0
+        self.purged = 0
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self, members: list[Member]) -> None:
+        for member in members:
+            self._members[member.name] = member
+        self._rebuild()
+        self._background = asyncio.get_running_loop().create_task(self._background_loop())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._background is not None:
+            self._background.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        for future in self._futures.values():
+            if not future.done():
+                future.set_exception(KvError("unavailable", "the node is stopping"))
+        self.links.close()
+        await self.commit.close()
+
+    def _storage_failed(self, error: StorageError) -> None:
+        self.log.error("storage_failed", error=str(error))
+        self._on_fatal(f"storage failed: {error}")
+
+    # -- membership --------------------------------------------------------------------
+
+    def on_member_event(self, event: MemberEvent, member: Member | None) -> None:
+        now = self._now()
+        if member is not None:
+            self._members[event.name] = member
+        if event.kind in (MemberEventKind.LEFT, MemberEventKind.REAPED):
+            self._members.pop(event.name, None)
+        if event.kind is MemberEventKind.DEAD:
+            self._down_since.setdefault(event.name, now)
+        elif event.kind in (MemberEventKind.ALIVE, MemberEventKind.JOINED):
+            self._down_since.pop(event.name, None)
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        now = self._now()
+        nodes = [RingNode(m.name, m.meta.token_seed, m.meta.token_count, m.meta.zone)
+                 for m in self._members.values()
+                 if m.meta.token_count > 0 and m.status is not MemberStatus.LEFT]
+        ring = self._topology.ring
+        if set(ring.nodes.values()) != set(nodes):
+            ring = Ring(nodes)
+        up = frozenset(m.name for m in self._members.values()
+                       if m.status in (MemberStatus.ALIVE, MemberStatus.SUSPECT))
+        alive = frozenset(m.name for m in self._members.values()
+                          if m.status is MemberStatus.ALIVE)
+        hints_allowed = {name: now - since < self._hint_window_s
+                         for name, since in self._down_since.items()}
+        self._topology = Topology(ring, up, alive, hints_allowed)
+
+    # -- KvService ---------------------------------------------------------------------
+
+    async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
+                  consistency: str | None = None, ttl_s: float | None = None) -> int:
+        definition = await self._keyspace(keyspace)
+        self._check_key(key, sort)
+        if len(value) > self.value_bytes_max:
+            raise KvError("bad_request", f"the value has {len(value)} bytes; the limit is "
+                          f"{self.value_bytes_max} (setting value_bytes_max)")
+        wall_ms = _wall_ms()
+        expires = 0 if ttl_s is None else wall_ms + max(1, int(ttl_s * 1000))
+        cell = Cell(self.clock.now(wall_ms), self.name, value, False, expires)
+        return await self._write(definition, key, sort, cell, consistency)
+
+    async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
+                     consistency: str | None = None) -> int:
+        definition = await self._keyspace(keyspace)
+        self._check_key(key, sort)
+        cell = Cell(self.clock.now(_wall_ms()), self.name, b"", True)
+        return await self._write(definition, key, sort, cell, consistency)
+
+    async def get(self, keyspace: str, key: bytes, sort: bytes = b"",
+                  consistency: str | None = None) -> Value:
+        definition = await self._keyspace(keyspace)
+        self._check_key(key, sort)
+        level = self._level(definition, consistency, definition.read_consistency)
+        op_id = next(self._op_ids)
+        result = await self._run(op_id, lambda: self.coordinator.read(
+            self._now(), op_id, self._topology, definition.name, definition.replication,
+            key, sort, level))
+        assert isinstance(result, ReadDone)
+        cell = result.cell
+        if cell is None or not cell.visible(_wall_ms()):
+            return Value(0, False)
+        return Value(0, True, cell.value, cell.hlc, cell.expires_at_ms)
+
+    async def scan(self, keyspace: str, key: bytes, start: bytes | None = None,
+                   end: bytes | None = None, limit: int = 1000,
+                   consistency: str | None = None) -> tuple[list[Row], bool]:
+        definition = await self._keyspace(keyspace)
+        self._check_key(key, start or b"")
+        level = self._level(definition, consistency, definition.read_consistency)
+        op_id = next(self._op_ids)
+        result = await self._run(op_id, lambda: self.coordinator.scan(
+            self._now(), op_id, self._topology, definition.name, definition.replication,
+            key, start, end, limit, level))
+        assert isinstance(result, ScanDone)
+        wall_ms = _wall_ms()
+        rows = [Row(r.sort, r.cell.value, r.cell.hlc, r.cell.expires_at_ms)
+                for r in result.rows if r.cell.visible(wall_ms)]
+        return rows, result.more
+
+    async def create_keyspace(self, name: str, replication: int = 3, mode: str = "eventual",
+                              read_consistency: str = "QUORUM",
+                              write_consistency: str = "QUORUM",
+                              if_not_exists: bool = False) -> None:
+        definition = KeyspaceDef(name, replication, mode, read_consistency.upper(),
+                                 write_consistency.upper())
+        try:
+            validate(definition)
+        except KeyError_ as exc:
+            raise KvError("bad_request", str(exc)) from None
+        if mode == "strong":
+            raise KvError("not_supported", "strong keyspaces come with strong mode (per-key "
+                          "Paxos), which this version does not have yet; use mode eventual")
+        existing = await self._read_definition(name)
+        if existing is not None:
+            if if_not_exists and existing == definition:
+                return
+            raise KvError("keyspace_exists", f"keyspace {name!r} exists already "
+                          f"(replication {existing.replication}, mode {existing.mode})")
+        ring_size = max(1, len(self._topology.ring))
+        cell = Cell(self.clock.now(_wall_ms()), self.name, encode_def(definition))
+        system = KeyspaceDef(SYSTEM_KEYSPACE, ring_size)
+        await self._write(system, name.encode(), b"", cell, "QUORUM")
+        self._keyspaces[name] = definition
+        self.log.info("keyspace_created", keyspace=name, replication=replication, mode=mode)
+
+    async def list_keyspaces(self) -> list[KeyspaceInfo]:
+        # Every node holds a replica of every definition (the system keyspace's N is the
+        # ring size), so the local replica is complete once anti-entropy has run.
+        found: dict[str, KeyspaceDef] = dict(self._keyspaces)
+        for definition in self._local_definitions():
+            found.setdefault(definition.name, definition)
+        return [KeyspaceInfo(d.name, d.replication, d.mode, d.read_consistency,
+                             d.write_consistency) for d in sorted(found.values(),
+                                                                 key=lambda d: d.name)]
+
+    def _local_definitions(self) -> list[KeyspaceDef]:
+        prefix = keyspace_prefix(SYSTEM_KEYSPACE)
+        result = []
+        for _, raw in self.store.scan(prefix, prefix_end(prefix)):
+            cell = decode_cell(raw)
+            if cell.visible(_wall_ms()):
+                result.append(decode_def(cell.value))
+        return result
+
+    def ring_members(self) -> list[RingMember]:
+        result = []
+        for member in self._members.values():
+            meta = member.meta
+            client = (f"{member.address.host}:{meta.client_port}" if meta.client_port else "")
+            result.append(RingMember(member.name, client, meta.token_seed, meta.token_count,
+                                     meta.zone, member.status.name.lower()))
+        return result
+
+    # -- helpers for the service ----------------------------------------------------------
+
+    async def _keyspace(self, name: str) -> KeyspaceDef:
+        definition = self._keyspaces.get(name)
+        if definition is not None:
+            return definition
+        if name == SYSTEM_KEYSPACE:
+            raise KvError("bad_request", f"keyspace {name!r} is the cluster's own; it is "
+                          "changed with 'keyspace create', not written directly")
+        definition = await self._read_definition(name)
+        if definition is None:
+            raise KvError("unknown_keyspace", f"keyspace {name!r} does not exist; create it "
+                          f"with: leaderless keyspace create {name}")
+        self._keyspaces[name] = definition
+        return definition
+
+    async def _read_definition(self, name: str) -> KeyspaceDef | None:
+        op_id = next(self._op_ids)
+        ring_size = max(1, len(self._topology.ring))
+        result = await self._run(op_id, lambda: self.coordinator.read(
+            self._now(), op_id, self._topology, SYSTEM_KEYSPACE, ring_size, name.encode(),
+            b"", "QUORUM"))
+        assert isinstance(result, ReadDone)
+        if result.cell is None or not result.cell.visible(_wall_ms()):
+            return None
+        return decode_def(result.cell.value)
+
+    def _check_key(self, key: bytes, sort: bytes) -> None:
+        try:
+            check_key(key, sort)
+        except KeyError_ as exc:
+            raise KvError("bad_request", str(exc)) from None
+
+    def _level(self, definition: KeyspaceDef, given: str | None, default: str) -> str:
+        level = (given or default).upper()
+        try:
+            required(level, definition.replication)
+        except ConsistencyError as exc:
+            raise KvError("bad_request", str(exc)) from None
+        return level
+
+    async def _write(self, definition: KeyspaceDef, key: bytes, sort: bytes, cell: Cell,
+                     consistency: str | None) -> int:
+        level = self._level(definition, consistency, definition.write_consistency)
+        op_id = next(self._op_ids)
+        result = await self._run(op_id, lambda: self.coordinator.write(
+            self._now(), op_id, self._topology, definition.name, definition.replication,
+            key, sort, cell, level))
+        assert isinstance(result, WriteDone)
+        return result.hlc
+
+    async def _run(self, op_id: int, start: Callable[[], list[Any]]) -> Result:
+        if self._closed:
+            raise KvError("unavailable", "the node is stopping")
+        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self._futures[op_id] = future
+        try:
+            self._execute(start())
+            result = await future
+        finally:
+            self._futures.pop(op_id, None)
+        if isinstance(result, Failed):
+            raise KvError(result.code, result.message, result.received, result.required)
+        return result
+
+    # -- effects ---------------------------------------------------------------------------
+
+    def _execute(self, effects: list[Any]) -> None:
+        for i, effect in enumerate(effects):
+            if isinstance(effect, ApplyRows):
+                writes = self._apply_rows(effect)
+                if writes:
+                    # What follows (e.g. an anti-entropy ack) waits until the rows are durable.
+                    self.commit.commit(writes, self._then(effects[i + 1:]))
+                    break
+                continue
+            if isinstance(effect, SendReplica):
+                self._send(effect.to, effect.message)
+            elif isinstance(effect, Respond):
+                future = self._futures.get(effect.op_id)
+                if future is not None and not future.done():
+                    future.set_result(effect.result)
+            elif isinstance(effect, SendHint):
+                self._send(effect.to, effect.message)
+            elif isinstance(effect, DeleteHint):
+                self.store.write([effect.write])
+            elif isinstance(effect, SendToPeer):
+                self._send(effect.to, effect.message)
+        self._arm_timer()
+
+    def _then(self, effects: list[Any]) -> Callable[[StorageError | None], None]:
+        def done(error: StorageError | None) -> None:
+            if error is None:
+                self._execute(effects)
+        return done
+
+    def _send(self, to: str, message: Any) -> None:
+        if to == self.name:
+            if isinstance(message, (ReplicaWrite, ReplicaRead, ReplicaScan)):
+                self._serve_local(message)
+            return
+        member = self._members.get(to)
+        if member is None:
+            return
+        self.links.send(to, member.address, message)
+
+    def _serve_local(self, request: ReplicaRequest) -> None:
+        reply, writes = self.replica.handle(request, _wall_ms())
+        if not writes:
+            asyncio.get_running_loop().call_soon(self._on_peer_message, self.name, reply)
+            return
+        self.commit.commit(writes, lambda error: self._on_peer_message(
+            self.name, _failed(reply, error) if error else reply))
+
+    def handle_request(self, message: Any, conn: ServerConnection) -> None:
+        """A frame from a peer's link (inbound): a replica request or anti-entropy."""
+        if isinstance(message, PeerHello):
+            conn.peer_name = message.name
+            return
+        if isinstance(message, (ReplicaWrite, ReplicaRead, ReplicaScan)):
+            try:
+                self.clock.observe(_cell_hlc(message), _wall_ms())
+            except ValueError as exc:
+                conn.send(_error_reply(message, f"clock: {exc}"))
+                return
+            reply, writes = self.replica.handle(message, _wall_ms())
+            if not writes:
+                conn.send(reply)
+            else:
+                self.commit.commit(writes, _reply_when_durable(conn, reply))
+            return
+        if conn.peer_name is None:
+            conn.close()  # anti-entropy needs to know who is asking
+            return
+        self._on_peer_message(conn.peer_name, message)
+
+    def _on_peer_message(self, sender: str, message: Any) -> None:
+        if isinstance(message, (ReplicaAck, ReplicaReadReply, ReplicaScanReply)):
+            if self.coordinator.owns(message.id):
+                self._execute(self.coordinator.on_reply(self._now(), sender, message))
+            elif isinstance(message, ReplicaAck) and self.handoff.owns(message.id):
+                self._execute(list(self.handoff.on_ack(message)))
+            return
+        self._execute(self.anti_entropy.on_message(self._now(), sender, message))
+
+    def _apply_rows(self, effect: ApplyRows) -> list[Write]:
+        writes: list[Write] = []
+        for keyspace, partition, sort, cell in effect.rows:
+            applied = self.replica.apply(keyspace, partition, sort, cell)
+            if applied:
+                self.store.write(applied)  # visible to the next row's comparison
+                writes.extend(applied)
+        return writes
+
+    # -- time ------------------------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        if self._closed:
+            return
+        when = self.coordinator.next_deadline()
+        if when == float("inf") or when >= self._timer_when:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = asyncio.get_running_loop().call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_when = float("inf")
+        self._execute(self.coordinator.on_tick(self._now()))
+
+    async def _background_loop(self) -> None:
+        while not self._closed:
+            await asyncio.sleep(BACKGROUND_TICK_S)
+            now = self._now()
+            try:
+                self._execute(self.coordinator.on_tick(now))
+                self._execute(list(self.handoff.on_tick(now, _wall_ms(), self._topology.alive,
+                                                        self._ids)))
+                self._execute(self.anti_entropy.on_tick(
+                    now, self._topology.ring, self._replication_map(now),
+                    self._topology.alive))
+                if now >= self._next_purge:
+                    self._purge_step(now)
+            except StorageError as exc:
+                self._storage_failed(exc)
+                return
+
+    def _replication_map(self, now: float) -> dict[str, int]:
+        """Keyspace -> replication factor for anti-entropy: every keyspace this node holds a
+        definition of (refreshed every few seconds), and the system keyspace on all nodes."""
+        if now >= self._replication_refresh_at:
+            self._replication_refresh_at = now + 5.0
+            self._replication = {d.name: d.replication for d in self._local_definitions()}
+        self._replication[SYSTEM_KEYSPACE] = max(1, len(self._topology.ring))
+        return self._replication
+
+    def _purge_step(self, now: float) -> None:
+        """Drop tombstones and expired cells older than the grace period, a slice of the
+        store per tick (a full pass every few minutes on a busy node)."""
+        wall_ms = _wall_ms()
+        grace_ms = int(self.tombstone_grace_s * 1000)
+        writes: list[Write] = []
+        last = None
+        for key, raw in self.store.scan(self._purge_cursor, b"e", limit=PURGE_KEYS_PER_TICK):
+            last = key
+            cell = decode_cell(raw)
+            if cell.purgeable(wall_ms, grace_ms):
+                keyspace = parse_data_key(key)[0]
+                self.forest.update(keyspace, key, cell, None)
+                writes.append((key, None))
+        if writes:
+            self.purged += len(writes)
+            self.commit.commit(writes, lambda error: None)
+        if last is None:
+            self._purge_cursor = DATA_PREFIX
+            self._next_purge = now + PURGE_INTERVAL_S
+        else:
+            self._purge_cursor = last + b"\x00"
+
+    def _now(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    def counters(self) -> dict[str, int]:
+        result: dict[str, int] = {}
+        for prefix, counters in (("coordinator", self.coordinator.counters),
+                                 ("replica", self.replica.counters),
+                                 ("handoff", self.handoff.counters),
+                                 ("anti_entropy", self.anti_entropy.counters)):
+            for field, value in vars(counters).items():
+                result[f"{prefix}_{field}"] = value
+        result["hints_pending"] = self.hints.total()
+        result["purged"] = self.purged
+        result["in_flight"] = self.coordinator.in_flight()
+        return result
+
+
+PeerLinksFactory = Callable[[PeerHello, Any, Callable[[str, Any], None]], PeerLinks]
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _rng(seed: int) -> random.Random:
+    return random.Random(seed)
+
+
+def _cell_hlc(message: ReplicaRequest) -> int:
+    return message.cell.hlc if isinstance(message, ReplicaWrite) else 0
+
+
+def _reply_when_durable(conn: ServerConnection, reply: ReplicaReply
+                        ) -> Callable[[StorageError | None], None]:
+    def done(error: StorageError | None) -> None:
+        conn.send(_failed(reply, error) if error else reply)
+    return done
+
+
+def _failed(reply: ReplicaReply, error: StorageError) -> ReplicaReply:
+    return _error_reply(reply, f"storage: {error}")
+
+
+def _error_reply(message: Any, error: str) -> ReplicaReply:
+    return ReplicaAck(message.id, error[:500])
