@@ -20,6 +20,9 @@ from leaderless.core.anti_entropy_messages import (
     ROWS_MAX,
     AntiEntropyMessage,
     DigestRequest,
+    KeysReply,
+    KeysRequest,
+    KeyVersion,
     Row,
     RowsPush,
     RowsPushAck,
@@ -303,3 +306,24 @@ def test_config_limits_are_checked() -> None:
         AntiEntropyConfig(fanout=1)
     with pytest.raises(ValueError, match="keys_per_message"):
         AntiEntropyConfig(keys_per_message=10**6)
+
+
+def test_a_listing_outside_the_asked_spans_ends_the_session() -> None:
+    c = Cluster(["a", "b"], n=2)
+    a, b = c.nodes["a"], c.nodes["b"]
+    for i in range(50):
+        for node in (a, b):
+            node.put(b"k%d" % i, Cell(1, "w"))
+    b.put(b"x", Cell(1, "b"))
+    c.execute("a", a.ae.start_session(0.0, "b", KS))
+    while not isinstance(c.queue[0][2], KeysRequest):  # digests first
+        sender, to, msg = c.queue.popleft()
+        c.execute(to, c.nodes[to].ae.on_message(0.0, sender, msg))
+    _, _, request = c.queue.popleft()
+    assert isinstance(request, KeysRequest)
+    outside = next(pk for pk in (b"q%d" % i for i in range(10_000))
+                   if not any(s.first <= token(pk) <= s.last for s in request.spans))
+    bogus = KeysReply(request.session, [KeyVersion(data_key(KS, outside), 1, "b")], False)
+    assert a.ae.on_message(0.0, "b", bogus) == []
+    assert a.ae.active_sessions() == []
+    assert a.ae.counters.sessions_failed == 1

@@ -10,10 +10,11 @@ nothing but the initiator's timeout. The session:
 1. compares one digest per shared segment (the ranges both replicate, adjacent ones
    merged), then, for each that differs, ``fanout`` finer segments on grid boundaries,
    down to single leaves;
-2. lists (store key, version) of the peer's rows in each differing leaf, page by page, and
-   merges that listing with its own rows of the same key span;
+2. lists (store key, version) of the peer's rows in the differing leaves (many leaves per
+   request), page by page, and merges that listing with its own rows of the same key span;
 3. pushes the rows the peer lacks or holds older versions of (``RowsPush``) and asks for
-   the rows it lacks or holds older (``RowsRequest``); received rows leave as
+   the rows it lacks or holds older (``RowsRequest``), a message's worth at a time or at
+   the end of the session; received rows leave as
    ``ApplyRows`` effects, which the runtime applies through the replica's normal write
    path (newer wins, and the forest is updated there).
 
@@ -28,6 +29,7 @@ References: DeCandia et al., "Dynamo" (SOSP 2007) section 4.7; Cassandra's repai
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import random
 from collections import deque
@@ -154,7 +156,8 @@ class _Session:
     """Segments to compare by digest (depth first)."""
     fine: deque[Segment] = dataclasses.field(default_factory=deque)
     """Differing segments to compare key by key."""
-    listing: Segment | None = None
+    listing: list[Segment] = dataclasses.field(default_factory=list)
+    """The differing segments being listed, page by page from ``after``."""
     after: bytes | None = None
     to_push: deque[bytes] = dataclasses.field(default_factory=deque)
     to_fetch: deque[bytes] = dataclasses.field(default_factory=deque)
@@ -340,22 +343,26 @@ class AntiEntropy:
 
     def _advance(self, now: float, session: _Session) -> list[AntiEntropyEffect]:
         """Send the session's next request, or end it when nothing is left."""
-        if session.to_push:
+        # Rows move once a message's worth has gathered, or at the end: a few scattered
+        # differences then cost one push and one fetch, not a round trip each.
+        full = self.config.rows_per_message
+        drain = not (session.listing or session.fine or session.stack)
+        if session.to_push and (drain or len(session.to_push) >= full):
             push = self._next_push(session)
             if push is not None:
                 return self._ask(session, push, RowsPushAck)
-        if session.to_fetch:
+        if session.to_fetch and (drain or len(session.to_fetch) >= full):
             session.asked_keys = [session.to_fetch[i] for i in range(
                 min(len(session.to_fetch), self.config.rows_per_message))]
             request = RowsRequest(session.id, session.keyspace, session.asked_keys)
             return self._ask(session, request, RowsReply)
-        if session.listing is None and session.fine:
+        if not session.listing and session.fine:
             session.listing = self._pop_fine(session)
             session.after = None
-        if session.listing is not None:
-            lo, hi = session.listing
-            return self._ask(session, KeysRequest(session.id, session.keyspace,
-                                                  Span(lo, hi - 1), session.after,
+        if session.listing:
+            spans = [Span(lo, hi - 1) for lo, hi in session.listing]
+            return self._ask(session, KeysRequest(session.id, session.keyspace, spans,
+                                                  session.after,
                                                   self.config.keys_per_message), KeysReply)
         if session.stack:
             count = min(len(session.stack), self.config.segments_per_message)
@@ -363,6 +370,7 @@ class AntiEntropy:
             spans = [Span(lo, hi - 1) for lo, hi in session.asked]
             return self._ask(session, DigestRequest(session.id, session.keyspace, spans),
                              DigestReply)
+        assert not (session.to_push or session.to_fetch), "rows left at the end"
         del self._sessions[session.id]
         self.counters.sessions_completed += 1
         return []
@@ -372,13 +380,13 @@ class AntiEntropy:
         session.awaiting = reply
         return [SendToPeer(session.peer, msg)]
 
-    def _pop_fine(self, session: _Session) -> Segment:
-        """The next differing segment, merged with the adjacent ones after it: one listing
+    def _pop_fine(self, session: _Session) -> list[Segment]:
+        """Up to a message's worth of differing segments, adjacent ones merged: one listing
         pages through them all, instead of a round trip per leaf."""
-        lo, hi = session.fine.popleft()
-        while session.fine and session.fine[0][0] == hi:
-            hi = session.fine.popleft()[1]
-        return lo, hi
+        batch = coalesce(session.fine.popleft() for _ in range(
+            min(len(session.fine), self.config.segments_per_message)))
+        assert batch
+        return batch
 
     def _on_digests(self, session: _Session, reply: DigestReply) -> bool:
         if len(reply.digests) != len(session.asked):
@@ -400,21 +408,16 @@ class AntiEntropy:
         return True
 
     def _on_keys(self, session: _Session, reply: KeysReply) -> bool:
-        assert session.listing is not None
-        start, end = store_bounds(session.keyspace, *session.listing)
-        if session.after is not None:
-            start = max(start, session.after + b"\x00")
-        previous = start
-        for kv in reply.keys:  # in order, inside the span: else the peer is broken
-            if not (previous <= kv.key < end):
-                return False
-            previous = kv.key + b"\x00"
+        assert session.listing
+        keyspace, spans, after = session.keyspace, session.listing, session.after
+        if not _valid_listing(keyspace, spans, after, reply.keys):
+            return False
         limit = self.config.keys_per_message
-        mine = list(self._store.scan(start, end, limit=limit))
+        mine = scan_spans(self._store, keyspace, spans, after, limit)
         bounds = [reply.keys[-1].key] if reply.more and reply.keys else []
         if len(mine) == limit:
             bounds.append(mine[-1][0])
-        bound = min(bounds) if bounds else None
+        bound = min(bounds) if bounds else None  # both lists are complete up to here
         theirs = {kv.key: kv for kv in reply.keys if bound is None or kv.key <= bound}
         for key, value in mine:
             if bound is not None and key > bound:
@@ -423,7 +426,7 @@ class AntiEntropy:
         for key in theirs:  # theirs only
             self._diff_one(session, key, None, theirs[key])
         if bound is None:
-            session.listing = None
+            session.listing = []
         session.after = bound
         return True
 
@@ -491,13 +494,10 @@ class AntiEntropy:
         return self._take_pushed(sender, msg)
 
     def _list_keys(self, msg: KeysRequest) -> KeysReply:
-        start, end = store_bounds(msg.keyspace, msg.span.first, msg.span.last + 1)
-        if msg.after is not None:
-            start = max(start, msg.after + b"\x00")
-        keys: list[KeyVersion] = []
-        for key, value in self._store.scan(start, end, limit=msg.limit):
-            cell = decode_cell(value)
-            keys.append(KeyVersion(key, cell.hlc, cell.writer))
+        spans = [(span.first, span.last + 1) for span in msg.spans]
+        keys = [KeyVersion(key, cell.hlc, cell.writer) for key, value in scan_spans(
+            self._store, msg.keyspace, spans, msg.after, msg.limit)
+            for cell in (decode_cell(value),)]
         return KeysReply(msg.session, keys, more=len(keys) == msg.limit)
 
     def _read_rows(self, msg: RowsRequest) -> RowsReply:
@@ -533,3 +533,39 @@ def _same_placement(ring: Ring, other: Ring | None) -> bool:
     return (other is not None and ring.tokens == other.tokens and ring.owners == other.owners
             and {n.name: n.zone for n in ring.nodes.values()}
             == {n.name: n.zone for n in other.nodes.values()})
+
+
+def scan_spans(store: Store, keyspace: str, spans: list[Segment], after: bytes | None,
+               limit: int) -> list[tuple[bytes, bytes]]:
+    """Rows of ``spans`` (ascending) with store key > ``after``, at most ``limit``, in key
+    order: the same listing on both sides of a comparison."""
+    rows: list[tuple[bytes, bytes]] = []
+    for lo, hi in spans:
+        start, end = store_bounds(keyspace, lo, hi)
+        if after is not None:
+            if after >= end:
+                continue
+            start = max(start, after + b"\x00")
+        rows.extend(store.scan(start, end, limit=limit - len(rows)))
+        if len(rows) >= limit:
+            break
+    return rows
+
+
+def _valid_listing(keyspace: str, spans: list[Segment], after: bytes | None,
+                   keys: list[KeyVersion]) -> bool:
+    """The peer's listing is in key order, past ``after`` and inside ``spans``."""
+    prefix = keyspace_prefix(keyspace)
+    starts = [lo for lo, _ in spans]
+    previous = after
+    for kv in keys:
+        if (previous is not None and kv.key <= previous) or not kv.key.startswith(prefix):
+            return False
+        previous = kv.key
+        if len(kv.key) < len(prefix) + 8:
+            return False
+        tok = int.from_bytes(kv.key[len(prefix):len(prefix) + 8], "big")
+        i = bisect.bisect_right(starts, tok) - 1
+        if i < 0 or tok >= spans[i][1]:
+            return False
+    return True

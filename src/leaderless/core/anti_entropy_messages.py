@@ -77,12 +77,12 @@ class DigestReply(msgspec.Struct, frozen=True, array_like=True, tag=41):
 
 
 class KeysRequest(msgspec.Struct, frozen=True, array_like=True, tag=42):
-    """List (key, version) of your rows in ``span`` with store key > ``after``, in key
-    order, at most ``limit``."""
+    """List (key, version) of your rows in ``spans`` (ascending, disjoint) with store key
+    > ``after``, in key order, at most ``limit`` in all."""
 
     session: SessionId
     keyspace: KeyspaceName
-    span: Span
+    spans: Annotated[list[Span], msgspec.Meta(min_length=1, max_length=SEGMENTS_MAX)]
     after: StoreKey | None
     limit: Annotated[int, msgspec.Meta(ge=1, le=KEYS_MAX)]
 
