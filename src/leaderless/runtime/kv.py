@@ -515,6 +515,9 @@ class KvNode:
             for field, value in vars(counters).items():
                 result[f"{prefix}_{field}"] = value
         result["hints_pending"] = self.hints.total()
+        result["commit_syncs"] = self.commit.syncs
+        result["commit_writes"] = self.commit.writes
+        result["commit_batches"] = self.commit.commits
         result["purged"] = self.purged
         result["in_flight"] = self.coordinator.in_flight()
         return result

@@ -305,7 +305,8 @@ class Node:
             uptime_s=round(self._now() - self._started_at, 3), states=dict(states),
             pending_broadcasts=membership.pending_broadcasts(),
             membership=dataclasses.asdict(membership.counters),
-            runtime={k: dict(v) for k, v in self.counters.as_dict().items()})
+            runtime={**{k: dict(v) for k, v in self.counters.as_dict().items()},
+                     **({"kv": self.kv.counters()} if self.kv is not None else {})})
 
     def _require(self) -> Membership:
         if self._membership is None:
