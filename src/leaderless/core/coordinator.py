@@ -162,6 +162,10 @@ class Coordinator:
         self._deadlines: list[tuple[float, int]] = []
         self._latencies: list[float] = []
         self._latency_at = itertools.count()
+        self._speculative_s = config.speculative_ceiling_s / 5
+        self._speculations: list[tuple[float, int]] = []
+        """(when, op id) of reads that may need a speculative retry; stale entries (the
+        op finished or was answered) are skipped when they come up."""
         self._topology: Topology | None = None
 
     # -- requests ----------------------------------------------------------------------
@@ -216,7 +220,9 @@ class Coordinator:
         op = _Op(op_id, kind, need, now + self.config.read_timeout_s, request, replicas,
                  live[need:])
         self._start(op)
-        op.speculate_at = now + self._speculative_delay_s()
+        if op.candidates:
+            op.speculate_at = now + self._speculative_s
+            heapq.heappush(self._speculations, (op.speculate_at, op_id))
         return [self._send(op, replica, now) for replica in live[:need]]
 
     def _refuse(self, op_id: int, live: int, need: int, replication: int) -> Respond:
@@ -357,8 +363,10 @@ class Coordinator:
             op = self._ops.get(op_id)
             if op is not None:
                 effects.extend(self._expire(op))
-        for op in list(self._ops.values()):
-            if op.kind != "write" and op.result is None and op.speculate_at <= now:
+        while self._speculations and self._speculations[0][0] <= now:
+            _, op_id = heapq.heappop(self._speculations)
+            op = self._ops.get(op_id)
+            if op is not None and op.result is None and op.speculate_at <= now:
                 op.speculate_at = float("inf")
                 if op.candidates:
                     self.counters.speculative_retries += 1
@@ -389,10 +397,11 @@ class Coordinator:
         return effects
 
     def next_deadline(self) -> float:
+        """When ``on_tick`` next has work (possibly earlier: entries of finished ops are
+        dropped only when they come up)."""
         soonest = self._deadlines[0][0] if self._deadlines else float("inf")
-        for op in self._ops.values():
-            if op.result is None and op.speculate_at < soonest:
-                soonest = op.speculate_at
+        if self._speculations and self._speculations[0][0] < soonest:
+            soonest = self._speculations[0][0]
         return soonest
 
     def in_flight(self) -> int:
@@ -401,17 +410,17 @@ class Coordinator:
     # -- speculative delay ---------------------------------------------------------------
 
     def _record_latency(self, latency_s: float) -> None:
+        """Keep the last 512 replica read latencies; every 64th, re-derive the speculative
+        delay from their p99 (sorting on every read would cost more than it saves)."""
+        at = next(self._latency_at)
         if len(self._latencies) < 512:
             self._latencies.append(latency_s)
         else:
-            self._latencies[next(self._latency_at) % 512] = latency_s
-
-    def _speculative_delay_s(self) -> float:
-        if len(self._latencies) < 32:
-            return self.config.speculative_ceiling_s / 5
-        p99 = sorted(self._latencies)[int(len(self._latencies) * 0.99)]
-        return min(self.config.speculative_ceiling_s,
-                   max(self.config.speculative_floor_s, p99))
+            self._latencies[at % 512] = latency_s
+        if at % 64 == 63:
+            p99 = sorted(self._latencies)[int(len(self._latencies) * 0.99)]
+            self._speculative_s = min(self.config.speculative_ceiling_s,
+                                      max(self.config.speculative_floor_s, p99))
 
 
 def _with_id(request: ReplicaRequest, request_id: int) -> ReplicaRequest:

@@ -112,6 +112,7 @@ class KvNode:
         self._hint_window_s = hint_window_s
         self._topology = Topology(Ring([]), frozenset(), frozenset())
         self._keyspaces: dict[str, KeyspaceDef] = {}
+        self._loop = asyncio.get_event_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = float("inf")
         self._background: asyncio.Task[None] | None = None
@@ -125,6 +126,7 @@ class KvNode:
     # -- lifecycle ---------------------------------------------------------------------
 
     def start(self, members: list[Member]) -> None:
+        self._loop = asyncio.get_running_loop()
         for member in members:
             self._members[member.name] = member
         self._rebuild()
@@ -504,7 +506,7 @@ class KvNode:
             self._purge_cursor = last + b"\x00"
 
     def _now(self) -> float:
-        return asyncio.get_running_loop().time()
+        return self._loop.time()
 
     def counters(self) -> dict[str, int]:
         result: dict[str, int] = {}
