@@ -9,7 +9,7 @@
     leaderless kv scan users alice [--start S] [--end E] [--limit N]
 
 ``--node HOST:PORT`` (repeatable or comma-separated) names client listeners to contact;
-the default is ``$LEADERLESS_CLIENT`` or 127.0.0.1:7400. Every command takes ``--json``.
+the default is ``$LEADERLESS_CLIENT_NODE`` or 127.0.0.1:7400. Every command takes ``--json``.
 
 Exit codes: 0 ok; 1 no node reachable, connection lost, or the node failed (storage,
 internal); 2 invalid usage or a request the node refused as invalid (bad_request);
@@ -45,7 +45,7 @@ from leaderless.runtime.process import EXIT_CONFIG, EXIT_FATAL, run
 
 T = TypeVar("T")
 DEFAULT_CLIENT = "127.0.0.1:7400"
-CLIENT_ENV = "LEADERLESS_CLIENT"
+CLIENT_ENV = "LEADERLESS_CLIENT_NODE"
 EXIT_NOT_FOUND = 4
 EXIT_UNAVAILABLE = 5
 EXIT_SCHEMA = 6
