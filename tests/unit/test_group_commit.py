@@ -85,7 +85,7 @@ def test_commits_during_a_sync_wait_for_the_next_one() -> None:
     seen, kw = errors()
 
     async def main() -> None:
-        gc = GroupCommit(store, **kw)
+        gc = GroupCommit(store, sync_in_thread=True, **kw)
         gc.commit([(b"a", b"1")], rec.done(0))
         await asyncio.sleep(0)
         await asyncio.get_running_loop().run_in_executor(None, store.entered.wait, 10)
@@ -223,12 +223,13 @@ def test_bad_arguments() -> None:
         GroupCommit(MemoryStore(), "interval", interval_ms=0, on_error=lambda e: None)
 
 
-def test_with_rocks_store(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_thread", [True, False])
+def test_with_rocks_store(tmp_path: Path, in_thread: bool) -> None:
     store = RocksStore(tmp_path / "db")
     acked: list[int] = []
 
     async def main() -> None:
-        gc = GroupCommit(store, on_error=lambda e: None)
+        gc = GroupCommit(store, on_error=lambda e: None, sync_in_thread=in_thread)
 
         async def client(c: int) -> None:
             for i in range(20):

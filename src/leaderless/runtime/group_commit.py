@@ -3,10 +3,17 @@
 Policy ``always`` (the default): ``commit`` writes the batch to the store at once (visible
 to reads) and calls ``done`` only after a ``sync`` that covers it; the node acknowledges
 nothing before that. Every batch committed during one loop turn waits for the same sync,
-scheduled with ``loop.call_soon`` once per turn. The sync runs in one background thread
-(RocksDB's ``flush_wal`` releases the GIL, so the loop keeps serving while the disk works);
-batches committed while a sync is in flight wait for the next one, which starts as soon as
-the current one finishes -- so the groups grow by themselves under load.
+scheduled with ``loop.call_soon`` once per turn; batches committed while a sync is in
+flight wait for the next one, which starts as soon as the current one finishes -- so the
+groups grow by themselves under load.
+
+Where the sync runs (``sync_in_thread``): by default inline on the loop, at the end of the
+turn. RocksDB's ``flush_wal`` does release the GIL, but measured (bench/storage.py,
+docs/storage.md) a background thread loses: when the loop is busy the sync thread waits a
+GIL switch interval at each hand-back, and acknowledgements slowed from ~40k/s to a few
+hundred per second; on an idle loop it was ~6 % slower than inline. ``sync_in_thread=True``
+runs ``store.sync`` in one ThreadPoolExecutor thread (the loop keeps serving reads while
+the disk works) for stores whose sync is long and the loop mostly idle.
 
 Policy ``interval``: ``done(None)`` is called right after the write and a timer syncs every
 ``interval_ms``. A kill -9 of the process loses nothing (the OS holds the written data); a
@@ -34,7 +41,7 @@ Done = Callable[[StorageError | None], None]
 
 class GroupCommit:
     def __init__(self, store: Store, policy: str = "always", interval_ms: float = 100.0, *,
-                 on_error: Callable[[StorageError], None], sync_in_thread: bool = True) -> None:
+                 on_error: Callable[[StorageError], None], sync_in_thread: bool = False) -> None:
         if policy not in POLICIES:
             raise ValueError(f"fsync policy {policy!r} is not one of {POLICIES}")
         if not interval_ms > 0:
@@ -109,14 +116,18 @@ class GroupCommit:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        while self._in_flight is not None:
-            await asyncio.shield(self._in_flight)
+        await self._wait_in_flight()
         if self._error is None and (self._dirty or self._pending):
             self._start_sync()
-            while self._in_flight is not None:
-                await asyncio.shield(self._in_flight)
+            await self._wait_in_flight()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+    async def _wait_in_flight(self) -> None:
+        while self._in_flight is not None:
+            await asyncio.wait([self._in_flight])
+            # Its done callback (``_sync_done``) was scheduled first; let it run.
+            await asyncio.sleep(0)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
@@ -142,22 +153,21 @@ class GroupCommit:
         group, self._pending = self._pending, []
         writes, self._pending_writes = self._pending_writes, 0
         self._dirty = False
-        loop = self._running_loop()
         if self._executor is None:
-            fut: asyncio.Future[None] = loop.create_future()
             try:
                 self.store.sync()
-                fut.set_result(None)
-            except BaseException as exc:
-                fut.set_exception(exc)
-        else:
-            fut = asyncio.ensure_future(loop.run_in_executor(self._executor, self.store.sync))
+            except Exception as exc:
+                self._sync_done(exc, group, writes)
+                return
+            self._sync_done(None, group, writes)
+            return
+        fut = asyncio.ensure_future(
+            self._running_loop().run_in_executor(self._executor, self.store.sync))
         self._in_flight = fut
-        fut.add_done_callback(lambda f: self._sync_done(f, group, writes))
+        fut.add_done_callback(lambda f: self._sync_done(f.exception(), group, writes))
 
-    def _sync_done(self, fut: asyncio.Future[None], group: list[Done], writes: int) -> None:
+    def _sync_done(self, exc: BaseException | None, group: list[Done], writes: int) -> None:
         self._in_flight = None
-        exc = fut.exception()
         if exc is not None:
             error = exc if isinstance(exc, StorageError) else StorageError(
                 f"sync failed unexpectedly: {exc!r}")
