@@ -32,6 +32,7 @@ import asyncio
 import struct
 import traceback
 import weakref
+from collections.abc import Callable
 from typing import Any, cast
 
 import msgspec
@@ -79,6 +80,11 @@ _connections: weakref.WeakKeyDictionary[asyncio.AbstractServer, set[ClientConnec
     weakref.WeakKeyDictionary())
 
 
+FastSubmit = Callable[[ClientRequest, Callable[[ClientReply], None]], bool]
+"""Optional on a service (``KvNode.try_submit``): start the request and call back with
+its reply, or return False to have it served through the async methods."""
+
+
 async def serve_clients(service: KvService, host: str, port: int, *,
                         max_connections: int = CLIENT_CONNECTIONS_MAX,
                         max_in_flight_per_connection: int = IN_FLIGHT_PER_CONNECTION_MAX,
@@ -115,6 +121,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, service: KvService, registry: set[ClientConnection],
                  max_connections: int, max_in_flight: int, log: NodeLogger) -> None:
         self._service = service
+        self._submit: FastSubmit | None = getattr(service, "try_submit", None)
         self._registry = registry
         self._max_connections = max_connections
         self._max_in_flight = max_in_flight
@@ -234,11 +241,25 @@ class ClientConnection(asyncio.Protocol):
 
     def _start(self, request: ClientRequest) -> None:
         self._in_flight += 1
+        # The hot path (get/put/delete on a known keyspace) runs on callbacks: no task,
+        # coroutine or future per request, which is most of a request's CPU on a node.
+        submit = self._submit
+        if submit is not None and submit(request, self._on_fast_reply):
+            return
         task = self._loop.create_task(self._serve(request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     # -- requests --------------------------------------------------------------------------
+
+    def _on_fast_reply(self, reply: ClientReply) -> None:
+        # May run inside _process_input (a request refused at once): never re-enter it.
+        self._in_flight -= 1
+        self._reply(reply)
+        if self._in_flight <= self._max_in_flight // 2 and self._inbuf:
+            self._loop.call_soon(self._process_input)
+        elif self._reading_paused:
+            self._update_reading()
 
     async def _serve(self, request: ClientRequest) -> None:
         try:

@@ -16,7 +16,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from leaderless.api.kv_messages import KeyspaceInfo, RingMember, Row, Value
+from leaderless.api.kv_messages import (
+    Delete,
+    Done,
+    Failure,
+    Get,
+    KeyspaceInfo,
+    Put,
+    RingMember,
+    Row,
+    Value,
+)
 from leaderless.api.service import KvError
 from leaderless.core.anti_entropy import AntiEntropy, AntiEntropyConfig, ApplyRows, SendToPeer
 from leaderless.core.anti_entropy_messages import AntiEntropyMessage
@@ -107,6 +117,7 @@ class KvNode:
                                   on_error=self._storage_failed)
         self.links = peers(PeerHello(name), PeerReply, self._on_peer_message)
         self._futures: dict[int, asyncio.Future[Result]] = {}
+        self._callbacks: dict[int, tuple[int, Callable[[Any], None]]] = {}
         self._members: dict[str, Member] = {}
         self._down_since: dict[str, float] = {}
         self._hint_window_s = hint_window_s
@@ -141,6 +152,8 @@ class KvNode:
         for future in self._futures.values():
             if not future.done():
                 future.set_exception(KvError("unavailable", "the node is stopping"))
+        for op_id in list(self._callbacks):
+            self._callback_reply(op_id, Failed("unavailable", "the node is stopping"))
         self.links.close()
         await self.commit.close()
 
@@ -184,12 +197,7 @@ class KvNode:
                   consistency: str | None = None, ttl_s: float | None = None) -> int:
         definition = await self._keyspace(keyspace)
         self._check_key(key, sort)
-        if len(value) > self.value_bytes_max:
-            raise KvError("bad_request", f"the value has {len(value)} bytes; the limit is "
-                          f"{self.value_bytes_max} (setting value_bytes_max)")
-        wall_ms = _wall_ms()
-        expires = 0 if ttl_s is None else wall_ms + max(1, int(ttl_s * 1000))
-        cell = Cell(self.clock.now(wall_ms), self.name, value, False, expires)
+        cell = self._new_cell(Put(0, keyspace, key, value, sort, consistency, ttl_s))
         return await self._write(definition, key, sort, cell, consistency)
 
     async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
@@ -284,6 +292,68 @@ class KvNode:
                                      meta.zone, member.status.name.lower()))
         return result
 
+    # -- the callback fast path (api.kv_server) --------------------------------------------
+
+    def try_submit(self, request: Any, reply: Callable[[Any], None]) -> bool:
+        """Start a get, put or delete on a keyspace this node knows and call ``reply``
+        with its ``api.kv_messages`` reply; False (nothing started) for anything else."""
+        kind = type(request)
+        if kind is not Get and kind is not Put and kind is not Delete:
+            return False
+        definition = self._keyspaces.get(request.keyspace)
+        if definition is None or self._closed:
+            return False
+        try:
+            self._check_key(request.key, request.sort)
+            if kind is Get:
+                level = self._level(definition, request.consistency,
+                                    definition.read_consistency)
+            else:
+                level = self._level(definition, request.consistency,
+                                    definition.write_consistency)
+                cell = self._new_cell(request) if kind is Put else Cell(
+                    self.clock.now(_wall_ms()), self.name, b"", True)
+        except KvError as exc:
+            reply(Failure(request.id, exc.code, exc.message[:500]))
+            return True
+        op_id = next(self._op_ids)
+        self._callbacks[op_id] = (request.id, reply)
+        now = self._now()
+        if kind is Get:
+            effects = self.coordinator.read(now, op_id, self._topology, definition.name,
+                                            definition.replication, request.key,
+                                            request.sort, level)
+        else:
+            effects = self.coordinator.write(now, op_id, self._topology, definition.name,
+                                             definition.replication, request.key,
+                                             request.sort, cell, level)
+        self._execute(effects)
+        return True
+
+    def _new_cell(self, put: Put) -> Cell:
+        if len(put.value) > self.value_bytes_max:
+            raise KvError("bad_request", f"the value has {len(put.value)} bytes; the limit "
+                          f"is {self.value_bytes_max} (setting value_bytes_max)")
+        wall_ms = _wall_ms()
+        expires = 0 if put.ttl_s is None else wall_ms + max(1, int(put.ttl_s * 1000))
+        return Cell(self.clock.now(wall_ms), self.name, put.value, False, expires)
+
+    def _callback_reply(self, op_id: int, result: Result) -> None:
+        request_id, reply = self._callbacks.pop(op_id)
+        if isinstance(result, Failed):
+            reply(Failure(request_id, result.code, result.message[:500], result.received,
+                          result.required))
+        elif isinstance(result, WriteDone):
+            reply(Done(request_id, result.hlc))
+        elif isinstance(result, ReadDone):
+            cell = result.cell
+            if cell is None or not cell.visible(_wall_ms()):
+                reply(Value(request_id, False))
+            else:
+                reply(Value(request_id, True, cell.value, cell.hlc, cell.expires_at_ms))
+        else:
+            raise AssertionError(f"no callback reply for {result!r}")
+
     # -- helpers for the service ----------------------------------------------------------
 
     async def _keyspace(self, name: str) -> KeyspaceDef:
@@ -363,6 +433,9 @@ class KvNode:
             if isinstance(effect, SendReplica):
                 self._send(effect.to, effect.message)
             elif isinstance(effect, Respond):
+                if effect.op_id in self._callbacks:
+                    self._callback_reply(effect.op_id, effect.result)
+                    continue
                 future = self._futures.get(effect.op_id)
                 if future is not None and not future.done():
                     future.set_result(effect.result)
