@@ -171,3 +171,29 @@ def test_scan_merge_takes_newest_and_stops_where_a_replica_was_cut() -> None:
     assert more
     merged, more = merge_scans({"a": rows((b"1", 1)), "b": rows((b"2", 1))}, limit=5)
     assert [r.sort for r in merged] == [b"1", b"2"] and not more
+
+
+def test_purge_drops_only_old_tombstones_and_long_expired_values_in_slices() -> None:
+    from leaderless.core.purge import purge_slice
+
+    store = MemoryStore()
+    now_ms = 1_000_000
+    rows = {
+        b"live": Cell(1 << 16, "n", b"v"),
+        b"old-tomb": Cell(100 << 16, "n", tombstone=True),
+        b"new-tomb": Cell((now_ms - 10) << 16, "n", tombstone=True),
+        b"long-expired": Cell(1 << 16, "n", b"v", expires_at_ms=200),
+        b"just-expired": Cell(1 << 16, "n", b"v", expires_at_ms=now_ms - 10),
+    }
+    store.write([(data_key("ks", k), encode_cell(c)) for k, c in rows.items()])
+    store.write([(b"h\x02n2xxxxxxxxxxxx", b"a hint is not data")])
+    purged: list[bytes] = []
+    cursor: bytes | None = b"d"
+    while cursor is not None:
+        swept = purge_slice(store, cursor, now_ms, grace_ms=1000, keys_max=2)
+        store.write(swept.writes)
+        purged.extend(parse_data_key(key)[2] for _, key, _ in swept.purged)
+        cursor = swept.cursor
+    assert sorted(purged) == [b"long-expired", b"old-tomb"]
+    assert store.get(data_key("ks", b"new-tomb")) is not None
+    assert store.get(b"h\x02n2xxxxxxxxxxxx") is not None

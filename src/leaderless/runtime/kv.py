@@ -51,7 +51,6 @@ from leaderless.core.keys import (
     KeyError_,
     check_key,
     keyspace_prefix,
-    parse_data_key,
     prefix_end,
 )
 from leaderless.core.kv_messages import (
@@ -68,6 +67,7 @@ from leaderless.core.kv_messages import (
 from leaderless.core.membership import Member
 from leaderless.core.merkle import MerkleForest
 from leaderless.core.messages import MemberStatus
+from leaderless.core.purge import purge_slice
 from leaderless.core.quorum import ConsistencyError, required
 from leaderless.core.replica import Replica
 from leaderless.core.ring import Ring, RingNode
@@ -560,26 +560,19 @@ class KvNode:
 
     def _purge_step(self, now: float) -> None:
         """Drop tombstones and expired cells older than the grace period, a slice of the
-        store per tick (a full pass every few minutes on a busy node)."""
-        wall_ms = _wall_ms()
-        grace_ms = int(self.tombstone_grace_s * 1000)
-        writes: list[Write] = []
-        last = None
-        for key, raw in self.store.scan(self._purge_cursor, b"e", limit=PURGE_KEYS_PER_TICK):
-            last = key
-            cell = decode_cell(raw)
-            if cell.purgeable(wall_ms, grace_ms):
-                keyspace = parse_data_key(key)[0]
-                self.forest.update(keyspace, key, cell, None)
-                writes.append((key, None))
-        if writes:
-            self.purged += len(writes)
-            self.commit.commit(writes, lambda error: None)
-        if last is None:
+        store per tick (a full pass at least every PURGE_INTERVAL_S)."""
+        swept = purge_slice(self.store, self._purge_cursor, _wall_ms(),
+                            int(self.tombstone_grace_s * 1000), PURGE_KEYS_PER_TICK)
+        for keyspace, key, cell in swept.purged:
+            self.forest.update(keyspace, key, cell, None)
+        if swept.writes:
+            self.purged += len(swept.writes)
+            self.commit.commit(swept.writes, lambda error: None)
+        if swept.cursor is None:
             self._purge_cursor = DATA_PREFIX
             self._next_purge = now + PURGE_INTERVAL_S
         else:
-            self._purge_cursor = last + b"\x00"
+            self._purge_cursor = swept.cursor
 
     def _now(self) -> float:
         return self._loop.time()
