@@ -17,12 +17,16 @@ from leaderless.storage.memory import MemoryStore
 from leaderless.storage.rocks import SCAN_CHUNK_ROWS, RocksStore
 from leaderless.storage.store import StorageError, Store
 
-ENGINES = ["memory", "rocks"]
+ENGINES = ["memory", "rocks", "rocks-buffered"]
 
 
 @pytest.fixture(params=ENGINES)
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    s: Store = MemoryStore() if request.param == "memory" else RocksStore(tmp_path / "db")
+    s: Store
+    if request.param == "memory":
+        s = MemoryStore()
+    else:
+        s = RocksStore(tmp_path / "db", buffer_writes=request.param == "rocks-buffered")
     yield s
     s.close()
 
@@ -261,3 +265,19 @@ def test_rocks_synced_batches_survive_kill_9(tmp_path: Path) -> None:
         assert len(present) in (0, 16)
     finally:
         s.close()
+
+
+def test_buffered_rocks_reads_its_writes_before_and_after_a_sync_and_reopens(
+        tmp_path: Path) -> None:
+    s = RocksStore(tmp_path / "db", buffer_writes=True)
+    s.write([(b"a", b"1"), (b"b", b"2")])
+    s.write([(b"a", b"3"), (b"b", None)])
+    assert (s.get(b"a"), s.get(b"b")) == (b"3", None)
+    assert keys_of(s.scan(b"")) == [b"a"]
+    s.write([(b"c", b"4")])
+    s.sync()
+    assert (s.get(b"a"), s.get(b"c")) == (b"3", b"4")
+    s.close()
+    again = RocksStore(tmp_path / "db", buffer_writes=True)
+    assert [(k, v) for k, v in again.scan(b"")] == [(b"a", b"3"), (b"c", b"4")]
+    again.close()

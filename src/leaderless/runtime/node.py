@@ -167,7 +167,11 @@ class Node:
         if config.storage == "memory":
             self._store = MemoryStore()
         else:
-            self._store = RocksStore(config.data_dir / "data")
+            # With fsync=always nothing is acknowledged before a sync, so writes can wait
+            # in one batch per group (storage.rocks); interval acknowledges before the
+            # sync, so each write must reach the OS at once to survive a kill -9.
+            self._store = RocksStore(config.data_dir / "data",
+                                     buffer_writes=config.fsync == "always")
         drops = self._drops
 
         def links(hello: Any, reply_type: Any, on_message: Callable[[str, Any], None]

@@ -9,14 +9,23 @@ one per write, and never the scattered pages of a tree. On reopen RocksDB replay
 in "point in time" mode: it stops at the first torn or corrupt record, so the store holds a
 prefix of the batches, each whole.
 
+With ``buffer_writes=True`` (what a node uses with ``fsync = "always"``) a ``write`` does
+not touch RocksDB at all: it goes into one pending ``WriteBatch`` and an in-memory overlay
+that ``get`` reads first (``scan`` hands the pending batch to RocksDB before it reads).
+``sync`` appends the whole pending batch to the WAL in one call and then fsyncs it. That
+turns one WAL append (a write syscall and a memtable insert under RocksDB's write mutex)
+per replica write into one per group; what is lost on a crash is still only what no sync
+covered, so nothing acknowledged (docs/storage.md).
+
 Threading: ``sync`` may run in another thread while the event loop thread calls ``write``,
-``get`` and ``scan`` (RocksDB is thread-safe, and ``flush_wal`` releases the GIL). ``close``
-must not race with any other call.
+``get`` and ``scan`` (RocksDB is thread-safe, ``flush_wal`` releases the GIL, and the
+pending batch is swapped under a lock). ``close`` must not race with any other call.
 """
 
 from __future__ import annotations
 
 import errno
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -52,7 +61,7 @@ class RocksStore:
     """A ``Store`` on RocksDB in ``path`` (created if missing; one process at a time)."""
 
     def __init__(self, path: Path, *, sync_mode: str = "always",
-                 compression: str = "lz4") -> None:
+                 compression: str = "lz4", buffer_writes: bool = False) -> None:
         if sync_mode not in SYNC_MODES:
             raise ValueError(f"sync_mode {sync_mode!r} is not one of {SYNC_MODES}")
         if compression not in COMPRESSIONS:
@@ -67,6 +76,13 @@ class RocksStore:
         self._write_options = rocksdict.WriteOptions()
         # Unsynced WAL append: visible and kill -9 safe at once, power-safe after ``sync``.
         self._write_options.sync = False  # (the WAL is on by default)
+        self.buffer_writes = buffer_writes
+        self._lock = threading.Lock()
+        self._pending: rocksdict.WriteBatch | None = None
+        self._overlay: dict[bytes, bytes | None] = {}
+        """Writes not yet handed to RocksDB (buffer_writes): newest value, None = deleted."""
+        self._flushing: dict[bytes, bytes | None] = {}
+        """The overlay of the batch a sync is handing to RocksDB right now."""
         try:
             self._db: rocksdict.Rdict | None = rocksdict.Rdict(
                 str(self.path), _options(compression))
@@ -75,6 +91,12 @@ class RocksStore:
 
     def get(self, key: bytes) -> bytes | None:
         db = self._open_db()
+        if self.buffer_writes:
+            overlay, flushing = self._overlay, self._flushing
+            if key in overlay:
+                return overlay[key]
+            if key in flushing:
+                return flushing[key]
         try:
             value = db.get(key)
         except Exception as exc:
@@ -84,6 +106,19 @@ class RocksStore:
 
     def write(self, batch: Sequence[Write]) -> None:
         db = self._open_db()
+        if self.buffer_writes:
+            with self._lock:
+                if self._pending is None:
+                    self._pending = rocksdict.WriteBatch(raw_mode=True)
+                wb = self._pending
+                overlay = self._overlay
+                for key, value in batch:
+                    if value is None:
+                        wb.delete(key)
+                    else:
+                        wb.put(key, value)
+                    overlay[key] = value
+            return
         wb = rocksdict.WriteBatch(raw_mode=True)
         for key, value in batch:
             if value is None:
@@ -95,8 +130,24 @@ class RocksStore:
         except Exception as exc:
             raise _error("write", self.path, exc) from exc
 
+    def _hand_over(self, db: rocksdict.Rdict) -> None:
+        """Append the pending batch (buffer_writes) to the WAL and memtable, unsynced."""
+        with self._lock:
+            wb, self._pending = self._pending, None
+            self._flushing, self._overlay = self._overlay, {}
+        try:
+            if wb is not None:
+                db.write(wb, self._write_options)
+        except Exception as exc:
+            raise _error("write", self.path, exc) from exc
+        finally:
+            with self._lock:
+                self._flushing = {}
+
     def sync(self) -> None:
         db = self._open_db()
+        if self.buffer_writes:
+            self._hand_over(db)
         try:
             db.flush_wal(self.sync_mode == "always")
         except Exception as exc:
@@ -107,6 +158,8 @@ class RocksStore:
              reverse: bool = False) -> Iterator[tuple[bytes, bytes]]:
         if limit is not None and limit <= 0:
             return
+        if self.buffer_writes and self._pending is not None:
+            self._hand_over(self._open_db())  # so the scan sees them (not yet durable)
         left = limit
         lo, hi = start, end
         while True:
@@ -132,6 +185,8 @@ class RocksStore:
         if db is None:
             return
         try:
+            if self.buffer_writes:
+                self._hand_over(db)
             if self.sync_mode == "always":
                 db.flush_wal(True)
             db.close()
