@@ -3,6 +3,7 @@
     .venv/bin/python bench/kv.py                      # starts 3 nodes, runs, stops them
     .venv/bin/python bench/kv.py --nodes 127.0.0.1:7400,127.0.0.1:7401,127.0.0.1:7402
     .venv/bin/python bench/kv.py --duration 3 --quick # a smoke run
+    .venv/bin/python bench/kv.py --kill               # plus a run that kill -9s node3
 
 Keyspace ``bench`` with N=3, QUORUM reads and writes, 100-byte values. For each of put
 and get: closed-loop runs with 1 and 64 concurrent requests (each "client" is an asyncio
@@ -35,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -109,7 +111,7 @@ async def _work(nodes: list[str], op: str, tasks: int, rate: float, duration_s: 
             nonlocal done
             key = b"k%08d" % rng.randrange(keys)
             try:
-                if op == "put":
+                if op == "put" or (op == "mix" and rng.random() < 0.5):
                     await kv.put(KEYSPACE, key, value)
                 else:
                     await kv.get(KEYSPACE, key)
@@ -292,6 +294,10 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=2, help="load-generating processes")
     parser.add_argument("--no-half", action="store_true", help="skip the half-load runs")
     parser.add_argument("--quick", action="store_true", help="short runs, small preload")
+    parser.add_argument("--kill", action="store_true",
+                        help="last, a 50/50 put/get run at the highest concurrency during "
+                        "which the third node is killed (kill -9) a third of the way in; "
+                        "counts failed QUORUM operations (only with the bench's own cluster)")
     parser.add_argument("--out", default=str(RESULTS))
     opts = parser.parse_args()
     if opts.quick:
@@ -321,6 +327,16 @@ def main() -> None:
                     row = run_phase(pool, nodes, op, 0, opts.procs, peak / 2, opts)
                     rows.append(row)
                     print_table([row])
+            if opts.kill and procs:
+                victim = procs[-1]
+                kill_at = opts.warmup + 0.2 + opts.duration / 3
+                timer = threading.Timer(kill_at, victim.send_signal, (signal.SIGKILL,))
+                timer.start()
+                row = run_phase(pool, nodes, "mix", max(levels), opts.procs, 0.0, opts)
+                timer.join()
+                row["killed"] = f"node{len(procs)} by SIGKILL {kill_at:.1f} s into the run"
+                rows.append(row)
+                print_table([row])
     finally:
         stop_cluster(procs)
         workdir.cleanup()
