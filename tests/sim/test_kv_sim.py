@@ -198,3 +198,20 @@ def run_random_faults(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(40))
 def test_random_faults_keep_quorum_reads_and_converge(seed: int) -> None:
     run_random_faults(seed)
+
+
+def test_a_slow_read_replica_is_replaced_by_a_speculative_retry() -> None:
+    sim = KvSim(KvSimConfig(nodes=3, detection_s=100.0, read_timeout_s=2.0), seed=9)
+    write_keys(sim, "n01", 20, b"v")
+    # n02 stops answering but nobody has noticed: reads that ask it must not wait for the
+    # timeout; after the speculative delay the coordinator asks n03 instead.
+    sim.crash("n02")
+    results: list[Result] = []
+    for i in range(20):
+        sim.get("n01", b"k" + str(i).encode(), "QUORUM", results.append)
+    sim.run_for(1.0)  # well before the 2 s read timeout
+    assert len(results) == 20
+    assert all(isinstance(r, ReadDone) and r.cell is not None and r.cell.value == b"v"
+               for r in results)
+    assert sim.nodes["n01"].coordinator.counters.speculative_retries >= 1
+    assert sim.nodes["n01"].coordinator.counters.timeouts == 0
