@@ -215,3 +215,21 @@ def test_a_slow_read_replica_is_replaced_by_a_speculative_retry() -> None:
                for r in results)
     assert sim.nodes["n01"].coordinator.counters.speculative_retries >= 1
     assert sim.nodes["n01"].coordinator.counters.timeouts == 0
+
+
+def test_hints_survive_a_crash_of_the_node_that_holds_them() -> None:
+    sim = KvSim(KvSimConfig(nodes=3, anti_entropy_interval_s=1e6), seed=10)
+    sim.crash("n03")
+    sim.run_for(2.0)
+    results = write_keys(sim, "n01", 50, b"h")
+    assert all(isinstance(r, WriteDone) for r in results)
+    holders = [n for n in ("n01", "n02") if sim.nodes[n].hints.total()]
+    assert holders
+    for name in holders:  # the holders crash (losing only what was not synced) and return
+        sim.crash(name)
+        sim.restart(name)
+    assert sum(sim.nodes[n].hints.total() for n in holders) == 50
+    sim.run_for(2.0)
+    sim.restart("n03")
+    sim.run_for(5.0)
+    assert holds_all(sim, "n03", 50, b"h")
