@@ -233,3 +233,13 @@ def test_hints_survive_a_crash_of_the_node_that_holds_them() -> None:
     sim.restart("n03")
     sim.run_for(5.0)
     assert holds_all(sim, "n03", 50, b"h")
+
+
+def test_replicas_whose_disk_fails_refuse_and_the_client_hears_why() -> None:
+    sim = KvSim(KvSimConfig(nodes=3), seed=11)
+    sim.nodes["n02"].store.fail_writes = "disk full"
+    assert isinstance(write_keys(sim, "n01", 1, b"x")[0], WriteDone)  # n01 + n03 suffice
+    sim.nodes["n03"].store.fail_writes = "disk full"
+    result = write_keys(sim, "n01", 1, b"y", prefix=b"other")[0]
+    assert isinstance(result, Failed) and result.code == "storage"
+    assert "disk full" in result.message and (result.received, result.required) == (1, 2)

@@ -148,6 +148,8 @@ class _Op:
     """Read repairs outstanding; the read answers when they are acked (or time out)."""
     result: Result | None = None
     hint_targets: list[str] = dataclasses.field(default_factory=list)
+    error: str = ""
+    """The last error a replica answered with (for the client's message)."""
     """Writes: replicas that must get a hint if they have not acked by the deadline."""
 
 
@@ -278,6 +280,7 @@ class Coordinator:
         if reply.error:
             self.counters.replica_errors += 1
             op.failed += 1
+            op.error = reply.error
         elif isinstance(reply, ReplicaAck):
             if op.kind == "write":
                 op.ok += 1
@@ -300,8 +303,11 @@ class Coordinator:
                 assert isinstance(op.request, ReplicaWrite)
                 effects.append(self._respond(op, WriteDone(op.request.cell.hlc)))
             elif not op.responded and op.failed > len(op.replicas) - op.need:
+                # A replica's storage failure is "storage"; anything else (a clock too far
+                # ahead) makes the replica unavailable for this write.
+                code = "storage" if op.error.startswith("storage") else "unavailable"
                 effects.append(self._respond(op, Failed(
-                    "storage", f"{op.failed} replicas failed to store the write; "
+                    code, f"{op.failed} replicas refused the write (last: {op.error}); "
                     f"{op.ok} of {op.need} needed acknowledged it", op.ok, op.need)))
         elif op.result is None and op.ok >= op.need:
             op.result = self._read_result(op)

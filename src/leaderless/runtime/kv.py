@@ -82,7 +82,7 @@ from leaderless.runtime.group_commit import GroupCommit
 from leaderless.runtime.logs import NodeLogger
 from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.tcp import ServerConnection
-from leaderless.storage.store import StorageError, Store, Write
+from leaderless.storage.store import StorageError, Store
 
 PeerReply = ReplicaReply | AntiEntropyMessage
 """What arrives on our outbound links: replicas' replies and anti-entropy messages."""
@@ -427,11 +427,14 @@ class KvNode:
     def _execute(self, effects: list[Any]) -> None:
         for i, effect in enumerate(effects):
             if isinstance(effect, ApplyRows):
-                writes = self._apply_rows(effect)
-                if writes:
-                    # What follows (e.g. an anti-entropy ack) waits until the rows are durable.
-                    self.commit.commit(writes, self._then(effects[i + 1:]))
-                    break
+                # What follows (e.g. an anti-entropy ack) waits until the rows are durable:
+                # it rides on the last row's commit (all of one turn share one sync).
+                try:
+                    if self._apply_rows(effect, self._then(effects[i + 1:])):
+                        break
+                except StorageError as exc:
+                    self._storage_failed(exc)
+                    return
                 continue
             if isinstance(effect, SendReplica):
                 self._send(effect.to, effect.message)
@@ -445,7 +448,7 @@ class KvNode:
             elif isinstance(effect, SendHint):
                 self._send(effect.to, effect.message)
             elif isinstance(effect, DeleteHint):
-                self.store.write([effect.write])
+                self.commit.commit([effect.write], _ignore)
             elif isinstance(effect, SendToPeer):
                 self._send(effect.to, effect.message)
         self._arm_timer()
@@ -505,14 +508,20 @@ class KvNode:
             return
         self._execute(self.anti_entropy.on_message(self._now(), sender, message))
 
-    def _apply_rows(self, effect: ApplyRows) -> list[Write]:
-        writes: list[Write] = []
+    def _apply_rows(self, effect: ApplyRows, then: Callable[[StorageError | None], None]
+                    ) -> bool:
+        """Commit the rows that are newer than ours (each visible at once); True if any
+        was, and then ``then`` runs once they are durable (an empty commit joins their
+        group); False if none was."""
+        applied_any = False
         for keyspace, partition, sort, cell in effect.rows:
             applied = self.replica.apply(keyspace, partition, sort, cell)
             if applied:
-                self.store.write(applied)  # visible to the next row's comparison
-                writes.extend(applied)
-        return writes
+                self.commit.commit(applied, _ignore)
+                applied_any = True
+        if applied_any:
+            self.commit.commit([], then)
+        return applied_any
 
     # -- time ------------------------------------------------------------------------------
 
@@ -567,7 +576,7 @@ class KvNode:
             self.forest.update(keyspace, key, cell, None)
         if swept.writes:
             self.purged += len(swept.writes)
-            self.commit.commit(swept.writes, lambda error: None)
+            self.commit.commit(swept.writes, _ignore)
         if swept.cursor is None:
             self._purge_cursor = DATA_PREFIX
             self._next_purge = now + PURGE_INTERVAL_S
@@ -595,6 +604,10 @@ class KvNode:
 
 
 PeerLinksFactory = Callable[[PeerHello, Any, Callable[[str, Any], None]], PeerLinks]
+
+
+def _ignore(error: StorageError | None) -> None:
+    """For commits nobody waits on (a failure reaches ``on_error`` anyway)."""
 
 
 def _wall_ms() -> int:

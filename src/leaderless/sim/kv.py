@@ -47,6 +47,7 @@ from leaderless.core.replica import Replica
 from leaderless.core.ring import Ring, RingNode
 from leaderless.sim.clock import SimClock
 from leaderless.storage.memory import MemoryStore
+from leaderless.storage.store import StorageError
 
 KEYSPACE = "sim"
 EPOCH_MS = 1_800_000_000_000
@@ -119,10 +120,13 @@ class SimKvNode:
                 self.store.write([effect.write])
             elif isinstance(effect, ApplyRows):
                 writes = []
-                for keyspace, partition, sort, cell in effect.rows:
-                    applied = self.replica.apply(keyspace, partition, sort, cell)
-                    self.store.write(applied)
-                    writes.extend(applied)
+                try:
+                    for keyspace, partition, sort, cell in effect.rows:
+                        applied = self.replica.apply(keyspace, partition, sort, cell)
+                        self.store.write(applied)
+                        writes.extend(applied)
+                except StorageError:
+                    return  # a failing disk takes no repairs (the runtime stops the node)
                 if writes:  # the rest waits until the rows are durable
                     rest = effects[i + 1:]
                     sim.clock.after(sim.config.fsync_s, self._after_sync, rest)
@@ -137,7 +141,11 @@ class SimKvNode:
         if isinstance(message, ReplicaWrite | ReplicaRead | ReplicaScan):
             reply, writes = self.replica.handle(message, self.sim.wall_ms())
             if writes:
-                self.store.write(writes)
+                try:
+                    self.store.write(writes)
+                except StorageError as exc:  # as the runtime does: refuse, name the cause
+                    self.sim.send(self.name, sender, ReplicaAck(message.id, f"storage: {exc}"))
+                    return
                 self.sim.clock.after(self.sim.config.fsync_s, self._ack, (sender, reply,
                                                                             message))
             else:
