@@ -90,13 +90,9 @@ _json = msgspec.json.Encoder()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class HttpError(Exception):
-    def __init__(self, code: str, message: str, received: int = 0, required: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.received = received
-        self.required = required
+class HttpError(KvError):
+    """A request the HTTP layer itself refuses (bad path, query or body): the same shape
+    as the data plane's errors, so one handler turns both into a response."""
 
 
 def error_response(code: str, message: str, received: int = 0,
@@ -148,9 +144,7 @@ class HttpApi:
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except HttpError as exc:
-            return error_response(exc.code, exc.message, exc.received, exc.required)
-        except KvError as exc:
+        except KvError as exc:  # HttpError too
             return error_response(exc.code, exc.message, exc.received, exc.required)
         except web.HTTPRequestEntityTooLarge:
             return error_response("value_too_large", self._too_large())
