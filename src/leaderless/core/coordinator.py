@@ -147,10 +147,8 @@ class _Op:
     repairs: int = 0
     """Read repairs outstanding; the read answers when they are acked (or time out)."""
     result: Result | None = None
-    hint_targets: list[str] = dataclasses.field(default_factory=list)
     error: str = ""
     """The last error a replica answered with (for the client's message)."""
-    """Writes: replicas that must get a hint if they have not acked by the deadline."""
 
 
 class Coordinator:
