@@ -21,7 +21,7 @@ from leaderless.core.cells import decode_cell
 from leaderless.core.keys import data_key
 from leaderless.runtime.ports import free_port
 from leaderless.storage.rocks import RocksStore
-from tests.integration.helpers import NodeProcess, Processes, wait_until
+from tests.integration.helpers import NodeProcess, Processes, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
 KEYSPACE = "items"
@@ -235,3 +235,26 @@ def test_bad_input_gets_specific_errors_and_the_node_keeps_serving(
 
     run(still_ok)
     del tmp_path
+
+
+def test_cli_against_a_live_node(processes: Processes) -> None:
+    node, client = start_kv_node(processes, "cli")
+    wait_until(lambda: bool(node.members()), "the node answers")
+    target = ["--node", client]
+    created = run_cli("keyspace", "create", "notes", "--replication", "1", *target)
+    assert created.returncode == 0, created.stderr
+    again = run_cli("keyspace", "create", "notes", "--replication", "1", *target)
+    assert again.returncode == 6 and "exists" in again.stderr
+    for sort, text in (("b", "second"), ("a", "first")):
+        put = run_cli("kv", "put", "notes", "day1", text, "--sort", sort, *target)
+        assert put.returncode == 0, put.stderr
+    got = run_cli("kv", "get", "notes", "day1", "--sort", "a", *target)
+    assert (got.returncode, got.stdout) == (0, "first")
+    scan = run_cli("kv", "scan", "notes", "day1", "--json", *target)
+    assert [row["value"] for row in json.loads(scan.stdout)] == ["first", "second"]
+    deleted = run_cli("kv", "delete", "notes", "day1", "--sort", "a", *target)
+    assert deleted.returncode == 0, deleted.stderr
+    missing = run_cli("kv", "get", "notes", "day1", "--sort", "a", *target)
+    assert missing.returncode == 4
+    unknown = run_cli("kv", "get", "nosuch", "k", *target)
+    assert unknown.returncode == 6 and "leaderless keyspace create nosuch" in unknown.stderr
