@@ -125,7 +125,7 @@ class CoordinatorCounters:
     replica_errors: int = 0
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Op:
     op_id: int
     kind: str  # "write" | "read" | "scan"

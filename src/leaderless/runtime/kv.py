@@ -483,12 +483,14 @@ class KvNode:
             conn.peer_name = message.name
             return
         if isinstance(message, (ReplicaWrite, ReplicaRead, ReplicaScan)):
-            try:
-                self.clock.observe(_cell_hlc(message), _wall_ms())
-            except ValueError as exc:
-                conn.send(_error_reply(message, f"clock: {exc}"))
-                return
-            reply, writes = self.replica.handle(message, _wall_ms())
+            wall_ms = _wall_ms()
+            if isinstance(message, ReplicaWrite):
+                try:
+                    self.clock.observe(message.cell.hlc, wall_ms)
+                except ValueError as exc:
+                    conn.send(_error_reply(message, f"clock: {exc}"))
+                    return
+            reply, writes = self.replica.handle(message, wall_ms)
             if not writes:
                 conn.send(reply)
             else:
@@ -616,10 +618,6 @@ def _wall_ms() -> int:
 
 def _rng(seed: int) -> random.Random:
     return random.Random(seed)
-
-
-def _cell_hlc(message: ReplicaRequest) -> int:
-    return message.cell.hlc if isinstance(message, ReplicaWrite) else 0
 
 
 def _reply_when_durable(conn: ServerConnection, reply: ReplicaReply
