@@ -1,0 +1,213 @@
+"""Wire messages of per-key Paxos (strong mode, CASPaxos) and the values they carry.
+
+A proposer sends ``Prepare``/``Accept``/``Purge`` to the acceptors of one key (the key's N
+replicas); an acceptor answers ``Promise``/``Accepted``/``Purged``, or ``Nack`` with the
+highest ballot it has promised (so the proposer can pick a higher one at once), or
+``PaxosFailure`` when its store failed. Every request carries the proposer's request id
+and every reply echoes it.
+
+The replicated value is a ``Register``: the user's bytes (None once deleted: a tombstone),
+a version that grows by one per change, and the idempotency ids of the last changes.
+
+Tags 50-59 are this module's (30-36 are the KV data plane's, 40-49 anti-entropy's).
+Append-only: they are the wire protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from leaderless.core.cells import VALUE_BYTES_HARD_MAX
+from leaderless.core.kv_messages import (
+    ErrorText,
+    KeyspaceName,
+    PartitionKey,
+    RequestId,
+    SortKey,
+)
+from leaderless.core.messages import NAME_BYTES_MAX
+
+COUNTER_MAX = 2**63 - 1
+RECENT_CHANGES_MAX = 64
+"""Idempotency ids a register remembers (its last changes). A client that retries a change
+after an ambiguous failure gets the original outcome as long as fewer than this many other
+changes of the key landed in between; at one client retry window (seconds) that covers a
+key changing tens of times a second. Each entry is ~40 bytes, so the bound costs at most
+~3 KiB per key, and it keeps every Paxos message of the key bounded."""
+IDEMPOTENCY_ID_BYTES_MAX = 64
+
+Counter = Annotated[int, msgspec.Meta(ge=0, le=COUNTER_MAX)]
+Version = Annotated[int, msgspec.Meta(ge=0, le=COUNTER_MAX)]
+WallMs = Annotated[int, msgspec.Meta(ge=0, le=COUNTER_MAX)]
+Number = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+BallotNode = Annotated[str, msgspec.Meta(max_length=NAME_BYTES_MAX)]
+"""A node name, or "" in the zero ballot and in an acceptor's purge floor."""
+IdempotencyId = Annotated[bytes, msgspec.Meta(min_length=1, max_length=IDEMPOTENCY_ID_BYTES_MAX)]
+Value = Annotated[bytes, msgspec.Meta(max_length=VALUE_BYTES_HARD_MAX)]
+
+
+class Ballot(msgspec.Struct, frozen=True, array_like=True, order=True):
+    """Ordered by (counter, node): unique per proposer, and any proposer can always pick a
+    higher one by raising the counter."""
+
+    counter: Counter
+    node: BallotNode
+
+    def __str__(self) -> str:
+        return f"{self.counter}.{self.node}"
+
+
+ZERO_BALLOT = Ballot(0, "")
+"""Lower than every ballot a proposer uses (their counters start at 1)."""
+
+
+class Recent(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """One applied change: its idempotency id, the version it made and, for an increment,
+    the counter it produced (the outcome a retry of it is answered with)."""
+
+    id: IdempotencyId
+    version: Version
+    number: Number | None = None
+
+
+class Register(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """The value one key's Paxos instance agrees on."""
+
+    version: Version
+    """0: never written (or purged); each applied change adds one, a delete included."""
+    value: Value | None
+    """None: absent (never written, or deleted: a tombstone when ``version`` > 0)."""
+    changed_at_ms: WallMs = 0
+    """The proposer's wall clock at the last change (a tombstone's age, for purging)."""
+    recent: Annotated[list[Recent], msgspec.Meta(max_length=RECENT_CHANGES_MAX)] = []
+
+    @property
+    def tombstone(self) -> bool:
+        return self.value is None and self.version > 0
+
+
+EMPTY_REGISTER = Register(0, None)
+
+
+class Prepare(msgspec.Struct, frozen=True, array_like=True, tag=50):
+    """Phase 1: promise to ignore ballots lower than ``ballot`` for this key."""
+
+    id: RequestId
+    keyspace: KeyspaceName
+    partition: PartitionKey
+    sort: SortKey
+    ballot: Ballot
+
+
+class Promise(msgspec.Struct, frozen=True, array_like=True, tag=51):
+    """Promised; with the acceptor's last accepted ballot and register (None: nothing)."""
+
+    id: RequestId
+    ballot: Ballot
+    accepted: Ballot | None
+    register: Register | None
+
+
+class Accept(msgspec.Struct, frozen=True, array_like=True, tag=52):
+    """Phase 2: accept ``register`` at ``ballot``. With ``next_ballot``, also promise it
+    (CASPaxos 2.2.1: the next change's prepare rides on this accept)."""
+
+    id: RequestId
+    keyspace: KeyspaceName
+    partition: PartitionKey
+    sort: SortKey
+    ballot: Ballot
+    register: Register
+    next_ballot: Ballot | None = None
+
+
+class Accepted(msgspec.Struct, frozen=True, array_like=True, tag=53):
+    id: RequestId
+    ballot: Ballot
+
+
+class Nack(msgspec.Struct, frozen=True, array_like=True, tag=54):
+    """Refused: the acceptor has promised ``promised``, which is not lower than the ballot
+    asked for."""
+
+    id: RequestId
+    promised: Ballot
+
+
+class Purge(msgspec.Struct, frozen=True, array_like=True, tag=55):
+    """Forget this key's state if it is still exactly the tombstone accepted at ``ballot``
+    (which every replica has accepted: see ``core.paxos``)."""
+
+    id: RequestId
+    keyspace: KeyspaceName
+    partition: PartitionKey
+    sort: SortKey
+    ballot: Ballot
+
+
+class Purged(msgspec.Struct, frozen=True, array_like=True, tag=56):
+    id: RequestId
+    purged: bool
+
+
+class PaxosFailure(msgspec.Struct, frozen=True, array_like=True, tag=57):
+    """The acceptor could not act (its store failed); the proposer counts it as no vote."""
+
+    id: RequestId
+    error: ErrorText
+
+
+PaxosRequest = Prepare | Accept | Purge
+PaxosReply = Promise | Accepted | Nack | Purged | PaxosFailure
+
+
+class AcceptorState(msgspec.Struct, frozen=True, array_like=True):
+    """What an acceptor keeps per key (stored under ``core.paxos.paxos_key``)."""
+
+    promised: Ballot
+    accepted: Ballot | None = None
+    register: Register | None = None
+
+
+# -- changes: what a client asks a round to do to the register --------------------------------
+
+
+class Read(msgspec.Struct, frozen=True, array_like=True, tag="read"):
+    """The identity change: a linearizable read is a full Paxos round that changes nothing."""
+
+
+class Put(msgspec.Struct, frozen=True, array_like=True, tag="put"):
+    value: Value
+
+
+class Delete(msgspec.Struct, frozen=True, array_like=True, tag="delete"):
+    """Write a tombstone (ordered after every earlier change, like any change)."""
+
+
+class Cas(msgspec.Struct, frozen=True, array_like=True, tag="cas"):
+    """Set ``new_value`` if exactly one of the expectations holds: the current version is
+    ``expected_version``, or the current value is ``expected_value``, or (with
+    ``expected_absent``) the key has no value."""
+
+    new_value: Value
+    expected_version: Version | None = None
+    expected_value: Value | None = None
+    expected_absent: bool = False
+
+    def __post_init__(self) -> None:
+        given = ((self.expected_version is not None) + (self.expected_value is not None)
+                 + self.expected_absent)
+        if given != 1:
+            raise ValueError("a cas needs exactly one of expected_version, expected_value "
+                             f"or expected_absent (got {given})")
+
+
+class Incr(msgspec.Struct, frozen=True, array_like=True, tag="incr"):
+    """Add ``delta`` to a counter: the value as a decimal ASCII integer (absent reads 0)."""
+
+    delta: Number
+
+
+Change = Read | Put | Delete | Cas | Incr
