@@ -85,6 +85,8 @@ def test_a_run_without_faults_has_no_failures() -> None:
     _invariants(sim)
     kinds = collections.Counter(e.kind for e in sim.history)
     assert set(kinds) == {"read", "write", "cas", "incr"}
+    # Consecutive changes through one node take the one-round-trip path.
+    assert sum(n.proposer.counters.one_rtt_rounds for n in sim.nodes.values()) > 0
 
 
 def test_faults_happen_and_some_operations_fail_or_stay_unknown() -> None:

@@ -458,3 +458,28 @@ def test_duplicate_prepare_does_not_derail_a_round() -> None:
     op = net.propose("n1", Put(b"a"))
     net.run(random.Random(3))
     assert net.results[op] == Done(1, b"a")
+
+
+def test_acceptor_ignores_a_next_ballot_that_is_not_higher() -> None:
+    acceptor = Acceptor(MemoryStore())
+    reply = _handle(acceptor, Accept(1, KS, KEY, b"", Ballot(5, "n1"), _register(b"a"),
+                                     next_ballot=Ballot(4, "n1")))
+    assert reply == Accepted(1, Ballot(5, "n1"))
+    assert acceptor.state(KS, KEY, b"").promised == Ballot(5, "n1")
+
+
+def test_a_stuck_round_is_restarted_before_the_change_times_out() -> None:
+    net = Net(config=ProposerConfig(timeout_s=2.0, round_timeout_s=0.1))
+    dropped = []
+
+    def drop_first_accepts(sender: str, to: str, message: object) -> bool:
+        if isinstance(message, Accept) and len(dropped) < 2:
+            dropped.append(message)
+            return True
+        return False
+
+    net.drop = drop_first_accepts
+    op = net.propose("n1", Put(b"a"))
+    net.run()
+    assert net.results[op] == Done(1, b"a")
+    assert net.proposers["n1"].counters.rounds == 2  # (waiting out timeout_s would fail)

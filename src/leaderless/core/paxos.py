@@ -299,9 +299,8 @@ class Acceptor:
                 self.counters.refusals += 1
                 return Nack(request.id, state.promised), []
             promised = request.ballot
-            if request.next_ballot is not None:
-                assert request.next_ballot > request.ballot, "next ballot must be higher"
-                promised = request.next_ballot
+            if request.next_ballot is not None and request.next_ballot > request.ballot:
+                promised = request.next_ballot  # (a lower one is a peer's bug: ignored)
             self.counters.accepts += 1
             new = AcceptorState(promised, request.ballot, request.register)
             return Accepted(request.id, request.ballot), [(key, encode_state(new))]
@@ -543,7 +542,7 @@ class Proposer:
             while state.queue:
                 op = state.queue.popleft()
                 self.counters.unavailable += 1
-                what = "all" if purge else "a majority of"
+                what = "all of" if purge else "a majority of"
                 effects.append(self._finish(op, Failed(
                     "unavailable", f"{len(live)} of {replication} replicas are up; "
                     f"{'a purge' if purge else 'a strong change'} needs {what} them",
@@ -792,7 +791,7 @@ class Proposer:
                 effects.extend(self._expire_queued(now, state))
             elif rnd is None and state.retry_at is not None and state.retry_at <= now:
                 effects.extend(self._start_round(now, state))
-            elif rnd is None and state.retry_at is None:
+            else:  # waiting for a retry (or idle): changes due in the queue time out now
                 effects.extend(self._expire_queued(now, state))
                 self._forget_if_idle(state)
         return effects
