@@ -7,6 +7,8 @@
     leaderless kv get users alice            # the raw value on stdout
     leaderless kv delete users alice
     leaderless kv scan users alice [--start S] [--end E] [--limit N]
+    leaderless kv cas config leader node2 --expect-version 7     # strong keyspaces
+    leaderless kv incr counters visits 5                          # strong keyspaces
 
 ``--node HOST:PORT`` (repeatable or comma-separated) names client listeners to contact;
 the default is ``$LEADERLESS_CLIENT_NODE`` or 127.0.0.1:7400. Every command takes ``--json``.
@@ -14,7 +16,8 @@ the default is ``$LEADERLESS_CLIENT_NODE`` or 127.0.0.1:7400. Every command take
 Exit codes: 0 ok; 1 no node reachable, connection lost, or the node failed (storage,
 internal); 2 invalid usage or a request the node refused as invalid (bad_request);
 4 ``kv get``: no such key; 5 the cluster could not serve it now (unavailable, timeout,
-overloaded: retry later); 6 schema: unknown keyspace, or keyspace exists already.
+overloaded, contention: retry later); 6 schema: unknown keyspace, or keyspace exists
+already; 7 ``kv cas``: the expectation did not hold (the message has the current version).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from leaderless.api.kv_messages import CONSISTENCY_LEVELS, MODES, REPLICATION_MA
 from leaderless.client.async_client import AsyncClient
 from leaderless.client.errors import (
     BadRequestError,
+    ConflictError,
+    ContentionError,
     KeyspaceExistsError,
     LeaderlessError,
     OverloadedError,
@@ -49,13 +54,17 @@ CLIENT_ENV = "LEADERLESS_CLIENT_NODE"
 EXIT_NOT_FOUND = 4
 EXIT_UNAVAILABLE = 5
 EXIT_SCHEMA = 6
+EXIT_CONFLICT = 7
 
 
 def exit_code_for(exc: LeaderlessError) -> int:
     if isinstance(exc, BadRequestError):
         return EXIT_CONFIG
-    if isinstance(exc, UnavailableError | RequestTimeoutError | OverloadedError):
+    if isinstance(exc, UnavailableError | RequestTimeoutError | OverloadedError
+                  | ContentionError):
         return EXIT_UNAVAILABLE
+    if isinstance(exc, ConflictError):
+        return EXIT_CONFLICT
     if isinstance(exc, UnknownKeyspaceError | KeyspaceExistsError):
         return EXIT_SCHEMA
     return EXIT_FATAL
@@ -259,6 +268,50 @@ def kv_delete(keyspace_name: str, key: str, sort: str | None, consistency: str |
         click.echo(json.dumps({"hlc": hlc}))
     else:
         click.echo(f"deleted (hlc {hlc})", err=True)
+
+
+@kv.command("cas")
+@click.argument("keyspace_name", metavar="KEYSPACE")
+@click.argument("key")
+@click.argument("value")
+@click.option("--expect-version", type=int, help="Apply only if the key is at this version.")
+@click.option("--expect-value", help="Apply only if the key holds this value.")
+@click.option("--expect-absent", is_flag=True, help="Apply only if the key is absent.")
+@sort_option
+@_common
+def kv_cas(keyspace_name: str, key: str, value: str, expect_version: int | None,
+           expect_value: str | None, expect_absent: bool, sort: str | None,
+           nodes: tuple[str, ...], timeout_s: float, as_json: bool) -> None:
+    """Compare-and-set in a strong keyspace; prints the new version. Exit code 7 with the
+    current version if the expectation does not hold."""
+    if (expect_version is not None) + (expect_value is not None) + expect_absent != 1:
+        _fail("give exactly one of --expect-version, --expect-value, --expect-absent",
+              EXIT_CONFIG)
+    k = os.fsencode(key)
+    s = None if sort is None else os.fsencode(sort)
+    expected = None if expect_value is None else os.fsencode(expect_value)
+    version = _call(nodes, timeout_s, lambda c: c.cas(
+        keyspace_name, k, os.fsencode(value), expected_version=expect_version,
+        expected_value=expected, expected_absent=expect_absent, sort=s))
+    if as_json:
+        click.echo(json.dumps({"version": version}))
+    else:
+        click.echo(f"ok (version {version})", err=True)
+
+
+@kv.command("incr")
+@click.argument("keyspace_name", metavar="KEYSPACE")
+@click.argument("key")
+@click.argument("delta", type=int, default=1)
+@sort_option
+@_common
+def kv_incr(keyspace_name: str, key: str, delta: int, sort: str | None,
+            nodes: tuple[str, ...], timeout_s: float, as_json: bool) -> None:
+    """Add DELTA (default 1) to a counter in a strong keyspace; prints the new value."""
+    k = os.fsencode(key)
+    s = None if sort is None else os.fsencode(sort)
+    value = _call(nodes, timeout_s, lambda c: c.incr(keyspace_name, k, delta, sort=s))
+    click.echo(json.dumps({"value": value}) if as_json else str(value))
 
 
 @kv.command("scan")

@@ -91,7 +91,8 @@ class DictKvService:
             raise KvError("bad_request", str(exc)) from None
 
     async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
-                  consistency: str | None = None, ttl_s: float | None = None) -> int:
+                  consistency: str | None = None, ttl_s: float | None = None,
+                  idempotency: bytes = b"") -> int:
         await self._enter(keyspace, key, sort)
         if len(value) > VALUE_LIMIT:
             raise KvError("bad_request", f"the value has {len(value)} bytes; the limit is "
@@ -109,7 +110,7 @@ class DictKvService:
         return Value(0, True, row[0], row[1], row[2])
 
     async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
-                     consistency: str | None = None) -> int:
+                     consistency: str | None = None, idempotency: bytes = b"") -> int:
         await self._enter(keyspace, key, sort)
         self.rows.pop((keyspace, key, sort), None)
         self.hlc += 1

@@ -34,6 +34,8 @@ Consistency = Annotated[str, msgspec.Meta(max_length=8)]
 AnyKey = Annotated[bytes, msgspec.Meta(max_length=64 * 1024)]
 AnyValue = Annotated[bytes, msgspec.Meta(max_length=VALUE_BYTES_HARD_MAX)]
 Text = Annotated[str, msgspec.Meta(max_length=256)]
+Idempotency = Annotated[bytes, msgspec.Meta(max_length=64)]
+Counter = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class Put(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=120):
@@ -44,6 +46,8 @@ class Put(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=
     sort: AnyKey = b""
     consistency: Consistency | None = None
     ttl_s: Annotated[float, msgspec.Meta(gt=0, le=TTL_S_MAX)] | None = None
+    idempotency: Idempotency = b""
+    """Strong keyspaces: the change's id, the same on every retry of it (see Cas)."""
 
 
 class Get(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=121):
@@ -60,6 +64,7 @@ class Delete(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, t
     key: AnyKey
     sort: AnyKey = b""
     consistency: Consistency | None = None
+    idempotency: Idempotency = b""
 
 
 class Scan(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=123):
@@ -85,6 +90,35 @@ class CreateKeyspace(msgspec.Struct, frozen=True, array_like=True, omit_defaults
     if_not_exists: bool = False
 
 
+class CompareAndSet(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True,
+                    tag=127):
+    """Strong keyspaces: set ``value`` if the key's current version is ``expected_version``
+    (or its value is ``expected_value``, or it is absent with ``expected_absent``); exactly
+    one expectation. A retry after an ambiguous failure must reuse ``idempotency`` (1-64
+    bytes; the node remembers the last 64 changes of each key), so it is not applied twice."""
+
+    id: RequestId
+    keyspace: Text
+    key: AnyKey
+    value: AnyValue
+    sort: AnyKey = b""
+    expected_version: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    expected_value: AnyValue | None = None
+    expected_absent: bool = False
+    idempotency: Idempotency = b""
+
+
+class Increment(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=128):
+    """Strong keyspaces: add ``delta`` to the key's counter (a decimal int64; absent is 0)."""
+
+    id: RequestId
+    keyspace: Text
+    key: AnyKey
+    delta: Counter = 1
+    sort: AnyKey = b""
+    idempotency: Idempotency = b""
+
+
 class DescribeRing(msgspec.Struct, frozen=True, array_like=True, tag=125):
     """The ring as this node sees it, for token-aware clients."""
 
@@ -99,7 +133,8 @@ class ListKeyspaces(msgspec.Struct, frozen=True, array_like=True, tag=126):
 
 
 class Done(msgspec.Struct, frozen=True, array_like=True, tag=130):
-    """A put, delete or keyspace creation succeeded; ``hlc`` is the write's timestamp."""
+    """A put, delete or keyspace creation succeeded; ``hlc`` is the write's timestamp in
+    an eventual keyspace, the key's new version in a strong one."""
 
     id: RequestId
     hlc: int = 0
@@ -113,6 +148,8 @@ class Value(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, ta
     value: AnyValue = b""
     hlc: int = 0
     expires_at_ms: int = 0
+    version: int = 0
+    """Strong keyspaces: the key's version (what ``CompareAndSet`` compares)."""
 
 
 class Row(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
@@ -170,8 +207,29 @@ class Keyspaces(msgspec.Struct, frozen=True, array_like=True, tag=135):
     keyspaces: Annotated[list[KeyspaceInfo], msgspec.Meta(max_length=10_000)]
 
 
-ClientRequest = Put | Get | Delete | Scan | CreateKeyspace | DescribeRing | ListKeyspaces
-ClientReply = Done | Value | Rows | Failure | RingDescription | Keyspaces
+class Changed(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=136):
+    """A compare-and-set or increment was applied: the key's new version and value."""
+
+    id: RequestId
+    version: int
+    value: AnyValue = b""
+    duplicate: bool = False
+    """The idempotency id had been applied before: this is that earlier outcome."""
+
+
+class Conflict(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=137):
+    """A compare-and-set's expectation did not hold: the current version and value."""
+
+    id: RequestId
+    version: int
+    found: bool
+    value: AnyValue = b""
+
+
+ClientRequest = (Put | Get | Delete | Scan | CreateKeyspace | DescribeRing | ListKeyspaces
+                 | CompareAndSet | Increment)
+ClientReply = (Done | Value | Rows | Failure | RingDescription | Keyspaces | Changed
+               | Conflict)
 
 ERROR_CODES = {
     "bad_request": "the request breaks a limit or is malformed; the message says which",
@@ -179,6 +237,10 @@ ERROR_CODES = {
     "keyspace_exists": "a keyspace of that name exists already",
     "unavailable": "too few replicas are alive to reach the consistency level",
     "timeout": "replicas did not answer in time; the write may or may not have applied",
+    "contention": "too many concurrent changes of one strong key; retry with back-off (reuse "
+                  "the idempotency id)",
+    "conflict": "a compare-and-set's expectation did not hold (the reply carries the "
+                "current version and value)",
     "overloaded": "the node has too many requests in flight; retry with back-off",
     "storage": "the node's storage failed; it did not apply the request",
     "not_supported": "the node does not support this yet",

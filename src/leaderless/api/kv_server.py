@@ -40,10 +40,12 @@ import msgspec
 from leaderless.api.kv_messages import (
     ClientReply,
     ClientRequest,
+    CompareAndSet,
     CreateKeyspace,
     DescribeRing,
     Failure,
     Get,
+    Increment,
     Keyspaces,
     ListKeyspaces,
     Put,
@@ -330,7 +332,7 @@ async def execute(service: KvService, request: ClientRequest) -> ClientReply:
     if kind is Put:
         put = cast(Put, request)
         hlc = await service.put(put.keyspace, put.key, put.value, put.sort, put.consistency,
-                                put.ttl_s)
+                                put.ttl_s, put.idempotency)
         return DoneReply(put.id, hlc)
     if kind is Get:
         get = cast(Get, request)
@@ -339,7 +341,7 @@ async def execute(service: KvService, request: ClientRequest) -> ClientReply:
     if kind is DeleteRequest:
         delete = cast(DeleteRequest, request)
         hlc = await service.delete(delete.keyspace, delete.key, delete.sort,
-                                   delete.consistency)
+                                   delete.consistency, delete.idempotency)
         return DoneReply(delete.id, hlc)
     if kind is Scan:
         scan = cast(Scan, request)
@@ -352,6 +354,17 @@ async def execute(service: KvService, request: ClientRequest) -> ClientReply:
                                       create.read_consistency, create.write_consistency,
                                       create.if_not_exists)
         return DoneReply(create.id)
+    if kind is CompareAndSet:
+        cas = cast(CompareAndSet, request)
+        outcome = await service.cas(cas.keyspace, cas.key, cas.value, cas.sort,
+                                    cas.expected_version, cas.expected_value,
+                                    cas.expected_absent, cas.idempotency)
+        return msgspec.structs.replace(outcome, id=cas.id)
+    if kind is Increment:
+        incr = cast(Increment, request)
+        changed = await service.incr(incr.keyspace, incr.key, incr.delta, incr.sort,
+                                     incr.idempotency)
+        return msgspec.structs.replace(changed, id=incr.id)
     if kind is ListKeyspaces:
         return Keyspaces(request.id, await service.list_keyspaces())
     if kind is DescribeRing:

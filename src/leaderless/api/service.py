@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from leaderless.api.kv_messages import KeyspaceInfo, RingMember, Row, Value
+from leaderless.api.kv_messages import (
+    Changed,
+    Conflict,
+    KeyspaceInfo,
+    RingMember,
+    Row,
+    Value,
+)
 
 
 class KvError(Exception):
@@ -23,7 +30,8 @@ class KvError(Exception):
 
 class KvService(Protocol):
     async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
-                  consistency: str | None = None, ttl_s: float | None = None) -> int:
+                  consistency: str | None = None, ttl_s: float | None = None,
+                  idempotency: bytes = b"") -> int:
         """Write; returns the write's HLC timestamp once ``consistency`` replicas have it
         durably."""
 
@@ -32,13 +40,23 @@ class KvService(Protocol):
         """Read the newest visible value (``Value.id`` is 0; the protocol sets its own)."""
 
     async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
-                     consistency: str | None = None) -> int:
+                     consistency: str | None = None, idempotency: bytes = b"") -> int:
         """Write a tombstone; returns its HLC timestamp."""
 
     async def scan(self, keyspace: str, key: bytes, start: bytes | None = None,
                    end: bytes | None = None, limit: int = 1000,
                    consistency: str | None = None) -> tuple[list[Row], bool]:
         """Rows of one partition with start <= sort < end; (rows, more)."""
+
+    async def cas(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
+                  expected_version: int | None = None, expected_value: bytes | None = None,
+                  expected_absent: bool = False, idempotency: bytes = b""
+                  ) -> Changed | Conflict:
+        """Strong keyspaces: compare-and-set (``Changed``/``Conflict`` with id 0)."""
+
+    async def incr(self, keyspace: str, key: bytes, delta: int = 1, sort: bytes = b"",
+                   idempotency: bytes = b"") -> Changed:
+        """Strong keyspaces: add ``delta`` to a counter; the new value in ``Changed``."""
 
     async def create_keyspace(self, name: str, replication: int = 3, mode: str = "eventual",
                               read_consistency: str = "QUORUM",

@@ -15,7 +15,9 @@ from leaderless.api.kv_messages import KeyspaceInfo, RingMember, Row
 from leaderless.client.async_client import AsyncClient, Item
 from leaderless.client.errors import (
     BadRequestError,
+    ConflictError,
     ConnectionLostError,
+    ContentionError,
     InternalError,
     KeyspaceExistsError,
     LeaderlessError,
@@ -33,7 +35,9 @@ __all__ = [
     "AsyncClient",
     "BadRequestError",
     "Client",
+    "ConflictError",
     "ConnectionLostError",
+    "ContentionError",
     "InternalError",
     "Item",
     "KeyspaceExistsError",

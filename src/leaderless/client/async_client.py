@@ -32,13 +32,17 @@ from typing import Any, TypeVar
 
 from leaderless.api.kv_messages import (
     CLIENT_SCAN_ROWS_MAX,
+    Changed,
     ClientReply,
+    CompareAndSet,
+    Conflict,
     CreateKeyspace,
     Delete,
     DescribeRing,
     Done,
     Failure,
     Get,
+    Increment,
     KeyspaceInfo,
     Keyspaces,
     ListKeyspaces,
@@ -53,6 +57,7 @@ from leaderless.api.kv_messages import (
 from leaderless.client.connection import NodeConnection
 from leaderless.client.errors import (
     BadRequestError,
+    ConflictError,
     ConnectionLostError,
     LeaderlessError,
     NoNodeAvailableError,
@@ -93,6 +98,13 @@ class Item:
     value: bytes
     hlc: int
     expires_at_ms: int
+    version: int = 0
+    """Strong keyspaces: the key's version (what ``cas(expected_version=...)`` compares)."""
+
+
+def _new_id(rng: random.Random) -> bytes:
+    """A change's idempotency id: 16 random bytes (collisions are not a concern)."""
+    return rng.getrandbits(128).to_bytes(16, "big")
 
 
 def _b(data: BytesLike, what: str) -> bytes:
@@ -144,6 +156,7 @@ class AsyncClient:
         self._ring = Ring(())
         self._addresses: dict[str, str] = {}  # member name -> client address
         self._replication: dict[str, int] = {}
+        self._modes: dict[str, str] = {}
         self._refresher: asyncio.Task[None] | None = None
         self._refresh_soon: asyncio.TimerHandle | None = None
         self._connected = False
@@ -191,6 +204,7 @@ class AsyncClient:
         spaces = await self._request(None, ListKeyspaces, (), retry=True)
         assert isinstance(spaces, Keyspaces)
         self._replication = {ks.name: ks.replication for ks in spaces.keyspaces}
+        self._modes = {ks.name: ks.mode for ks in spaces.keyspaces}
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -228,9 +242,12 @@ class AsyncClient:
 
     async def put(self, keyspace: str, key: BytesLike, value: BytesLike, *,
                   sort: BytesLike | None = None, consistency: str | None = None,
-                  ttl: float | None = None) -> int:
+                  ttl: float | None = None, idempotency: bytes | None = None) -> int:
         """Write ``value`` under (key, sort); returns the write's HLC timestamp once the
-        consistency level's replicas have it durably. ``ttl`` is in seconds."""
+        consistency level's replicas have it durably (strong keyspaces: the key's new
+        version, after a Paxos round). ``ttl`` is in seconds. ``idempotency``: strong
+        keyspaces remember it so a retry is not applied twice (default: a random id, the
+        same on this call's own retry)."""
         k, s = self._key(keyspace, key, sort)
         v = _b(value, "value")
         if len(v) > VALUE_BYTES_HARD_MAX:
@@ -239,7 +256,8 @@ class AsyncClient:
         if ttl is not None and ttl <= 0:
             raise BadRequestError(f"ttl must be > 0 seconds, got {ttl}")
         reply = await self._keyed(keyspace, k, Put,
-                                  (keyspace, k, v, s, _level(consistency), ttl))
+                                  (keyspace, k, v, s, _level(consistency), ttl,
+                                   self._idempotency(keyspace, idempotency)))
         assert isinstance(reply, Done)
         return reply.hlc
 
@@ -255,16 +273,58 @@ class AsyncClient:
         k, s = self._key(keyspace, key, sort)
         reply = await self._keyed(keyspace, k, Get, (keyspace, k, s, _level(consistency)))
         assert isinstance(reply, Value)
-        return Item(reply.value, reply.hlc, reply.expires_at_ms) if reply.found else None
+        if not reply.found:
+            return None
+        return Item(reply.value, reply.hlc, reply.expires_at_ms, reply.version)
 
     async def delete(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
-                     consistency: str | None = None) -> int:
+                     consistency: str | None = None, idempotency: bytes | None = None
+                     ) -> int:
         """Delete (write a tombstone); returns its HLC timestamp. Deleting an absent key
         succeeds."""
         k, s = self._key(keyspace, key, sort)
-        reply = await self._keyed(keyspace, k, Delete, (keyspace, k, s, _level(consistency)))
+        reply = await self._keyed(keyspace, k, Delete,
+                                  (keyspace, k, s, _level(consistency),
+                                   self._idempotency(keyspace, idempotency)))
         assert isinstance(reply, Done)
         return reply.hlc
+
+    async def cas(self, keyspace: str, key: BytesLike, value: BytesLike, *,
+                  expected_version: int | None = None,
+                  expected_value: BytesLike | None = None, expected_absent: bool = False,
+                  sort: BytesLike | None = None, idempotency: bytes | None = None) -> int:
+        """Strong keyspaces: set ``value`` if the key is at ``expected_version`` (or holds
+        ``expected_value``, or is absent with ``expected_absent``); returns the new
+        version. Raises ``ConflictError`` (with the current ``version`` and ``value``) when
+        the expectation does not hold. Pass the same ``idempotency`` when you retry a call
+        that failed ambiguously (timeout, connection lost), so it is not applied twice."""
+        k, s = self._key(keyspace, key, sort)
+        v = _b(value, "value")
+        expected = None if expected_value is None else _b(expected_value, "expected_value")
+        args = (keyspace, k, v, s, expected_version, expected, expected_absent,
+                idempotency or _new_id(self._rng))
+        reply = await self._keyed(keyspace, k, CompareAndSet, args)
+        if isinstance(reply, Conflict):
+            raise ConflictError(
+                f"the expectation did not hold: the key is at version {reply.version}",
+                version=reply.version, value=reply.value if reply.found else None)
+        assert isinstance(reply, Changed)
+        return reply.version
+
+    async def incr(self, keyspace: str, key: BytesLike, delta: int = 1, *,
+                   sort: BytesLike | None = None, idempotency: bytes | None = None) -> int:
+        """Strong keyspaces: add ``delta`` to the key's counter atomically; returns the new
+        value. Reuse ``idempotency`` on a retry after an ambiguous failure."""
+        k, s = self._key(keyspace, key, sort)
+        reply = await self._keyed(keyspace, k, Increment,
+                                  (keyspace, k, delta, s, idempotency or _new_id(self._rng)))
+        assert isinstance(reply, Changed)
+        return int(reply.value)
+
+    def _idempotency(self, keyspace: str, given: bytes | None) -> bytes:
+        if given is not None:
+            return given
+        return _new_id(self._rng) if self._modes.get(keyspace) == "strong" else b""
 
     async def scan(self, keyspace: str, key: BytesLike, *, start: BytesLike | None = None,
                    end: BytesLike | None = None, limit: int | None = None,
@@ -300,11 +360,13 @@ class AsyncClient:
                 if_not_exists)
         await self._request(None, CreateKeyspace, args, retry=if_not_exists)
         self._replication.setdefault(name, replication)
+        self._modes.setdefault(name, mode)
 
     async def list_keyspaces(self) -> list[KeyspaceInfo]:
         reply = await self._request(None, ListKeyspaces, (), retry=True)
         assert isinstance(reply, Keyspaces)
         self._replication = {ks.name: ks.replication for ks in reply.keyspaces}
+        self._modes = {ks.name: ks.mode for ks in reply.keyspaces}
         return list(reply.keyspaces)
 
     async def describe_ring(self) -> list[RingMember]:

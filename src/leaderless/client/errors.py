@@ -62,6 +62,26 @@ class RequestTimeoutError(LeaderlessError):
     code = "timeout"
 
 
+class ContentionError(LeaderlessError):
+    """Too many concurrent changes of one strong key: retry with back-off, reusing the
+    change's idempotency id (the change may have been applied)."""
+
+    code = "contention"
+
+
+class ConflictError(LeaderlessError):
+    """A compare-and-set's expectation did not hold. ``version`` and ``value`` are the
+    key's current ones (``value`` None: absent)."""
+
+    code = "conflict"
+
+    def __init__(self, message: str, *, code: str | None = None, received: int = 0,
+                 required: int = 0, version: int = 0, value: bytes | None = None) -> None:
+        super().__init__(message, code=code, received=received, required=required)
+        self.version = version
+        self.value = value
+
+
 class OverloadedError(LeaderlessError):
     """The node has too many requests in flight; retry with back-off."""
 
@@ -104,7 +124,7 @@ ERRORS_BY_CODE: dict[str, type[LeaderlessError]] = {
     cls.code: cls
     for cls in (BadRequestError, UnknownKeyspaceError, KeyspaceExistsError, UnavailableError,
                 RequestTimeoutError, OverloadedError, StorageError, NotSupportedError,
-                InternalError)
+                InternalError, ContentionError, ConflictError)
 }
 assert set(ERRORS_BY_CODE) == set(ERROR_CODES), "every protocol code needs an exception"
 

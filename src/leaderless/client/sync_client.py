@@ -85,9 +85,10 @@ class Client:
 
     def put(self, keyspace: str, key: BytesLike, value: BytesLike, *,
             sort: BytesLike | None = None, consistency: str | None = None,
-            ttl: float | None = None) -> int:
+            ttl: float | None = None, idempotency: bytes | None = None) -> int:
         return self._run(self._client.put(keyspace, key, value, sort=sort,
-                                          consistency=consistency, ttl=ttl))
+                                          consistency=consistency, ttl=ttl,
+                                          idempotency=idempotency))
 
     def get(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
             consistency: str | None = None) -> bytes | None:
@@ -99,9 +100,24 @@ class Client:
                                                     consistency=consistency))
 
     def delete(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
-               consistency: str | None = None) -> int:
+               consistency: str | None = None, idempotency: bytes | None = None) -> int:
         return self._run(self._client.delete(keyspace, key, sort=sort,
-                                             consistency=consistency))
+                                             consistency=consistency,
+                                             idempotency=idempotency))
+
+    def cas(self, keyspace: str, key: BytesLike, value: BytesLike, *,
+            expected_version: int | None = None, expected_value: BytesLike | None = None,
+            expected_absent: bool = False, sort: BytesLike | None = None,
+            idempotency: bytes | None = None) -> int:
+        return self._run(self._client.cas(
+            keyspace, key, value, expected_version=expected_version,
+            expected_value=expected_value, expected_absent=expected_absent, sort=sort,
+            idempotency=idempotency))
+
+    def incr(self, keyspace: str, key: BytesLike, delta: int = 1, *,
+             sort: BytesLike | None = None, idempotency: bytes | None = None) -> int:
+        return self._run(self._client.incr(keyspace, key, delta, sort=sort,
+                                           idempotency=idempotency))
 
     def scan(self, keyspace: str, key: BytesLike, *, start: BytesLike | None = None,
              end: BytesLike | None = None, limit: int | None = None,

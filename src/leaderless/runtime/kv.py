@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from leaderless.api.kv_messages import (
+    Changed,
+    Conflict,
     Delete,
     Done,
     Failure,
@@ -28,6 +30,7 @@ from leaderless.api.kv_messages import (
     Value,
 )
 from leaderless.api.service import KvError
+from leaderless.core import paxos
 from leaderless.core.anti_entropy import AntiEntropy, AntiEntropyConfig, ApplyRows, SendToPeer
 from leaderless.core.anti_entropy_messages import AntiEntropyMessage
 from leaderless.core.cells import Cell, decode_cell
@@ -67,6 +70,30 @@ from leaderless.core.kv_messages import (
 from leaderless.core.membership import Member
 from leaderless.core.merkle import MerkleForest
 from leaderless.core.messages import MemberStatus
+from leaderless.core.paxos_messages import (
+    Accept,
+    Accepted,
+    Change,
+    Incr,
+    Nack,
+    PaxosFailure,
+    PaxosReply,
+    PaxosRequest,
+    Prepare,
+    Promise,
+    Purge,
+    Purged,
+    Read,
+)
+from leaderless.core.paxos_messages import (
+    Cas as CasChange,
+)
+from leaderless.core.paxos_messages import (
+    Delete as DeleteChange,
+)
+from leaderless.core.paxos_messages import (
+    Put as PutChange,
+)
 from leaderless.core.purge import purge_slice
 from leaderless.core.quorum import ConsistencyError, required
 from leaderless.core.replica import Replica
@@ -84,8 +111,9 @@ from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.tcp import ServerConnection
 from leaderless.storage.store import StorageError, Store
 
-PeerReply = ReplicaReply | AntiEntropyMessage
-"""What arrives on our outbound links: replicas' replies and anti-entropy messages."""
+PeerReply = ReplicaReply | AntiEntropyMessage | PaxosReply
+"""What arrives on our outbound links: replicas' and acceptors' replies, anti-entropy."""
+PAXOS_PURGE_KEYS_PER_SWEEP = 100
 BACKGROUND_TICK_S = 0.05
 PURGE_KEYS_PER_TICK = 2000
 PURGE_INTERVAL_S = 60.0
@@ -110,6 +138,10 @@ class KvNode:
         self.hints = HintLog(store)
         self.replica = Replica(store, self.hints, self.forest.update)
         self.coordinator = Coordinator(name, CoordinatorConfig(), self._ids)
+        self.acceptor = paxos.Acceptor(store)
+        self.proposer = paxos.Proposer(name, paxos.ProposerConfig(), self._ids,
+                                       _rng(rng_seed ^ 0x5A5A))
+        self._paxos_purge_cursor = b""
         self.handoff = Handoff(self.hints, HintConfig(hint_window_s=hint_window_s))
         self.anti_entropy = AntiEntropy(name, AntiEntropyConfig(
             interval_s=anti_entropy_interval_s), _rng(rng_seed), store, self.forest)
@@ -119,7 +151,8 @@ class KvNode:
         # measured 7.0-8.7k QUORUM puts/s against 6.2-6.9k inline (docs/benchmarks.md): the
         # loop keeps routing other requests' messages while the disk works.
         self.links = peers(PeerHello(name), PeerReply, self._on_peer_message)
-        self._futures: dict[int, asyncio.Future[Result]] = {}
+        self._futures: dict[int, asyncio.Future[Any]] = {}
+        """Operations awaited by the async API: a coordinator Result or a paxos Result."""
         self._callbacks: dict[int, tuple[int, Callable[[Any], None]]] = {}
         self._members: dict[str, Member] = {}
         self._down_since: dict[str, float] = {}
@@ -197,16 +230,26 @@ class KvNode:
     # -- KvService ---------------------------------------------------------------------
 
     async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
-                  consistency: str | None = None, ttl_s: float | None = None) -> int:
+                  consistency: str | None = None, ttl_s: float | None = None,
+                  idempotency: bytes = b"") -> int:
         definition = await self._keyspace(keyspace)
         self._check_key(key, sort)
+        if definition.mode == "strong":
+            if ttl_s is not None:
+                raise KvError("bad_request", "strong keyspaces do not support TTL yet")
+            self._check_value(value)
+            done = await self._strong(definition, key, sort, PutChange(value), idempotency)
+            return done.version
         cell = self._new_cell(Put(0, keyspace, key, value, sort, consistency, ttl_s))
         return await self._write(definition, key, sort, cell, consistency)
 
     async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
-                     consistency: str | None = None) -> int:
+                     consistency: str | None = None, idempotency: bytes = b"") -> int:
         definition = await self._keyspace(keyspace)
         self._check_key(key, sort)
+        if definition.mode == "strong":
+            done = await self._strong(definition, key, sort, DeleteChange(), idempotency)
+            return done.version
         cell = Cell(self.clock.now(_wall_ms()), self.name, b"", True)
         return await self._write(definition, key, sort, cell, consistency)
 
@@ -214,6 +257,12 @@ class KvNode:
                   consistency: str | None = None) -> Value:
         definition = await self._keyspace(keyspace)
         self._check_key(key, sort)
+        if definition.mode == "strong":
+            # Linearizable: a Paxos round with the identity change (CASPaxos), no shortcut.
+            done = await self._strong(definition, key, sort, Read(), b"")
+            if done.value is None:
+                return Value(0, False, version=done.version)
+            return Value(0, True, done.value, version=done.version)
         level = self._level(definition, consistency, definition.read_consistency)
         op_id = next(self._op_ids)
         result = await self._run(op_id, lambda: self.coordinator.read(
@@ -241,6 +290,66 @@ class KvNode:
                 for r in result.rows if r.cell.visible(wall_ms)]
         return rows, result.more
 
+    async def cas(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
+                  expected_version: int | None = None, expected_value: bytes | None = None,
+                  expected_absent: bool = False, idempotency: bytes = b""
+                  ) -> Changed | Conflict:
+        definition = await self._strong_keyspace(keyspace, "compare-and-set")
+        self._check_key(key, sort)
+        self._check_value(value)
+        given = (expected_version is not None) + (expected_value is not None) + expected_absent
+        if given != 1:
+            raise KvError("bad_request", "compare-and-set needs exactly one expectation: "
+                          "expected_version, expected_value or expected_absent")
+        change = CasChange(value, expected_version, expected_value, expected_absent)
+        try:
+            done = await self._strong(definition, key, sort, change, idempotency)
+        except _ConflictFound as conflict:
+            return Conflict(0, conflict.version, conflict.value is not None,
+                            conflict.value or b"")
+        return Changed(0, done.version, done.value or b"", done.duplicate)
+
+    async def incr(self, keyspace: str, key: bytes, delta: int = 1, sort: bytes = b"",
+                   idempotency: bytes = b"") -> Changed:
+        definition = await self._strong_keyspace(keyspace, "increment")
+        self._check_key(key, sort)
+        done = await self._strong(definition, key, sort, Incr(delta), idempotency)
+        return Changed(0, done.version, done.value or b"", done.duplicate)
+
+    async def _strong_keyspace(self, keyspace: str, what: str) -> KeyspaceDef:
+        definition = await self._keyspace(keyspace)
+        if definition.mode != "strong":
+            raise KvError("bad_request", f"{what} needs a strong keyspace; {keyspace!r} is "
+                          "eventual (create one with --mode strong)")
+        return definition
+
+    def _check_value(self, value: bytes) -> None:
+        if len(value) > self.value_bytes_max:
+            raise KvError("bad_request", f"the value has {len(value)} bytes; the limit is "
+                          f"{self.value_bytes_max} (setting value_bytes_max)")
+
+    async def _strong(self, definition: KeyspaceDef, key: bytes, sort: bytes, change: Change,
+                      idempotency: bytes) -> paxos.Done:
+        if self._closed:
+            raise KvError("unavailable", "the node is stopping")
+        op_id = next(self._op_ids)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._futures[op_id] = future
+        try:
+            self._execute(self.proposer.propose(
+                self._now(), op_id, self._topology, definition.name, definition.replication,
+                key, sort, change, idempotency, _wall_ms()))
+            result = await future
+        finally:
+            self._futures.pop(op_id, None)
+        if isinstance(result, paxos.Conflict):
+            raise _ConflictFound(result.version, result.value)
+        if isinstance(result, paxos.Failed):
+            code = "bad_request" if result.code == "invalid" else result.code
+            raise KvError(code, result.message, result.received, result.required)
+        assert isinstance(result, paxos.Done), result
+        return result
+
     async def create_keyspace(self, name: str, replication: int = 3, mode: str = "eventual",
                               read_consistency: str = "QUORUM",
                               write_consistency: str = "QUORUM",
@@ -251,9 +360,6 @@ class KvNode:
             validate(definition)
         except KeyError_ as exc:
             raise KvError("bad_request", str(exc)) from None
-        if mode == "strong":
-            raise KvError("not_supported", "strong keyspaces come with strong mode (per-key "
-                          "Paxos), which this version does not have yet; use mode eventual")
         existing = await self._read_definition(name)
         if existing is not None:
             if if_not_exists and existing == definition:
@@ -304,8 +410,8 @@ class KvNode:
         if kind is not Get and kind is not Put and kind is not Delete:
             return False
         definition = self._keyspaces.get(request.keyspace)
-        if definition is None or self._closed:
-            return False
+        if definition is None or definition.mode != "eventual" or self._closed:
+            return False  # strong keyspaces go through Paxos (the async path)
         try:
             self._check_key(request.key, request.sort)
             if kind is Get:
@@ -411,7 +517,7 @@ class KvNode:
     async def _run(self, op_id: int, start: Callable[[], list[Any]]) -> Result:
         if self._closed:
             raise KvError("unavailable", "the node is stopping")
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._futures[op_id] = future
         try:
             self._execute(start())
@@ -420,6 +526,7 @@ class KvNode:
             self._futures.pop(op_id, None)
         if isinstance(result, Failed):
             raise KvError(result.code, result.message, result.received, result.required)
+        assert isinstance(result, WriteDone | ReadDone | ScanDone), result
         return result
 
     # -- effects ---------------------------------------------------------------------------
@@ -436,10 +543,11 @@ class KvNode:
                     self._storage_failed(exc)
                     return
                 continue
-            if isinstance(effect, SendReplica):
+            if isinstance(effect, SendReplica | paxos.SendAcceptor):
                 self._send(effect.to, effect.message)
-            elif isinstance(effect, Respond):
+            elif isinstance(effect, Respond | paxos.Respond):
                 if effect.op_id in self._callbacks:
+                    assert isinstance(effect, Respond)  # callbacks are eventual-mode ops
                     self._callback_reply(effect.op_id, effect.result)
                     continue
                 future = self._futures.get(effect.op_id)
@@ -463,6 +571,8 @@ class KvNode:
         if to == self.name:
             if isinstance(message, (ReplicaWrite, ReplicaRead, ReplicaScan)):
                 self._serve_local(message)
+            elif isinstance(message, (Prepare, Accept, Purge)):
+                self._accept_local(message)
             return
         member = self._members.get(to)
         if member is None:
@@ -476,6 +586,18 @@ class KvNode:
             return
         self.commit.commit(writes, lambda error: self._on_peer_message(
             self.name, _failed(reply, error) if error else reply))
+
+    def _accept_local(self, request: PaxosRequest) -> None:
+        try:
+            reply, writes = self.acceptor.handle(request)
+        except StorageError as exc:
+            self._storage_failed(exc)
+            return
+        if not writes:
+            self._loop.call_soon(self._on_peer_message, self.name, reply)
+            return
+        self.commit.commit(writes, lambda error: self._on_peer_message(
+            self.name, PaxosFailure(request.id, f"storage: {error}"[:500]) if error else reply))
 
     def handle_request(self, message: Any, conn: ServerConnection) -> None:
         """A frame from a peer's link (inbound): a replica request or anti-entropy."""
@@ -496,12 +618,28 @@ class KvNode:
             else:
                 self.commit.commit(writes, _reply_when_durable(conn, reply))
             return
+        if isinstance(message, (Prepare, Accept, Purge)):
+            try:
+                reply_, writes_ = self.acceptor.handle(message)
+            except StorageError as exc:
+                conn.send(PaxosFailure(message.id, f"storage: {exc}"[:500]))
+                self._storage_failed(exc)
+                return
+            if not writes_:
+                conn.send(reply_)
+            else:
+                self.commit.commit(writes_, _paxos_reply_when_durable(conn, reply_))
+            return
         if conn.peer_name is None:
             conn.close()  # anti-entropy needs to know who is asking
             return
         self._on_peer_message(conn.peer_name, message)
 
     def _on_peer_message(self, sender: str, message: Any) -> None:
+        if isinstance(message, (Promise, Accepted, Nack, Purged, PaxosFailure)):
+            if self.proposer.owns(message.id):
+                self._execute(self.proposer.on_reply(self._now(), sender, message))
+            return
         if isinstance(message, (ReplicaAck, ReplicaReadReply, ReplicaScanReply)):
             if self.coordinator.owns(message.id):
                 self._execute(self.coordinator.on_reply(self._now(), sender, message))
@@ -530,7 +668,7 @@ class KvNode:
     def _arm_timer(self) -> None:
         if self._closed:
             return
-        when = self.coordinator.next_deadline()
+        when = min(self.coordinator.next_deadline(), self.proposer.next_deadline())
         if when == float("inf") or when >= self._timer_when:
             return
         if self._timer is not None:
@@ -542,6 +680,7 @@ class KvNode:
         self._timer = None
         self._timer_when = float("inf")
         self._execute(self.coordinator.on_tick(self._now()))
+        self._execute(self.proposer.on_tick(self._now()))
 
     async def _background_loop(self) -> None:
         while not self._closed:
@@ -549,6 +688,7 @@ class KvNode:
             now = self._now()
             try:
                 self._execute(self.coordinator.on_tick(now))
+                self._execute(self.proposer.on_tick(now))
                 self._execute(list(self.handoff.on_tick(now, _wall_ms(), self._topology.alive,
                                                         self._ids)))
                 self._execute(self.anti_entropy.on_tick(
@@ -582,8 +722,25 @@ class KvNode:
         if swept.cursor is None:
             self._purge_cursor = DATA_PREFIX
             self._next_purge = now + PURGE_INTERVAL_S
+            self._purge_strong(now)
         else:
             self._purge_cursor = swept.cursor
+
+    def _purge_strong(self, now: float) -> None:
+        """Forget strong-mode tombstones older than the grace period, a slice per sweep
+        (each needs all N replicas to accept; ``Proposer.purge``)."""
+        grace_ms = int(self.tombstone_grace_s * 1000)
+        keys, cursor = self.acceptor.tombstones(self._paxos_purge_cursor, _wall_ms(),
+                                                grace_ms, PAXOS_PURGE_KEYS_PER_SWEEP)
+        self._paxos_purge_cursor = cursor or b""
+        for keyspace, partition, sort in keys:
+            replication = self._replication_map(now).get(keyspace)
+            if replication is None:
+                continue
+            op_id = next(self._op_ids)  # its outcome (PurgeDone) is not awaited
+            self._execute(self.proposer.purge(now, op_id, self._topology, keyspace,
+                                              replication, partition, sort, _wall_ms(),
+                                              grace_ms))
 
     def _now(self) -> float:
         return self._loop.time()
@@ -591,6 +748,8 @@ class KvNode:
     def counters(self) -> dict[str, int]:
         result: dict[str, int] = {}
         for prefix, counters in (("coordinator", self.coordinator.counters),
+                                 ("proposer", self.proposer.counters),
+                                 ("acceptor", self.acceptor.counters),
                                  ("replica", self.replica.counters),
                                  ("handoff", self.handoff.counters),
                                  ("anti_entropy", self.anti_entropy.counters)):
@@ -618,6 +777,20 @@ def _wall_ms() -> int:
 
 def _rng(seed: int) -> random.Random:
     return random.Random(seed)
+
+
+class _ConflictFound(Exception):
+    def __init__(self, version: int, value: bytes | None) -> None:
+        super().__init__(f"version {version}")
+        self.version = version
+        self.value = value
+
+
+def _paxos_reply_when_durable(conn: ServerConnection, reply: PaxosReply
+                              ) -> Callable[[StorageError | None], None]:
+    def done(error: StorageError | None) -> None:
+        conn.send(PaxosFailure(reply.id, f"storage: {error}"[:500]) if error else reply)
+    return done
 
 
 def _reply_when_durable(conn: ServerConnection, reply: ReplicaReply

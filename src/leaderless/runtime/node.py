@@ -38,6 +38,7 @@ from leaderless.core.effects import (
 from leaderless.core.kv_messages import PeerHello, ReplicaRead, ReplicaScan, ReplicaWrite
 from leaderless.core.membership import Member, Membership
 from leaderless.core.messages import Address, NodeMeta, Packet, PushPull, UserEvent
+from leaderless.core.paxos_messages import PaxosRequest
 from leaderless.core.ring import token_count_for
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
@@ -53,9 +54,9 @@ from leaderless.storage.rocks import RocksStore
 from leaderless.storage.store import StorageError, Store
 
 InboundFrame = (PushPull | Request | ReplicaWrite | ReplicaRead | ReplicaScan | PeerHello
-                | AntiEntropyMessage)
+                | AntiEntropyMessage | PaxosRequest)
 """What may arrive on the TCP port: a peer's sync, a CLI request, or the data plane (a
-coordinator's replica request, anti-entropy)."""
+coordinator's replica request, a proposer's Paxos request, anti-entropy)."""
 PUSH_PULLS_IN_FLIGHT_MAX = 16
 """Outbound syncs at once (and one per peer): each may carry megabytes at 20,000 members."""
 TICK_FLOOR_S = 0.005
