@@ -396,24 +396,32 @@ class AsyncClient:
             n = self._replication.get(keyspace, DEFAULT_REPLICATION)
             names = self._ring.preference_list(token(key), n)
             replicas = [self._addresses[name] for name in names]
-        return await self._request(replicas, kind, args, retry=True)
+        # Strong keyspaces: every client sends a key's changes to the same replica (the
+        # first reachable in ring order), whose proposer then batches them and keeps the
+        # one-round-trip path, instead of proposers on several nodes duelling over ballots.
+        ordered = self._modes.get(keyspace) == "strong"
+        return await self._request(replicas, kind, args, retry=True, ordered=ordered)
 
-    def _candidates(self, preferred: list[str] | None, exclude: str | None) -> list[str]:
-        """Addresses to try, best first: reachable replicas (shuffled), then every other
-        known node (shuffled), then nodes recently down (last resort)."""
+    def _candidates(self, preferred: list[str] | None, exclude: str | None,
+                    ordered: bool = False) -> list[str]:
+        """Addresses to try, best first: reachable replicas (shuffled, or in ring order with
+        ``ordered``), then every other known node (shuffled), then nodes recently down
+        (last resort)."""
         now = asyncio.get_running_loop().time()
         known = list(dict.fromkeys([*self._addresses.values(), *self.seeds]))
         first = [a for a in (preferred or []) if a != exclude]
-        self._rng.shuffle(first)
+        if not ordered:
+            self._rng.shuffle(first)
         rest = [a for a in known if a != exclude and a not in first]
         self._rng.shuffle(rest)
-        ordered = first + rest
-        up = [a for a in ordered if self._down_until.get(a, 0.0) <= now]
-        down = [a for a in ordered if self._down_until.get(a, 0.0) > now]
+        candidates = first + rest
+        up = [a for a in candidates if self._down_until.get(a, 0.0) <= now]
+        down = [a for a in candidates if self._down_until.get(a, 0.0) > now]
         return up + down
 
     async def _request(self, preferred: list[str] | None, kind: type[Any],
-                       args: tuple[Any, ...], *, retry: bool) -> ClientReply:
+                       args: tuple[Any, ...], *, retry: bool, ordered: bool = False
+                       ) -> ClientReply:
         if self._closed:
             raise LeaderlessError("the client is closed", code="closed")
         attempts = 2 if retry else 1
@@ -421,7 +429,7 @@ class AsyncClient:
         last: LeaderlessError | None = None
         tried_connect: set[str] = set()
         while attempts > 0:
-            conn = await self._any_connection(self._candidates(preferred, failed),
+            conn = await self._any_connection(self._candidates(preferred, failed, ordered),
                                               tried_connect)
             if conn is None:
                 break

@@ -1,0 +1,163 @@
+"""Strong-mode benchmark: compare-and-set and increment on a local 3-node cluster.
+
+    .venv/bin/python bench/strong.py                  # starts 3 nodes, runs, stops them
+    .venv/bin/python bench/strong.py --duration 3     # shorter runs
+
+Keyspace ``strong`` with N=3 in strong mode (every change a CASPaxos round among the key's
+3 replicas). Runs, each closed-loop for ``--duration`` seconds after a warm-up, from one
+load process (asyncio tasks through ``leaderless.client.AsyncClient``):
+
+- ``cas`` uncontended: each client owns a key and sets it by version (``expected_version``
+  = the version its last cas returned), 1 and 32 clients;
+- ``cas`` contended: all clients on one key, each a read + cas by version, retried on
+  conflict; ops/s counts successful changes, and the conflicts are reported;
+- ``incr`` contended: all clients increment one counter (changes of one key queued at a
+  node share a Paxos round).
+
+Locks (acquire/release) and the availability comparison with etcd are not here yet (they
+come with locks). Results go to bench/results/strong.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from kv import bucket, percentile, print_table, start_cluster, stop_cluster, wait_ready
+
+from leaderless.client import AsyncClient, ConflictError, LeaderlessError
+
+RESULTS = Path(__file__).parent / "results" / "strong.json"
+KEYSPACE = "strong"
+
+
+async def run(nodes: list[str], mode: str, clients: int, duration_s: float,
+              warmup_s: float) -> dict[str, Any]:
+    hist: Counter[int] = Counter()
+    errors: Counter[str] = Counter()
+    conflicts = 0
+    done = 0
+    clock = time.perf_counter
+    async with AsyncClient(nodes, timeout_s=10) as kv:
+        start = clock()
+        measure_from = start + warmup_s
+        end = measure_from + duration_s
+
+        def record(began: float) -> None:
+            nonlocal done
+            now = clock()
+            if began >= measure_from and now <= end:
+                hist[bucket(int((now - began) * 1e6))] += 1
+                done += 1
+
+        async def uncontended(index: int) -> None:
+            key = f"own-{mode}-{clients}-{index}-{os.getpid()}"
+            version: int | None = None
+            while clock() < end:
+                began = clock()
+                try:
+                    if version is None:
+                        version = await kv.cas(KEYSPACE, key, b"v", expected_absent=True)
+                    else:
+                        version = await kv.cas(KEYSPACE, key, b"v", expected_version=version)
+                except LeaderlessError as exc:
+                    errors[exc.code] += 1
+                    version = None if isinstance(exc, ConflictError) else version
+                    continue
+                record(began)
+
+        async def contended_cas(index: int) -> None:
+            nonlocal conflicts
+            key = f"shared-{clients}"
+            while clock() < end:
+                began = clock()
+                while clock() < end:
+                    try:
+                        item = await kv.get_with_meta(KEYSPACE, key)
+                        if item is None:
+                            await kv.cas(KEYSPACE, key, b"1", expected_absent=True)
+                        else:
+                            await kv.cas(KEYSPACE, key, b"x", expected_version=item.version)
+                        record(began)
+                        break
+                    except ConflictError:
+                        conflicts += 1
+                    except LeaderlessError as exc:
+                        errors[exc.code] += 1
+
+        async def contended_incr(index: int) -> None:
+            key = f"counter-{clients}"
+            while clock() < end:
+                began = clock()
+                try:
+                    await kv.incr(KEYSPACE, key, 1)
+                except LeaderlessError as exc:
+                    errors[exc.code] += 1
+                    continue
+                record(began)
+
+        body = {"cas": uncontended, "cas-contended": contended_cas,
+                "incr-contended": contended_incr}[mode]
+        await asyncio.gather(*(body(i) for i in range(clients)))
+    return {
+        "op": mode, "clients": clients, "target_rate": None,
+        "ops_per_s": round(done / duration_s), "ops": done, "conflicts": conflicts,
+        "p50_ms": round(percentile(hist, 0.50) / 1000, 3),
+        "p99_ms": round(percentile(hist, 0.99) / 1000, 3),
+        "p999_ms": round(percentile(hist, 0.999) / 1000, 3),
+        "errors": dict(errors),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--clients", default="1,32")
+    parser.add_argument("--out", default=str(RESULTS))
+    opts = parser.parse_args()
+    levels = [int(c) for c in opts.clients.split(",")]
+    workdir = tempfile.TemporaryDirectory(prefix="leaderless-strong-")
+    procs, nodes = start_cluster(3, Path(workdir.name))
+    rows: list[dict[str, Any]] = []
+    try:
+        asyncio.run(wait_ready(nodes, 3, 60))
+
+        async def create() -> None:
+            async with AsyncClient(nodes) as kv:
+                await kv.create_keyspace(KEYSPACE, 3, "strong", if_not_exists=True)
+            await asyncio.sleep(1.0)
+
+        asyncio.run(create())
+        plan = [("cas", c) for c in levels] + [("cas-contended", max(levels)),
+                                                ("incr-contended", max(levels))]
+        for mode, clients in plan:
+            row = asyncio.run(run(nodes, mode, clients, opts.duration, opts.warmup))
+            rows.append(row)
+            print_table([row])
+            if row["conflicts"]:
+                print(f"     ({row['conflicts']} conflicts retried)")
+    finally:
+        stop_cluster(procs)
+        workdir.cleanup()
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, cwd=Path(__file__).parent).stdout.strip()
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"benchmark": "strong", "commit": commit,
+                               "cpus": os.cpu_count(), "cluster": "local 3 nodes",
+                               "duration_s": opts.duration, "runs": rows}, indent=2) + "\n")
+    print(f"\nwrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
