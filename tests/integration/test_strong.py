@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import signal
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -19,6 +21,7 @@ from leaderless.client import (
     RequestTimeoutError,
     UnavailableError,
 )
+from leaderless.runtime.ports import free_port
 from tests.integration.helpers import Processes, run_cli, wait_until
 from tests.integration.test_kv_cluster import start_cluster, start_kv_node
 
@@ -127,3 +130,30 @@ def test_cas_and_incr_from_the_cli(processes: Processes) -> None:
     assert eventual.returncode == 0
     refused = run_cli("kv", "incr", "e", "n", *target)
     assert refused.returncode == 2 and "strong keyspace" in refused.stderr
+
+
+def test_cas_and_incr_over_http(processes: Processes) -> None:
+    http_port = free_port()
+    node = processes.start_node("web", None, None, None, "--client",
+                                f"127.0.0.1:{free_port()}", "--http", f"127.0.0.1:{http_port}")
+    wait_until(lambda: bool(node.members()), "the node answers")
+    base = f"http://127.0.0.1:{http_port}"
+
+    def post(path: str, body: bytes = b"") -> tuple[int, dict[str, object]]:
+        request = urllib.request.Request(base + path, data=body, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    assert post("/v1/keyspaces", b'{"name": "s", "replication": 1, "mode": "strong"}')[0] == 201
+    status, body = post("/v1/cas/s/k?expected_absent=1", b"v1")
+    assert status == 200 and body["version"] == 1
+    status, body = post("/v1/cas/s/k?expected_version=7", b"v2")
+    assert status == 409 and body["version"] == 1
+    status, body = post("/v1/cas/s/k?expected_value=v1", b"v2")
+    assert (status, body["version"]) == (200, 2)
+    assert post("/v1/incr/s/n?delta=5&idempotency=x")[1]["value"] == 5
+    assert post("/v1/incr/s/n?delta=5&idempotency=x")[1]["value"] == 5  # not twice
+    assert post("/v1/incr/s/n")[1]["value"] == 6

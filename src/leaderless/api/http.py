@@ -25,6 +25,16 @@ inside a key, ``%00`` for a zero byte); values travel raw in the body.
                                              continues the scan. Query: ``start``, ``end``,
                                              ``limit`` (1..10000, default 1000),
                                              ``consistency``
+``POST   /v1/cas/{keyspace}/{key}``          strong keyspaces: compare-and-set; body = the
+                                             new value. Query: exactly one of
+                                             ``expected_version``, ``expected_value``
+                                             (percent-encoded bytes), ``expected_absent=1``;
+                                             ``sort``, ``idempotency`` (reuse on a retry).
+                                             200 ``{"version"}``; 409 ``conflict`` with the
+                                             current ``version`` and ``value_b64``
+``POST   /v1/incr/{keyspace}/{key}``         strong keyspaces: ``?delta=N`` (default 1),
+                                             ``sort``, ``idempotency``; 200 ``{"value",
+                                             "version"}``
 ``POST   /v1/keyspaces``                     JSON ``{"name", "replication": 3, "mode":
                                              "eventual"|"strong", "read_consistency",
                                              "write_consistency", "if_not_exists": false}``;
@@ -61,6 +71,7 @@ from leaderless.api.kv_messages import (
     MODES,
     REPLICATION_MAX,
     TTL_S_MAX,
+    Conflict,
 )
 from leaderless.api.service import KvError, KvService
 from leaderless.core.cells import VALUE_BYTES_MAX_DEFAULT
@@ -130,6 +141,8 @@ def make_app(service: KvService, *, value_bytes_max: int = VALUE_BYTES_MAX_DEFAU
                           middlewares=[api.errors])
     app.router.add_route("*", "/v1/kv/{tail:.*}", api.kv)
     app.router.add_route("GET", "/v1/scan/{tail:.*}", api.scan)
+    app.router.add_route("POST", "/v1/cas/{tail:.*}", api.cas)
+    app.router.add_route("POST", "/v1/incr/{tail:.*}", api.incr)
     app.router.add_post("/v1/keyspaces", api.create_keyspace)
     app.router.add_get("/v1/keyspaces", api.list_keyspaces)
     app.router.add_get("/v1/ring", api.ring)
@@ -227,6 +240,37 @@ class HttpApi:
             if more and rows else None,
         }
         return json_response(body)
+
+    # -- strong keyspaces ------------------------------------------------------------------
+
+    async def cas(self, request: web.Request) -> web.StreamResponse:
+        keyspace, key = _keyspace_and_key(request, "/v1/cas/")
+        query = _query(request, {"sort", "expected_version", "expected_value",
+                                 "expected_absent", "idempotency"})
+        value = await request.read()
+        if len(value) > self._value_bytes_max:
+            raise HttpError("value_too_large", self._too_large())
+        version = (None if "expected_version" not in query
+                   else _int(query, "expected_version", 0, 0, 2**62))
+        absent = query.get("expected_absent", b"") in (b"1", b"true")
+        outcome = await self._service.cas(keyspace, key, value, query.get("sort", b""),
+                                          version, query.get("expected_value"), absent,
+                                          query.get("idempotency", b""))
+        if isinstance(outcome, Conflict):
+            body = {"error": "conflict", "message": "the expectation did not hold",
+                    "version": outcome.version,
+                    "value_b64": _b64(outcome.value) if outcome.found else None}
+            return json_response(body, status=409)
+        return json_response({"version": outcome.version, "duplicate": outcome.duplicate})
+
+    async def incr(self, request: web.Request) -> web.StreamResponse:
+        keyspace, key = _keyspace_and_key(request, "/v1/incr/")
+        query = _query(request, {"sort", "delta", "idempotency"})
+        delta = _int(query, "delta", 1, -(2**63), 2**63 - 1)
+        changed = await self._service.incr(keyspace, key, delta, query.get("sort", b""),
+                                           query.get("idempotency", b""))
+        return json_response({"value": int(changed.value), "version": changed.version,
+                              "duplicate": changed.duplicate})
 
     # -- keyspaces and ring ----------------------------------------------------------------
 
