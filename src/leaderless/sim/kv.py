@@ -46,12 +46,11 @@ from leaderless.core.merkle import MerkleForest
 from leaderless.core.replica import Replica
 from leaderless.core.ring import Ring, RingNode
 from leaderless.sim.clock import SimClock
+from leaderless.sim.fault_net import FaultyNet
 from leaderless.storage.memory import MemoryStore
 from leaderless.storage.store import StorageError
 
 KEYSPACE = "sim"
-EPOCH_MS = 1_800_000_000_000
-"""Wall clock at simulated time 0 (any fixed value: runs must not depend on the host)."""
 
 
 @dataclasses.dataclass
@@ -195,19 +194,17 @@ class KvSim:
         names = [f"n{i:02d}" for i in range(1, config.nodes + 1)]
         self.ring = Ring(RingNode(name, self.rng.getrandbits(64), config.tokens_per_node)
                          for name in names)
+        self.net = FaultyNet(self.rng, self.clock, config.latency_s, config.loss,
+                             config.detection_s)
         self.nodes = {name: SimKvNode(self, name, MemoryStore()) for name in names}
-        self._seen_down: set[str] = set()
-        self._down_since: dict[str, float] = {}
-        self._partition: dict[str, int] = {}
-        self.messages_sent = 0
-        self.messages_dropped = 0
+        self.net.nodes = self.nodes
         for i, name in enumerate(names):
             self.clock.at(config.tick_s * (i + 1) / len(names), self._tick, name)
 
-    # -- time and network ----------------------------------------------------------------
+    # -- time, network and faults (sim.fault_net) ----------------------------------------
 
     def wall_ms(self) -> int:
-        return EPOCH_MS + int(self.clock.now * 1000)
+        return self.net.wall_ms()
 
     def run_for(self, seconds: float) -> None:
         self.clock.run_until(self.clock.now + seconds)
@@ -219,56 +216,25 @@ class KvSim:
         self.clock.after(self.config.tick_s, self._tick, name)
 
     def send(self, sender: str, to: str, message: Any) -> None:
-        self.messages_sent += 1
-        if (self.rng.random() < self.config.loss and sender != to) or not self._connected(
-                sender, to):
-            self.messages_dropped += 1
-            return
-        delay = 0.0 if sender == to else self.rng.uniform(*self.config.latency_s)
-        self.clock.after(delay, self._deliver, (sender, to, self.nodes[sender].up), message)
-
-    def _deliver(self, route: tuple[str, str, bool], message: Any) -> None:
-        sender, to, _ = route
-        node = self.nodes[to]
-        if node.up and self._connected(sender, to):
-            node.receive(sender, message)
-        else:
-            self.messages_dropped += 1
-
-    def _connected(self, a: str, b: str) -> bool:
-        return self._partition.get(a, 0) == self._partition.get(b, 0)
+        self.net.send(sender, to, message)
 
     def partition(self, groups: list[list[str]]) -> None:
-        self._partition = {name: i for i, group in enumerate(groups) for name in group}
+        self.net.partition(groups)
 
     def heal(self) -> None:
-        self._partition = {}
-
-    # -- faults and the view ---------------------------------------------------------------
+        self.net.heal()
 
     def crash(self, name: str) -> None:
-        self.nodes[name].crash()
-        self.clock.after(self.config.detection_s, self._detect, name, True)
+        self.net.crash(name)
 
     def restart(self, name: str) -> None:
-        self.nodes[name].restart()
-        self.clock.after(self.config.detection_s, self._detect, name, False)
-
-    def _detect(self, name: str, down: bool) -> None:
-        if down and not self.nodes[name].up:
-            self._seen_down.add(name)
-            self._down_since[name] = self.clock.now
-        elif not down and self.nodes[name].up:
-            self._seen_down.discard(name)
-            self._down_since.pop(name, None)
+        self.net.restart(name)
 
     def topology(self, viewer: str) -> Topology:
-        # A partition looks like a crash to the other side, after the same delay.
-        up = frozenset(name for name in self.nodes if name not in self._seen_down
-                       and self._connected(viewer, name))
+        up = self.net.up_as_seen_by(viewer)
         window = self.config.hint_window_s
         allowed = {name: self.clock.now - since < window
-                   for name, since in self._down_since.items()}
+                   for name, since in self.net.down_since.items()}
         return Topology(self.ring, up, up, allowed)
 
     # -- client operations -----------------------------------------------------------------

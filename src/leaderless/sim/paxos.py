@@ -49,11 +49,11 @@ from leaderless.core.paxos_messages import (
 )
 from leaderless.core.ring import Ring, RingNode
 from leaderless.sim.clock import SimClock
+from leaderless.sim.fault_net import FaultyNet
 from leaderless.storage.memory import MemoryStore
 from leaderless.storage.store import StorageError
 
 KEYSPACE = "strong"
-EPOCH_MS = 1_800_000_000_000
 
 
 @dataclasses.dataclass
@@ -178,66 +178,39 @@ class PaxosSim:
         names = [f"n{i}" for i in range(1, config.nodes + 1)]
         self.ring = Ring(RingNode(name, self.rng.getrandbits(64), config.tokens_per_node)
                          for name in names)
+        self.net = FaultyNet(self.rng, self.clock, config.latency_s, config.loss,
+                             config.detection_s, config.duplicate)
         self.nodes = {name: SimPaxosNode(self, name) for name in names}
-        self._seen_down: set[str] = set()
-        self._partition: dict[str, int] = {}
+        self.net.nodes = self.nodes
         self.history: list[Entry] = []
-        self.messages_sent = 0
-        self.messages_dropped = 0
         self._clients_done = 0
 
-    # -- network and faults -------------------------------------------------------------
+    # -- network and faults (sim.fault_net) ---------------------------------------------
 
     def wall_ms(self) -> int:
-        return EPOCH_MS + int(self.clock.now * 1000)
+        return self.net.wall_ms()
 
     def send(self, sender: str, to: str, message: Any) -> None:
-        self.messages_sent += 1
-        copies = 1
-        if sender != to:
-            if self.rng.random() < self.config.loss or not self._connected(sender, to):
-                self.messages_dropped += 1
-                return
-            if self.rng.random() < self.config.duplicate:
-                copies = 2
-        for _ in range(copies):
-            delay = 0.0 if sender == to else self.rng.uniform(*self.config.latency_s)
-            self.clock.after(delay, self._deliver, (sender, to), message)
-
-    def _deliver(self, route: tuple[str, str], message: Any) -> None:
-        sender, to = route
-        node = self.nodes[to]
-        if node.up and self._connected(sender, to):
-            node.receive(sender, message)
-        else:
-            self.messages_dropped += 1
-
-    def _connected(self, a: str, b: str) -> bool:
-        return self._partition.get(a, 0) == self._partition.get(b, 0)
+        self.net.send(sender, to, message)
 
     def partition(self, groups: list[list[str]]) -> None:
-        self._partition = {name: i for i, group in enumerate(groups) for name in group}
+        self.net.partition(groups)
 
     def heal(self) -> None:
-        self._partition = {}
+        self.net.heal()
 
     def crash(self, name: str) -> None:
-        self.nodes[name].crash()
-        self.clock.after(self.config.detection_s, self._detect, name, True)
+        self.net.crash(name)
 
     def restart(self, name: str) -> None:
-        self.nodes[name].restart()
-        self.clock.after(self.config.detection_s, self._detect, name, False)
+        self.net.restart(name)
 
-    def _detect(self, name: str, down: bool) -> None:
-        if down and not self.nodes[name].up:
-            self._seen_down.add(name)
-        elif not down and self.nodes[name].up:
-            self._seen_down.discard(name)
+    @property
+    def messages_dropped(self) -> int:
+        return self.net.messages_dropped
 
     def topology(self, viewer: str) -> Topology:
-        up = frozenset(name for name in self.nodes if name not in self._seen_down
-                       and self._connected(viewer, name))
+        up = self.net.up_as_seen_by(viewer)
         return Topology(self.ring, up, up)
 
     # -- clients --------------------------------------------------------------------------
