@@ -14,8 +14,11 @@ load process (asyncio tasks through ``leaderless.client.AsyncClient``):
 - ``incr`` contended: all clients increment one counter (changes of one key queued at a
   node share a Paxos round).
 
-Locks (acquire/release) and the availability comparison with etcd are not here yet (they
-come with locks). Results go to bench/results/strong.json.
+``--availability``: instead, 5 trials of a continuous writer (one put at a time through
+one client, 1 s timeout) to a strong key while the bench kill -9s one node 2 s in; reports
+the longest gap between two successful writes around the kill. The same run against etcd
+(its leader killed) is not here yet; neither are locks. Results go to
+bench/results/strong.json (or strong_availability.json).
 """
 
 from __future__ import annotations
@@ -118,13 +121,70 @@ async def run(nodes: list[str], mode: str, clients: int, duration_s: float,
     }
 
 
+async def availability_trial(nodes: list[str], victim: Any, seconds: float,
+                             kill_at_s: float) -> dict[str, Any]:
+    """Write one key in a loop; kill ``victim`` at ``kill_at_s``; the longest gap between
+    successful writes (and the failures) over the whole run."""
+    clock = time.perf_counter
+    gaps: list[float] = []
+    failures: Counter[str] = Counter()
+    async with AsyncClient(nodes, timeout_s=1.0) as kv:
+        await kv.create_keyspace(KEYSPACE, 3, "strong", if_not_exists=True)
+        start = last_ok = clock()
+        killed = False
+        n = 0
+        while clock() - start < seconds:
+            if not killed and clock() - start >= kill_at_s:
+                victim.send_signal(9)
+                killed = True
+            try:
+                await kv.put(KEYSPACE, "availability", str(n).encode())
+            except LeaderlessError as exc:
+                failures[exc.code] += 1
+                continue
+            now = clock()
+            gaps.append(now - last_ok)
+            last_ok = now
+            n += 1
+    return {"writes": n, "longest_gap_ms": round(max(gaps) * 1000, 1),
+            "failures": dict(failures)}
+
+
+def run_availability(opts: argparse.Namespace) -> None:
+    trials = []
+    for trial in range(opts.trials):
+        workdir = tempfile.TemporaryDirectory(prefix="leaderless-avail-")
+        procs, nodes = start_cluster(3, Path(workdir.name))
+        try:
+            asyncio.run(wait_ready(nodes, 3, 60))
+            # The victim is the node that coordinates the key (the client's first choice).
+            result = asyncio.run(availability_trial(nodes, procs[trial % 3], 6.0, 2.0))
+            result["killed"] = f"node{trial % 3 + 1}"
+            trials.append(result)
+            print(f"trial {trial + 1}: {result}")
+        finally:
+            stop_cluster(procs)
+            workdir.cleanup()
+    out = Path(opts.out).with_name("strong_availability.json")
+    out.write_text(json.dumps({"benchmark": "strong availability", "cpus": os.cpu_count(),
+                               "trials": trials}, indent=2) + "\n")
+    print(f"longest gap over {len(trials)} trials: "
+          f"{max(t['longest_gap_ms'] for t in trials)} ms; wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--clients", default="1,32")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--availability", action="store_true",
+                        help="measure the write gap while a node is killed (see above)")
+    parser.add_argument("--trials", type=int, default=5)
     opts = parser.parse_args()
+    if opts.availability:
+        run_availability(opts)
+        return
     levels = [int(c) for c in opts.clients.split(",")]
     workdir = tempfile.TemporaryDirectory(prefix="leaderless-strong-")
     procs, nodes = start_cluster(3, Path(workdir.name))
