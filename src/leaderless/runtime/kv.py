@@ -48,7 +48,7 @@ from leaderless.core.coordinator import (
 )
 from leaderless.core.effects import MemberEvent, MemberEventKind
 from leaderless.core.hints import DeleteHint, Handoff, HintConfig, HintLog, SendHint
-from leaderless.core.hlc import HybridClock
+from leaderless.core.hlc import ClockSkewError, HybridClock
 from leaderless.core.keys import (
     DATA_PREFIX,
     KeyError_,
@@ -62,7 +62,6 @@ from leaderless.core.kv_messages import (
     ReplicaRead,
     ReplicaReadReply,
     ReplicaReply,
-    ReplicaRequest,
     ReplicaScan,
     ReplicaScanReply,
     ReplicaWrite,
@@ -78,7 +77,6 @@ from leaderless.core.paxos_messages import (
     Nack,
     PaxosFailure,
     PaxosReply,
-    PaxosRequest,
     Prepare,
     Promise,
     Purge,
@@ -109,11 +107,13 @@ from leaderless.runtime.group_commit import GroupCommit
 from leaderless.runtime.logs import NodeLogger
 from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.tcp import ServerConnection
-from leaderless.storage.store import StorageError, Store
+from leaderless.storage.store import StorageError, Store, Write
 
 PeerReply = ReplicaReply | AntiEntropyMessage | PaxosReply
 """What arrives on our outbound links: replicas' and acceptors' replies, anti-entropy."""
 PAXOS_PURGE_KEYS_PER_SWEEP = 100
+ServedRequest = ReplicaWrite | ReplicaRead | ReplicaScan | Prepare | Accept | Purge
+"""What this node answers as a replica (eventual mode) or an acceptor (strong mode)."""
 BACKGROUND_TICK_S = 0.05
 PURGE_KEYS_PER_TICK = 2000
 PURGE_INTERVAL_S = 60.0
@@ -140,11 +140,11 @@ class KvNode:
         self.coordinator = Coordinator(name, CoordinatorConfig(), self._ids)
         self.acceptor = paxos.Acceptor(store)
         self.proposer = paxos.Proposer(name, paxos.ProposerConfig(), self._ids,
-                                       _rng(rng_seed ^ 0x5A5A))
+                                       random.Random(rng_seed ^ 0x5A5A))
         self._paxos_purge_cursor = b""
         self.handoff = Handoff(self.hints, HintConfig(hint_window_s=hint_window_s))
         self.anti_entropy = AntiEntropy(name, AntiEntropyConfig(
-            interval_s=anti_entropy_interval_s), _rng(rng_seed), store, self.forest)
+            interval_s=anti_entropy_interval_s), random.Random(rng_seed), store, self.forest)
         self.commit = GroupCommit(store, fsync, fsync_interval_ms,
                                   on_error=self._storage_failed, sync_in_thread=True)
         # In a node (loop ~50 % busy, three processes sharing the disk) the fsync in a thread
@@ -240,7 +240,7 @@ class KvNode:
             self._check_value(value)
             done = await self._strong(definition, key, sort, PutChange(value), idempotency)
             return done.version
-        cell = self._new_cell(Put(0, keyspace, key, value, sort, consistency, ttl_s))
+        cell = self._new_cell(value, ttl_s)
         return await self._write(definition, key, sort, cell, consistency)
 
     async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
@@ -330,18 +330,10 @@ class KvNode:
 
     async def _strong(self, definition: KeyspaceDef, key: bytes, sort: bytes, change: Change,
                       idempotency: bytes) -> paxos.Done:
-        if self._closed:
-            raise KvError("unavailable", "the node is stopping")
         op_id = next(self._op_ids)
-        future: asyncio.Future[Any] = self._loop.create_future()
-        self._futures[op_id] = future
-        try:
-            self._execute(self.proposer.propose(
-                self._now(), op_id, self._topology, definition.name, definition.replication,
-                key, sort, change, idempotency, _wall_ms()))
-            result = await future
-        finally:
-            self._futures.pop(op_id, None)
+        result = await self._await_op(op_id, lambda: self.proposer.propose(
+            self._now(), op_id, self._topology, definition.name, definition.replication,
+            key, sort, change, idempotency, _wall_ms()))
         if isinstance(result, paxos.Conflict):
             raise _ConflictFound(result.version, result.value)
         if isinstance(result, paxos.Failed):
@@ -420,7 +412,7 @@ class KvNode:
             else:
                 level = self._level(definition, request.consistency,
                                     definition.write_consistency)
-                cell = self._new_cell(request) if kind is Put else Cell(
+                cell = self._new_cell(request.value, request.ttl_s) if kind is Put else Cell(
                     self.clock.now(_wall_ms()), self.name, b"", True)
         except KvError as exc:
             reply(Failure(request.id, exc.code, exc.message[:500]))
@@ -439,13 +431,11 @@ class KvNode:
         self._execute(effects)
         return True
 
-    def _new_cell(self, put: Put) -> Cell:
-        if len(put.value) > self.value_bytes_max:
-            raise KvError("bad_request", f"the value has {len(put.value)} bytes; the limit "
-                          f"is {self.value_bytes_max} (setting value_bytes_max)")
+    def _new_cell(self, value: bytes, ttl_s: float | None) -> Cell:
+        self._check_value(value)
         wall_ms = _wall_ms()
-        expires = 0 if put.ttl_s is None else wall_ms + max(1, int(put.ttl_s * 1000))
-        return Cell(self.clock.now(wall_ms), self.name, put.value, False, expires)
+        expires = 0 if ttl_s is None else wall_ms + max(1, int(ttl_s * 1000))
+        return Cell(self.clock.now(wall_ms), self.name, value, False, expires)
 
     def _callback_reply(self, op_id: int, result: Result) -> None:
         request_id, reply = self._callbacks.pop(op_id)
@@ -514,16 +504,21 @@ class KvNode:
         assert isinstance(result, WriteDone)
         return result.hlc
 
-    async def _run(self, op_id: int, start: Callable[[], list[Any]]) -> Result:
+    async def _await_op(self, op_id: int, start: Callable[[], list[Any]]) -> Any:
+        """Start an operation (coordinator or proposer) and wait for its ``Respond``."""
         if self._closed:
             raise KvError("unavailable", "the node is stopping")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = self._loop.create_future()
         self._futures[op_id] = future
         try:
             self._execute(start())
-            result = await future
+            return await future
         finally:
             self._futures.pop(op_id, None)
+
+    async def _run(self, op_id: int, start: Callable[[], list[Any]]) -> Result:
+        """An eventual-mode operation: its result, or its failure as a KvError."""
+        result = await self._await_op(op_id, start)
         if isinstance(result, Failed):
             raise KvError(result.code, result.message, result.received, result.required)
         assert isinstance(result, WriteDone | ReadDone | ScanDone), result
@@ -569,66 +564,55 @@ class KvNode:
 
     def _send(self, to: str, message: Any) -> None:
         if to == self.name:
-            if isinstance(message, (ReplicaWrite, ReplicaRead, ReplicaScan)):
-                self._serve_local(message)
-            elif isinstance(message, (Prepare, Accept, Purge)):
-                self._accept_local(message)
+            if isinstance(message, ServedRequest):
+                self._serve(message, self._deliver_to_self)
             return
         member = self._members.get(to)
         if member is None:
             return
         self.links.send(to, member.address, message)
 
-    def _serve_local(self, request: ReplicaRequest) -> None:
-        reply, writes = self.replica.handle(request, _wall_ms())
-        if not writes:
-            asyncio.get_running_loop().call_soon(self._on_peer_message, self.name, reply)
-            return
-        self.commit.commit(writes, lambda error: self._on_peer_message(
-            self.name, _failed(reply, error) if error else reply))
+    def _deliver_to_self(self, reply: Any) -> None:
+        # Never re-entrantly into the effect loop that sent the request: the next turn.
+        self._loop.call_soon(self._on_peer_message, self.name, reply)
 
-    def _accept_local(self, request: PaxosRequest) -> None:
+    def _serve(self, request: ServedRequest, reply_to: Callable[[Any], object]) -> None:
+        """Answer a replica or acceptor request (from a peer, or from this node's own
+        coordinator or proposer): its writes are committed first, and the reply leaves
+        only once they are durable (or as a refusal naming the failure)."""
+        reply: Any
+        writes: list[Write]
         try:
-            reply, writes = self.acceptor.handle(request)
+            if isinstance(request, ReplicaWrite):
+                self.clock.observe(request.cell.hlc, _wall_ms())
+            if isinstance(request, (Prepare, Accept, Purge)):
+                reply, writes = self.acceptor.handle(request)
+            else:
+                reply, writes = self.replica.handle(request, _wall_ms())
+        except ClockSkewError as exc:
+            reply_to(_refusal(request, f"clock: {exc}"))
+            return
         except StorageError as exc:
+            reply_to(_refusal(request, f"storage: {exc}"))
             self._storage_failed(exc)
             return
         if not writes:
-            self._loop.call_soon(self._on_peer_message, self.name, reply)
+            reply_to(reply)
             return
-        self.commit.commit(writes, lambda error: self._on_peer_message(
-            self.name, PaxosFailure(request.id, f"storage: {error}"[:500]) if error else reply))
+
+        def durable(error: StorageError | None) -> None:
+            reply_to(_refusal(request, f"storage: {error}") if error else reply)
+
+        self.commit.commit(writes, durable)
 
     def handle_request(self, message: Any, conn: ServerConnection) -> None:
-        """A frame from a peer's link (inbound): a replica request or anti-entropy."""
+        """A frame from a peer's link (inbound): a replica or acceptor request, or
+        anti-entropy."""
         if isinstance(message, PeerHello):
             conn.peer_name = message.name
             return
-        if isinstance(message, (ReplicaWrite, ReplicaRead, ReplicaScan)):
-            wall_ms = _wall_ms()
-            if isinstance(message, ReplicaWrite):
-                try:
-                    self.clock.observe(message.cell.hlc, wall_ms)
-                except ValueError as exc:
-                    conn.send(_error_reply(message, f"clock: {exc}"))
-                    return
-            reply, writes = self.replica.handle(message, wall_ms)
-            if not writes:
-                conn.send(reply)
-            else:
-                self.commit.commit(writes, _reply_when_durable(conn, reply))
-            return
-        if isinstance(message, (Prepare, Accept, Purge)):
-            try:
-                reply_, writes_ = self.acceptor.handle(message)
-            except StorageError as exc:
-                conn.send(PaxosFailure(message.id, f"storage: {exc}"[:500]))
-                self._storage_failed(exc)
-                return
-            if not writes_:
-                conn.send(reply_)
-            else:
-                self.commit.commit(writes_, _paxos_reply_when_durable(conn, reply_))
+        if isinstance(message, ServedRequest):
+            self._serve(message, conn.send)
             return
         if conn.peer_name is None:
             conn.close()  # anti-entropy needs to know who is asking
@@ -775,10 +759,6 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _rng(seed: int) -> random.Random:
-    return random.Random(seed)
-
-
 class _ConflictFound(Exception):
     def __init__(self, version: int, value: bytes | None) -> None:
         super().__init__(f"version {version}")
@@ -786,23 +766,8 @@ class _ConflictFound(Exception):
         self.value = value
 
 
-def _paxos_reply_when_durable(conn: ServerConnection, reply: PaxosReply
-                              ) -> Callable[[StorageError | None], None]:
-    def done(error: StorageError | None) -> None:
-        conn.send(PaxosFailure(reply.id, f"storage: {error}"[:500]) if error else reply)
-    return done
-
-
-def _reply_when_durable(conn: ServerConnection, reply: ReplicaReply
-                        ) -> Callable[[StorageError | None], None]:
-    def done(error: StorageError | None) -> None:
-        conn.send(_failed(reply, error) if error else reply)
-    return done
-
-
-def _failed(reply: ReplicaReply, error: StorageError) -> ReplicaReply:
-    return _error_reply(reply, f"storage: {error}")
-
-
-def _error_reply(message: Any, error: str) -> ReplicaReply:
-    return ReplicaAck(message.id, error[:500])
+def _refusal(request: ServedRequest, error: str) -> ReplicaAck | PaxosFailure:
+    """The reply that tells a coordinator or proposer why this node did not serve it."""
+    if isinstance(request, (Prepare, Accept, Purge)):
+        return PaxosFailure(request.id, error[:500])
+    return ReplicaAck(request.id, error[:500])
