@@ -9,12 +9,13 @@ class RuntimeCounters:
     """What the I/O layer dropped or failed at, by kind. Monotonic; never reset.
 
     ``dropped_malformed_total``: input from the network that failed to decode or validate
-    (kinds: ``udp_packet``, ``udp_oversized``, ``tcp_frame``, ``tcp_unexpected``).
+    (kinds: ``udp_packet``, ``udp_oversized``, ``tcp_frame``, ``tcp_unexpected``,
+    ``peer_frame``).
     ``dropped_overload_total``: messages we chose to drop because a bound was reached
     (kinds: ``udp_peer_queue``, ``udp_send_buffer``, ``push_pull_in_flight``,
-    ``tcp_connections``, ``watch_slow_reader``, ``tcp_slow_reader``).
+    ``tcp_connections``, ``watch_slow_reader``, ``tcp_slow_reader``, ``peer_buffer_full``).
     ``send_errors_total``: sends the operating system refused (kinds: ``udp``,
-    ``udp_address``, ``push_pull``).
+    ``udp_address``, ``push_pull``, ``peer_connect``).
     """
 
     def __init__(self) -> None:

@@ -35,14 +35,11 @@ class PeerLink(asyncio.Protocol):
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._flush_scheduled = False
-        self.connecting = False
-        self.failed_at = float("-inf")
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
-        self.connecting = False
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -114,7 +111,6 @@ class PeerLinks:
             if self._closed or loop.time() - self._failed_at.get(name, -1e9) < RECONNECT_BACKOFF_S:
                 return False
             link = PeerLink(self, name, address)
-            link.connecting = True
             self._links[name] = link
             link.send(self._hello)
             loop.create_task(self._connect(link))
@@ -128,8 +124,7 @@ class PeerLinks:
                                              link.address.port)
         except (OSError, TimeoutError) as exc:
             self._failed_at[link.name] = loop.time()
-            self.drops.overload("peer_connect_failed", link.name)
-            del exc
+            self.drops.send_error("peer_connect", link.name, exc or "timed out")
             self.forget(link)
 
     def forget(self, link: PeerLink) -> None:
