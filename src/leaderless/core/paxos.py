@@ -67,6 +67,7 @@ import msgspec
 
 from leaderless.core.coordinator import Topology
 from leaderless.core.keys import data_key, parse_data_key, token
+from leaderless.core.locks import LockState, apply_lock, encode_lock
 from leaderless.core.paxos_messages import (
     COUNTER_MAX,
     EMPTY_REGISTER,
@@ -80,6 +81,7 @@ from leaderless.core.paxos_messages import (
     Change,
     Delete,
     Incr,
+    LockChange,
     Nack,
     PaxosFailure,
     PaxosReply,
@@ -92,12 +94,13 @@ from leaderless.core.paxos_messages import (
     Read,
     Recent,
     Register,
+    Release,
 )
 from leaderless.storage.store import Store, Write
 
 __all__ = [
     "PAXOS_PREFIX", "FLOOR_KEY", "Ballot", "Acceptor", "Proposer", "ProposerConfig",
-    "SendAcceptor", "Respond", "Done", "Conflict", "Failed", "PurgeDone", "Outcome",
+    "SendAcceptor", "Respond", "Done", "Conflict", "Fenced", "Failed", "PurgeDone", "Outcome",
     "Result", "Effect", "apply_change", "paxos_key", "parse_paxos_key",
     "encode_state", "decode_state",
 ]
@@ -159,6 +162,15 @@ class Conflict:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Fenced:
+    """A change made under ``Fence(lock, token)`` was refused: this key was already changed
+    under ``token`` (newer) of the same lock."""
+
+    lock: str
+    token: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Failed:
     code: str
     """``unavailable`` (fewer than a majority of replicas up), ``timeout``, ``contention``
@@ -178,8 +190,8 @@ class PurgeDone:
     reason: str = ""
 
 
-Outcome = Done | Conflict | Failed
-Result = Done | Conflict | Failed | PurgeDone
+Outcome = Done | Conflict | Fenced | Failed
+Result = Done | Conflict | Fenced | Failed | PurgeDone
 
 
 def _number(value: bytes | None) -> int | None:
@@ -197,14 +209,25 @@ def _number(value: bytes | None) -> int | None:
 def apply_change(register: Register, change: Change, idempotency_id: bytes,
                  wall_ms: int) -> tuple[Register, Outcome]:
     """The register after ``change`` and the outcome the client gets. A change that does
-    not apply (conflict, invalid, read, duplicate) returns ``register`` itself."""
+    not apply (conflict, fenced, invalid, read, duplicate) returns ``register`` itself."""
     if isinstance(change, Read):
         return register, Done(register.version, register.value)
     for seen in register.recent:
         if seen.id == idempotency_id:
             return register, _replayed(change, seen)
-    if isinstance(change, Put):
-        new_value: bytes | None = change.value
+    fence = None if isinstance(change, LockChange) else change.fence
+    if (fence is not None and register.fence is not None
+            and register.fence.lock == fence.lock and fence.token < register.fence.token):
+        return register, Fenced(fence.lock, register.fence.token)
+    number: int | None = None
+    if isinstance(change, LockChange):
+        new_lock, _ = apply_lock(register, change, wall_ms)
+        if new_lock is None:
+            return register, Conflict(register.version, register.value)
+        new_value: bytes | None = encode_lock(new_lock)
+        number = new_lock.token
+    elif isinstance(change, Put):
+        new_value = change.value
     elif isinstance(change, Delete):
         new_value = None
     elif isinstance(change, Cas):
@@ -212,20 +235,23 @@ def apply_change(register: Register, change: Change, idempotency_id: bytes,
             return register, Conflict(register.version, register.value)
         new_value = change.new_value
     else:
-        current = _number(register.value)
-        if current is None:
+        current_number = _number(register.value)
+        if current_number is None:
             return register, Failed("invalid", "incr needs the value to be a decimal integer "
                                     f"(it holds {len(register.value or b'')} other bytes)")
-        total = current + change.delta
+        total = current_number + change.delta
         if not -(2**63) <= total < 2**63:
             return register, Failed("invalid", f"incr by {change.delta} overflows 64 bits")
         new_value = str(total).encode()
+        number = total
     assert register.version < COUNTER_MAX, "version space exhausted"
     version = register.version + 1
-    number = int(new_value) if isinstance(change, Incr) and new_value is not None else None
     recent = [*register.recent[-(RECENT_CHANGES_MAX - 1):],
               Recent(idempotency_id, version, number)]
-    return (Register(version, new_value, wall_ms, recent),
+    if fence is None or (register.fence is not None and register.fence.lock == fence.lock
+                         and register.fence.token > fence.token):
+        fence = register.fence
+    return (Register(version, new_value, wall_ms, recent, fence),
             Done(version, new_value))
 
 
@@ -245,6 +271,12 @@ def _replayed(change: Change, seen: Recent) -> Done:
     if isinstance(change, Incr):
         number = seen.number if seen.number is not None else 0
         return Done(seen.version, str(number).encode(), duplicate=True)
+    if isinstance(change, LockChange):
+        # The lease as granted (its token); the expiry is not remembered, and the client
+        # times its lease from when it sent the request anyway.
+        holder = "" if isinstance(change, Release) else change.owner
+        return Done(seen.version, encode_lock(LockState(holder, seen.number or 0, 0)),
+                    duplicate=True)
     return Done(seen.version, None, duplicate=True)
 
 

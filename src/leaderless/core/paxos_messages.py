@@ -46,6 +46,13 @@ BallotNode = Annotated[str, msgspec.Meta(max_length=NAME_BYTES_MAX)]
 """A node name, or "" in the zero ballot and in an acceptor's purge floor."""
 IdempotencyId = Annotated[bytes, msgspec.Meta(min_length=1, max_length=IDEMPOTENCY_ID_BYTES_MAX)]
 Value = Annotated[bytes, msgspec.Meta(max_length=VALUE_BYTES_HARD_MAX)]
+LOCK_NAME_BYTES_MAX = 256
+LockName = Annotated[str, msgspec.Meta(min_length=1, max_length=LOCK_NAME_BYTES_MAX)]
+OWNER_BYTES_MAX = 128
+Owner = Annotated[str, msgspec.Meta(min_length=1, max_length=OWNER_BYTES_MAX)]
+LEASE_TTL_MS_MIN = 100
+LEASE_TTL_MS_MAX = 86_400_000
+TtlMs = Annotated[int, msgspec.Meta(ge=LEASE_TTL_MS_MIN, le=LEASE_TTL_MS_MAX)]
 
 
 class Ballot(msgspec.Struct, frozen=True, array_like=True, order=True):
@@ -72,6 +79,14 @@ class Recent(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     number: Number | None = None
 
 
+class Fence(msgspec.Struct, frozen=True, array_like=True):
+    """A change made under a lock: the lock's name and the fencing token of the lease
+    (``core.locks``). The change is refused if the lock has granted a newer token."""
+
+    lock: LockName
+    token: Counter
+
+
 class Register(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     """The value one key's Paxos instance agrees on."""
 
@@ -82,6 +97,9 @@ class Register(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True)
     changed_at_ms: WallMs = 0
     """The proposer's wall clock at the last change (a tombstone's age, for purging)."""
     recent: Annotated[list[Recent], msgspec.Meta(max_length=RECENT_CHANGES_MAX)] = []
+    fence: Fence | None = None
+    """The newest fencing token that changed this key (``Put.fence``): a change fenced by
+    an older token of the same lock is refused."""
 
     @property
     def tombstone(self) -> bool:
@@ -180,10 +198,13 @@ class Read(msgspec.Struct, frozen=True, array_like=True, tag="read"):
 
 class Put(msgspec.Struct, frozen=True, array_like=True, tag="put"):
     value: Value
+    fence: Fence | None = None
 
 
 class Delete(msgspec.Struct, frozen=True, array_like=True, tag="delete"):
     """Write a tombstone (ordered after every earlier change, like any change)."""
+
+    fence: Fence | None = None
 
 
 class Cas(msgspec.Struct, frozen=True, array_like=True, tag="cas"):
@@ -195,6 +216,7 @@ class Cas(msgspec.Struct, frozen=True, array_like=True, tag="cas"):
     expected_version: Version | None = None
     expected_value: Value | None = None
     expected_absent: bool = False
+    fence: Fence | None = None
 
     def __post_init__(self) -> None:
         given = ((self.expected_version is not None) + (self.expected_value is not None)
@@ -208,6 +230,33 @@ class Incr(msgspec.Struct, frozen=True, array_like=True, tag="incr"):
     """Add ``delta`` to a counter: the value as a decimal ASCII integer (absent reads 0)."""
 
     delta: Number
+    fence: Fence | None = None
 
 
-Change = Read | Put | Delete | Cas | Incr
+class Acquire(msgspec.Struct, frozen=True, array_like=True, tag="acquire"):
+    """Grant the lock (this key's register holds a ``core.locks.LockState``) to ``owner``
+    for ``ttl_ms`` if it is free or its lease has expired, with the next fencing token.
+    The holder asking again gets its lease back, extended, with the same token."""
+
+    owner: Owner
+    ttl_ms: TtlMs
+
+
+class Renew(msgspec.Struct, frozen=True, array_like=True, tag="renew"):
+    """Extend the lease ``token`` of ``owner`` by ``ttl_ms`` from now, if it is still the
+    lock's current, unexpired lease."""
+
+    owner: Owner
+    token: Counter
+    ttl_ms: TtlMs
+
+
+class Release(msgspec.Struct, frozen=True, array_like=True, tag="release"):
+    """Free the lock if ``token`` of ``owner`` is still its current lease."""
+
+    owner: Owner
+    token: Counter
+
+
+LockChange = Acquire | Renew | Release
+Change = Read | Put | Delete | Cas | Incr | Acquire | Renew | Release
