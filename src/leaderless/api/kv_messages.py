@@ -21,6 +21,7 @@ from leaderless.core.kv_messages import (
     SortKey,
 )
 from leaderless.core.messages import Name
+from leaderless.core.paxos_messages import LEASE_TTL_MS_MAX, LOCK_NAME_BYTES_MAX, OWNER_BYTES_MAX
 
 CONSISTENCY_LEVELS = ("ONE", "TWO", "QUORUM", "ALL")
 MODES = ("eventual", "strong")
@@ -48,6 +49,10 @@ class Put(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=
     ttl_s: Annotated[float, msgspec.Meta(gt=0, le=TTL_S_MAX)] | None = None
     idempotency: Idempotency = b""
     """Strong keyspaces: the change's id, the same on every retry of it (see Cas)."""
+    fence_lock: Text = ""
+    """Write under a lock: the lock's name, with ``fence_token`` the lease's fencing token.
+    The write is refused (``fenced``) if the lock has granted a newer token."""
+    fence_token: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Get(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=121):
@@ -65,6 +70,10 @@ class Delete(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, t
     sort: AnyKey = b""
     consistency: Consistency | None = None
     idempotency: Idempotency = b""
+    fence_lock: Text = ""
+    """Write under a lock: the lock's name, with ``fence_token`` the lease's fencing token.
+    The write is refused (``fenced``) if the lock has granted a newer token."""
+    fence_token: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Scan(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=123):
@@ -106,6 +115,10 @@ class CompareAndSet(msgspec.Struct, frozen=True, array_like=True, omit_defaults=
     expected_value: AnyValue | None = None
     expected_absent: bool = False
     idempotency: Idempotency = b""
+    fence_lock: Text = ""
+    """Write under a lock: the lock's name, with ``fence_token`` the lease's fencing token.
+    The write is refused (``fenced``) if the lock has granted a newer token."""
+    fence_token: Annotated[int, msgspec.Meta(ge=0)] = 0
 
 
 class Increment(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=128):
@@ -117,6 +130,56 @@ class Increment(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True
     delta: Counter = 1
     sort: AnyKey = b""
     idempotency: Idempotency = b""
+    fence_lock: Text = ""
+    """Write under a lock: the lock's name, with ``fence_token`` the lease's fencing token.
+    The write is refused (``fenced``) if the lock has granted a newer token."""
+    fence_token: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+LockName = Annotated[str, msgspec.Meta(max_length=LOCK_NAME_BYTES_MAX)]
+Owner = Annotated[str, msgspec.Meta(max_length=OWNER_BYTES_MAX)]
+TtlMs = Annotated[int, msgspec.Meta(ge=0, le=LEASE_TTL_MS_MAX)]
+
+
+class AcquireLock(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=138):
+    """Take lock ``name`` for ``owner`` (an id the client chose, unique per holder) with a
+    lease of ``ttl_ms``; if it is held, wait up to ``wait_ms`` for its release or expiry.
+    Answered with ``Lease`` or ``Failure(lock_held)``."""
+
+    id: RequestId
+    name: LockName
+    owner: Owner
+    ttl_ms: TtlMs
+    wait_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 0
+    idempotency: Idempotency = b""
+
+
+class RenewLock(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=139):
+    """Extend lease ``token`` by ``ttl_ms`` from now: ``Lease``, or ``Failure(lease_lost)``."""
+
+    id: RequestId
+    name: LockName
+    owner: Owner
+    token: Annotated[int, msgspec.Meta(ge=0)]
+    ttl_ms: TtlMs
+    idempotency: Idempotency = b""
+
+
+class ReleaseLock(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=140):
+    """Free the lock if ``token`` is still its lease: ``Done`` or ``Failure(lease_lost)``."""
+
+    id: RequestId
+    name: LockName
+    owner: Owner
+    token: Annotated[int, msgspec.Meta(ge=0)]
+    idempotency: Idempotency = b""
+
+
+class LockStatus(msgspec.Struct, frozen=True, array_like=True, tag=141):
+    """Who holds lock ``name`` (a linearizable read): ``LockInfo``."""
+
+    id: RequestId
+    name: LockName
 
 
 class DescribeRing(msgspec.Struct, frozen=True, array_like=True, tag=125):
@@ -226,10 +289,36 @@ class Conflict(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True,
     value: AnyValue = b""
 
 
+class Lease(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=142):
+    """A granted (or renewed) lease. ``token`` is the fencing token: it grows with every
+    grant of the lock; pass it with writes made under the lock (``fence_token``). The
+    lease lasts ``ttl_ms`` from when the request was sent, less the clock skew bound."""
+
+    id: RequestId
+    name: LockName
+    owner: Owner
+    token: int
+    ttl_ms: int
+    version: int = 0
+    duplicate: bool = False
+
+
+class LockInfo(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=143):
+    id: RequestId
+    name: LockName
+    held: bool
+    holder: Owner = ""
+    token: int = 0
+    """The newest token granted (the current lease's, when held)."""
+    expires_in_ms: int = 0
+    version: int = 0
+
+
 ClientRequest = (Put | Get | Delete | Scan | CreateKeyspace | DescribeRing | ListKeyspaces
-                 | CompareAndSet | Increment)
+                 | CompareAndSet | Increment | AcquireLock | RenewLock | ReleaseLock
+                 | LockStatus)
 ClientReply = (Done | Value | Rows | Failure | RingDescription | Keyspaces | Changed
-               | Conflict)
+               | Conflict | Lease | LockInfo)
 
 ERROR_CODES = {
     "bad_request": "the request breaks a limit or is malformed; the message says which",
@@ -241,6 +330,12 @@ ERROR_CODES = {
                   "the idempotency id)",
     "conflict": "a compare-and-set's expectation did not hold (the reply carries the "
                 "current version and value)",
+    "lock_held": "the lock is held by another owner and was not released or expired within "
+                 "the wait time",
+    "lease_lost": "the lease is no longer the lock's current one (expired and granted again, "
+                  "or released); stop acting as the holder",
+    "fenced": "a write under a lock's token was refused: the lock has granted a newer token "
+              "(the writer's lease ended)",
     "overloaded": "the node has too many requests in flight; retry with back-off",
     "storage": "the node's storage failed; it did not apply the request",
     "not_supported": "the node does not support this yet",

@@ -38,6 +38,7 @@ from typing import Any, cast
 import msgspec
 
 from leaderless.api.kv_messages import (
+    AcquireLock,
     ClientReply,
     ClientRequest,
     CompareAndSet,
@@ -48,7 +49,10 @@ from leaderless.api.kv_messages import (
     Increment,
     Keyspaces,
     ListKeyspaces,
+    LockStatus,
     Put,
+    ReleaseLock,
+    RenewLock,
     RingDescription,
     Rows,
     Scan,
@@ -59,7 +63,7 @@ from leaderless.api.kv_messages import (
 from leaderless.api.kv_messages import (
     Done as DoneReply,
 )
-from leaderless.api.service import KvError, KvService
+from leaderless.api.service import Fence, KvError, KvService
 from leaderless.core.codec import FRAME_BYTES_MAX
 from leaderless.core.kv_messages import ERROR_TEXT_MAX
 from leaderless.runtime.logs import NodeLogger
@@ -332,7 +336,8 @@ async def execute(service: KvService, request: ClientRequest) -> ClientReply:
     if kind is Put:
         put = cast(Put, request)
         hlc = await service.put(put.keyspace, put.key, put.value, put.sort, put.consistency,
-                                put.ttl_s, put.idempotency)
+                                put.ttl_s, put.idempotency,
+                                _fence(put.fence_lock, put.fence_token))
         return DoneReply(put.id, hlc)
     if kind is Get:
         get = cast(Get, request)
@@ -341,7 +346,8 @@ async def execute(service: KvService, request: ClientRequest) -> ClientReply:
     if kind is DeleteRequest:
         delete = cast(DeleteRequest, request)
         hlc = await service.delete(delete.keyspace, delete.key, delete.sort,
-                                   delete.consistency, delete.idempotency)
+                                   delete.consistency, delete.idempotency,
+                                   _fence(delete.fence_lock, delete.fence_token))
         return DoneReply(delete.id, hlc)
     if kind is Scan:
         scan = cast(Scan, request)
@@ -358,18 +364,42 @@ async def execute(service: KvService, request: ClientRequest) -> ClientReply:
         cas = cast(CompareAndSet, request)
         outcome = await service.cas(cas.keyspace, cas.key, cas.value, cas.sort,
                                     cas.expected_version, cas.expected_value,
-                                    cas.expected_absent, cas.idempotency)
+                                    cas.expected_absent, cas.idempotency,
+                                    _fence(cas.fence_lock, cas.fence_token))
         return msgspec.structs.replace(outcome, id=cas.id)
     if kind is Increment:
         incr = cast(Increment, request)
         changed = await service.incr(incr.keyspace, incr.key, incr.delta, incr.sort,
-                                     incr.idempotency)
+                                     incr.idempotency, _fence(incr.fence_lock, incr.fence_token))
         return msgspec.structs.replace(changed, id=incr.id)
+    if kind is AcquireLock:
+        acquire = cast(AcquireLock, request)
+        lease = await service.acquire_lock(acquire.name, acquire.owner, acquire.ttl_ms,
+                                           acquire.wait_ms, acquire.idempotency)
+        return msgspec.structs.replace(lease, id=acquire.id)
+    if kind is RenewLock:
+        renew = cast(RenewLock, request)
+        lease = await service.renew_lock(renew.name, renew.owner, renew.token, renew.ttl_ms,
+                                         renew.idempotency)
+        return msgspec.structs.replace(lease, id=renew.id)
+    if kind is ReleaseLock:
+        release = cast(ReleaseLock, request)
+        version = await service.release_lock(release.name, release.owner, release.token,
+                                             release.idempotency)
+        return DoneReply(release.id, version)
+    if kind is LockStatus:
+        status = cast(LockStatus, request)
+        info = await service.lock_status(status.name)
+        return msgspec.structs.replace(info, id=status.id)
     if kind is ListKeyspaces:
         return Keyspaces(request.id, await service.list_keyspaces())
     if kind is DescribeRing:
         return RingDescription(request.id, service.ring_members())
     raise AssertionError(f"unhandled request type {kind.__name__}")
+
+
+def _fence(lock: str, token: int) -> Fence | None:
+    return (lock, token) if lock else None
 
 
 def _text(message: str) -> str:

@@ -13,6 +13,8 @@ from leaderless.api.kv_messages import (
     Changed,
     Conflict,
     KeyspaceInfo,
+    Lease,
+    LockInfo,
     RingMember,
     Row,
     Value,
@@ -28,10 +30,15 @@ class KvError(Exception):
         self.required = required
 
 
+Fence = tuple[str, int]
+"""(lock name, fencing token): a write made under that lease (refused as ``fenced`` once
+the lock has granted a newer token)."""
+
+
 class KvService(Protocol):
     async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
                   consistency: str | None = None, ttl_s: float | None = None,
-                  idempotency: bytes = b"") -> int:
+                  idempotency: bytes = b"", fence: Fence | None = None) -> int:
         """Write; returns the write's HLC timestamp once ``consistency`` replicas have it
         durably."""
 
@@ -40,7 +47,8 @@ class KvService(Protocol):
         """Read the newest visible value (``Value.id`` is 0; the protocol sets its own)."""
 
     async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
-                     consistency: str | None = None, idempotency: bytes = b"") -> int:
+                     consistency: str | None = None, idempotency: bytes = b"",
+                     fence: Fence | None = None) -> int:
         """Write a tombstone; returns its HLC timestamp."""
 
     async def scan(self, keyspace: str, key: bytes, start: bytes | None = None,
@@ -50,13 +58,25 @@ class KvService(Protocol):
 
     async def cas(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
                   expected_version: int | None = None, expected_value: bytes | None = None,
-                  expected_absent: bool = False, idempotency: bytes = b""
-                  ) -> Changed | Conflict:
+                  expected_absent: bool = False, idempotency: bytes = b"",
+                  fence: Fence | None = None) -> Changed | Conflict:
         """Strong keyspaces: compare-and-set (``Changed``/``Conflict`` with id 0)."""
 
     async def incr(self, keyspace: str, key: bytes, delta: int = 1, sort: bytes = b"",
-                   idempotency: bytes = b"") -> Changed:
+                   idempotency: bytes = b"", fence: Fence | None = None) -> Changed:
         """Strong keyspaces: add ``delta`` to a counter; the new value in ``Changed``."""
+
+    async def acquire_lock(self, name: str, owner: str, ttl_ms: int, wait_ms: int = 0,
+                           idempotency: bytes = b"") -> Lease:
+        """A lease on lock ``name`` (``Lease.id`` 0), waiting up to ``wait_ms`` if held."""
+
+    async def renew_lock(self, name: str, owner: str, token: int, ttl_ms: int,
+                         idempotency: bytes = b"") -> Lease: ...
+
+    async def release_lock(self, name: str, owner: str, token: int,
+                           idempotency: bytes = b"") -> int: ...
+
+    async def lock_status(self, name: str) -> LockInfo: ...
 
     async def create_keyspace(self, name: str, replication: int = 3, mode: str = "eventual",
                               read_consistency: str = "QUORUM",

@@ -11,16 +11,19 @@ request goes to a replica of its key) and retry once on another node after a con
 failure or ``overloaded``; errors are the exceptions below, one per protocol error code.
 """
 
-from leaderless.api.kv_messages import KeyspaceInfo, RingMember, Row
+from leaderless.api.kv_messages import KeyspaceInfo, LockInfo, RingMember, Row
 from leaderless.client.async_client import AsyncClient, Item
 from leaderless.client.errors import (
     BadRequestError,
     ConflictError,
     ConnectionLostError,
     ContentionError,
+    FencedError,
     InternalError,
     KeyspaceExistsError,
     LeaderlessError,
+    LeaseLostError,
+    LockHeldError,
     NoNodeAvailableError,
     NotSupportedError,
     OverloadedError,
@@ -29,6 +32,7 @@ from leaderless.client.errors import (
     UnavailableError,
     UnknownKeyspaceError,
 )
+from leaderless.client.locks import Lease
 from leaderless.client.sync_client import Client
 
 __all__ = [
@@ -38,11 +42,16 @@ __all__ = [
     "ConflictError",
     "ConnectionLostError",
     "ContentionError",
+    "FencedError",
     "InternalError",
     "Item",
     "KeyspaceExistsError",
     "KeyspaceInfo",
     "LeaderlessError",
+    "Lease",
+    "LeaseLostError",
+    "LockHeldError",
+    "LockInfo",
     "NoNodeAvailableError",
     "NotSupportedError",
     "OverloadedError",

@@ -26,12 +26,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import os
 import random
-from collections.abc import Sequence
+import socket
+import time
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
 
 from leaderless.api.kv_messages import (
     CLIENT_SCAN_ROWS_MAX,
+    AcquireLock,
     Changed,
     ClientReply,
     CompareAndSet,
@@ -46,7 +50,11 @@ from leaderless.api.kv_messages import (
     KeyspaceInfo,
     Keyspaces,
     ListKeyspaces,
+    LockInfo,
+    LockStatus,
     Put,
+    ReleaseLock,
+    RenewLock,
     RingDescription,
     RingMember,
     Row,
@@ -54,18 +62,23 @@ from leaderless.api.kv_messages import (
     Scan,
     Value,
 )
+from leaderless.api.kv_messages import Lease as LeaseReply
 from leaderless.client.connection import NodeConnection
 from leaderless.client.errors import (
     BadRequestError,
     ConflictError,
     ConnectionLostError,
     LeaderlessError,
+    LockHeldError,
     NoNodeAvailableError,
     OverloadedError,
     error_for,
 )
+from leaderless.client.locks import Lease, held
 from leaderless.core.cells import VALUE_BYTES_HARD_MAX
 from leaderless.core.keys import token
+from leaderless.core.locks import LOCK_KEYSPACE, LOCK_REPLICATION
+from leaderless.core.paxos_messages import LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, LOCK_NAME_BYTES_MAX
 from leaderless.core.ring import Ring, RingNode
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -87,6 +100,10 @@ KEY_BYTES_MAX = 64 * 1024
 so the client refuses locally with a clear error instead."""
 
 BytesLike = bytes | str
+FenceLike = Lease | tuple[str, int]
+LOCK_WAIT_CHUNK_S = 60.0
+"""A blocking acquire waits on the node in requests of at most this long (a long wait is
+several requests, so a node dying mid-wait costs at most one chunk's retry)."""
 R = TypeVar("R")
 
 
@@ -161,6 +178,8 @@ class AsyncClient:
         self._refresh_soon: asyncio.TimerHandle | None = None
         self._connected = False
         self._closed = False
+        self.owner = f"{socket.gethostname()[:40]}-{os.getpid()}-{self._rng.getrandbits(48):012x}"
+        """This client's lock owner id (unique per client object)."""
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -242,12 +261,15 @@ class AsyncClient:
 
     async def put(self, keyspace: str, key: BytesLike, value: BytesLike, *,
                   sort: BytesLike | None = None, consistency: str | None = None,
-                  ttl: float | None = None, idempotency: bytes | None = None) -> int:
+                  ttl: float | None = None, idempotency: bytes | None = None,
+                  fence: FenceLike | None = None) -> int:
         """Write ``value`` under (key, sort); returns the write's HLC timestamp once the
         consistency level's replicas have it durably (strong keyspaces: the key's new
         version, after a Paxos round). ``ttl`` is in seconds. ``idempotency``: strong
         keyspaces remember it so a retry is not applied twice (default: a random id, the
-        same on this call's own retry)."""
+        same on this call's own retry). ``fence``: a ``Lease`` (or (lock, token)) this
+        write is made under; it is refused with ``FencedError`` if the lock has granted a
+        newer token since."""
         k, s = self._key(keyspace, key, sort)
         v = _b(value, "value")
         if len(v) > VALUE_BYTES_HARD_MAX:
@@ -257,7 +279,7 @@ class AsyncClient:
             raise BadRequestError(f"ttl must be > 0 seconds, got {ttl}")
         reply = await self._keyed(keyspace, k, Put,
                                   (keyspace, k, v, s, _level(consistency), ttl,
-                                   self._idempotency(keyspace, idempotency)))
+                                   self._idempotency(keyspace, idempotency), *_fence(fence)))
         assert isinstance(reply, Done)
         return reply.hlc
 
@@ -278,21 +300,22 @@ class AsyncClient:
         return Item(reply.value, reply.hlc, reply.expires_at_ms, reply.version)
 
     async def delete(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
-                     consistency: str | None = None, idempotency: bytes | None = None
-                     ) -> int:
+                     consistency: str | None = None, idempotency: bytes | None = None,
+                     fence: FenceLike | None = None) -> int:
         """Delete (write a tombstone); returns its HLC timestamp. Deleting an absent key
-        succeeds."""
+        succeeds. ``fence``: as for ``put``."""
         k, s = self._key(keyspace, key, sort)
         reply = await self._keyed(keyspace, k, Delete,
                                   (keyspace, k, s, _level(consistency),
-                                   self._idempotency(keyspace, idempotency)))
+                                   self._idempotency(keyspace, idempotency), *_fence(fence)))
         assert isinstance(reply, Done)
         return reply.hlc
 
     async def cas(self, keyspace: str, key: BytesLike, value: BytesLike, *,
                   expected_version: int | None = None,
                   expected_value: BytesLike | None = None, expected_absent: bool = False,
-                  sort: BytesLike | None = None, idempotency: bytes | None = None) -> int:
+                  sort: BytesLike | None = None, idempotency: bytes | None = None,
+                  fence: FenceLike | None = None) -> int:
         """Strong keyspaces: set ``value`` if the key is at ``expected_version`` (or holds
         ``expected_value``, or is absent with ``expected_absent``); returns the new
         version. Raises ``ConflictError`` (with the current ``version`` and ``value``) when
@@ -302,7 +325,7 @@ class AsyncClient:
         v = _b(value, "value")
         expected = None if expected_value is None else _b(expected_value, "expected_value")
         args = (keyspace, k, v, s, expected_version, expected, expected_absent,
-                idempotency or _new_id(self._rng))
+                idempotency or _new_id(self._rng), *_fence(fence))
         reply = await self._keyed(keyspace, k, CompareAndSet, args)
         if isinstance(reply, Conflict):
             raise ConflictError(
@@ -312,14 +335,89 @@ class AsyncClient:
         return reply.version
 
     async def incr(self, keyspace: str, key: BytesLike, delta: int = 1, *,
-                   sort: BytesLike | None = None, idempotency: bytes | None = None) -> int:
+                   sort: BytesLike | None = None, idempotency: bytes | None = None,
+                   fence: FenceLike | None = None) -> int:
         """Strong keyspaces: add ``delta`` to the key's counter atomically; returns the new
         value. Reuse ``idempotency`` on a retry after an ambiguous failure."""
         k, s = self._key(keyspace, key, sort)
         reply = await self._keyed(keyspace, k, Increment,
-                                  (keyspace, k, delta, s, idempotency or _new_id(self._rng)))
+                                  (keyspace, k, delta, s, idempotency or _new_id(self._rng),
+                                   *_fence(fence)))
         assert isinstance(reply, Changed)
         return int(reply.value)
+
+    # -- locks -----------------------------------------------------------------------------
+
+    async def acquire(self, name: str, ttl: float = 10.0, *, wait: float | None = 0.0,
+                      owner: str | None = None) -> Lease:
+        """A lease on lock ``name`` for ``ttl`` seconds, with a fencing token that grows with
+        every grant. ``wait``: seconds to wait for the lock to be released or to expire
+        (None: forever; 0: fail at once with ``LockHeldError``). The waiting happens on the
+        node (it is told of the release; no polling)."""
+        key = self._lock_key(name)
+        ttl_ms = _ttl_ms(ttl)
+        who = owner or self.owner
+        idempotency = _new_id(self._rng)
+        loop = asyncio.get_running_loop()
+        deadline = None if wait is None else loop.time() + max(0.0, wait)
+        while True:
+            left = LOCK_WAIT_CHUNK_S if deadline is None else max(0.0, deadline - loop.time())
+            wait_ms = int(min(left, LOCK_WAIT_CHUNK_S) * 1000)
+            sent_at = time.monotonic()
+            try:
+                reply = await self._keyed(LOCK_KEYSPACE, key, AcquireLock,
+                                          (name, who, ttl_ms, wait_ms, idempotency),
+                                          timeout_s=self.timeout_s + wait_ms / 1000)
+            except LockHeldError:
+                if deadline is not None and loop.time() >= deadline:
+                    raise
+                continue
+            assert isinstance(reply, LeaseReply)
+            return Lease(name, who, reply.token, ttl_ms / 1000, sent_at)
+
+    async def renew(self, lease: Lease, ttl: float | None = None) -> Lease:
+        """Extend ``lease`` by ``ttl`` (default: its own) from now; ``LeaseLostError`` if it
+        is no longer the lock's current lease."""
+        ttl_ms = _ttl_ms(lease.ttl_s if ttl is None else ttl)
+        sent_at = time.monotonic()
+        reply = await self._keyed(LOCK_KEYSPACE, self._lock_key(lease.name), RenewLock,
+                                  (lease.name, lease.owner, lease.token, ttl_ms,
+                                   _new_id(self._rng)))
+        assert isinstance(reply, LeaseReply)
+        return Lease(lease.name, lease.owner, lease.token, ttl_ms / 1000, sent_at)
+
+    async def release(self, lease: Lease) -> None:
+        """Free the lock; ``LeaseLostError`` if the lease had already ended."""
+        reply = await self._keyed(LOCK_KEYSPACE, self._lock_key(lease.name), ReleaseLock,
+                                  (lease.name, lease.owner, lease.token, _new_id(self._rng)))
+        assert isinstance(reply, Done)
+
+    async def lock_status(self, name: str) -> LockInfo:
+        """Who holds lock ``name`` now (a linearizable read): ``LockInfo(held, holder,
+        token, expires_in_ms)``."""
+        reply = await self._keyed(LOCK_KEYSPACE, self._lock_key(name), LockStatus, (name,))
+        assert isinstance(reply, LockInfo)
+        return reply
+
+    def lock(self, name: str, ttl: float = 10.0, *, wait: float | None = None,
+             owner: str | None = None) -> contextlib.AbstractAsyncContextManager[Lease]:
+        """``async with client.lock("name", ttl=10) as lease:`` acquires (waiting up to
+        ``wait`` seconds, None: forever), renews every ttl/3 while the block runs, and
+        releases at its end. Pass ``fence=lease`` to writes made under it. If a renewal
+        finds the lease gone, ``lease.lost`` becomes True (and fenced writes fail)."""
+
+        @contextlib.asynccontextmanager
+        async def run() -> AsyncIterator[Lease]:
+            lease = await self.acquire(name, ttl, wait=wait, owner=owner)
+            async with held(lease, self.renew, self.release) as kept:
+                yield kept
+
+        return run()
+
+    def _lock_key(self, name: str) -> bytes:
+        if not isinstance(name, str) or not name or len(name.encode()) > LOCK_NAME_BYTES_MAX:
+            raise BadRequestError(f"a lock name is text of 1..{LOCK_NAME_BYTES_MAX} bytes")
+        return name.encode()
 
     def _idempotency(self, keyspace: str, given: bytes | None) -> bytes:
         if given is not None:
@@ -387,20 +485,22 @@ class AsyncClient:
                                   "(and the node's own limit is lower)")
         return k, s
 
-    async def _keyed(self, keyspace: str, key: bytes, kind: type[Any], args: tuple[Any, ...]
-                     ) -> ClientReply:
+    async def _keyed(self, keyspace: str, key: bytes, kind: type[Any], args: tuple[Any, ...],
+                     timeout_s: float | None = None) -> ClientReply:
         if not self._connected:
             await self.connect()
         replicas: list[str] = []
         if self.token_aware and len(self._ring):
-            n = self._replication.get(keyspace, DEFAULT_REPLICATION)
+            n = (LOCK_REPLICATION if keyspace == LOCK_KEYSPACE
+                 else self._replication.get(keyspace, DEFAULT_REPLICATION))
             names = self._ring.preference_list(token(key), n)
             replicas = [self._addresses[name] for name in names]
         # Strong keyspaces: every client sends a key's changes to the same replica (the
         # first reachable in ring order), whose proposer then batches them and keeps the
         # one-round-trip path, instead of proposers on several nodes duelling over ballots.
-        ordered = self._modes.get(keyspace) == "strong"
-        return await self._request(replicas, kind, args, retry=True, ordered=ordered)
+        ordered = keyspace == LOCK_KEYSPACE or self._modes.get(keyspace) == "strong"
+        return await self._request(replicas, kind, args, retry=True, ordered=ordered,
+                                   timeout_s=timeout_s)
 
     def _candidates(self, preferred: list[str] | None, exclude: str | None,
                     ordered: bool = False) -> list[str]:
@@ -420,8 +520,8 @@ class AsyncClient:
         return up + down
 
     async def _request(self, preferred: list[str] | None, kind: type[Any],
-                       args: tuple[Any, ...], *, retry: bool, ordered: bool = False
-                       ) -> ClientReply:
+                       args: tuple[Any, ...], *, retry: bool, ordered: bool = False,
+                       timeout_s: float | None = None) -> ClientReply:
         if self._closed:
             raise LeaderlessError("the client is closed", code="closed")
         attempts = 2 if retry else 1
@@ -435,7 +535,7 @@ class AsyncClient:
                 break
             attempts -= 1
             try:
-                reply = await conn.call(kind, args, self.timeout_s)
+                reply = await conn.call(kind, args, timeout_s or self.timeout_s)
             except ConnectionLostError as exc:
                 last, failed = exc, conn.address
                 self._mark_down(conn.address)
@@ -524,6 +624,25 @@ class AsyncClient:
 def _ignore_result(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _fence(fence: FenceLike | None) -> tuple[str, int]:
+    if fence is None:
+        return ("", 0)
+    if isinstance(fence, Lease):
+        return fence.fence
+    lock, token = fence
+    if not isinstance(lock, str) or not lock or not isinstance(token, int) or token < 0:
+        raise BadRequestError("fence is a Lease or a (lock name, token) pair")
+    return (lock, token)
+
+
+def _ttl_ms(ttl: float) -> int:
+    ttl_ms = int(ttl * 1000)
+    if not LEASE_TTL_MS_MIN <= ttl_ms <= LEASE_TTL_MS_MAX:
+        raise BadRequestError(f"a lease ttl is {LEASE_TTL_MS_MIN / 1000}.."
+                              f"{LEASE_TTL_MS_MAX // 1000} seconds, got {ttl}")
+    return ttl_ms
 
 
 def _level(consistency: str | None) -> str | None:

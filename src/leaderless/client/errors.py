@@ -106,6 +106,26 @@ class InternalError(LeaderlessError):
     code = "internal"
 
 
+class LockHeldError(LeaderlessError):
+    """The lock is held by another owner and was not freed within the wait time."""
+
+    code = "lock_held"
+
+
+class LeaseLostError(LeaderlessError):
+    """The lease is no longer the lock's current one (it expired and the lock was granted
+    again, or it was released): stop acting as the holder."""
+
+    code = "lease_lost"
+
+
+class FencedError(LeaderlessError):
+    """A write made under a lock's token was refused because the lock has granted a newer
+    token: the writer's lease had ended. Nothing was written."""
+
+    code = "fenced"
+
+
 class NoNodeAvailableError(LeaderlessError):
     """No node in the client's list could be reached (or every one failed the request's
     connection). Check the addresses and that the nodes run."""
@@ -124,7 +144,8 @@ ERRORS_BY_CODE: dict[str, type[LeaderlessError]] = {
     cls.code: cls
     for cls in (BadRequestError, UnknownKeyspaceError, KeyspaceExistsError, UnavailableError,
                 RequestTimeoutError, OverloadedError, StorageError, NotSupportedError,
-                InternalError, ContentionError, ConflictError)
+                InternalError, ContentionError, ConflictError, LockHeldError, LeaseLostError,
+                FencedError)
 }
 assert set(ERRORS_BY_CODE) == set(ERROR_CODES), "every protocol code needs an exception"
 

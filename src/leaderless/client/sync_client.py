@@ -5,11 +5,12 @@ already running) alike. Methods and arguments are the ``AsyncClient``'s."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
-from leaderless.api.kv_messages import KeyspaceInfo, RingMember, Row
+from leaderless.api.kv_messages import KeyspaceInfo, LockInfo, RingMember, Row
 from leaderless.client.async_client import (
     CONNECT_TIMEOUT_S,
     DEFAULT_CONNECTIONS_PER_NODE,
@@ -17,8 +18,10 @@ from leaderless.client.async_client import (
     DEFAULT_TIMEOUT_S,
     AsyncClient,
     BytesLike,
+    FenceLike,
     Item,
 )
+from leaderless.client.locks import Lease
 
 T = TypeVar("T")
 
@@ -85,10 +88,11 @@ class Client:
 
     def put(self, keyspace: str, key: BytesLike, value: BytesLike, *,
             sort: BytesLike | None = None, consistency: str | None = None,
-            ttl: float | None = None, idempotency: bytes | None = None) -> int:
+            ttl: float | None = None, idempotency: bytes | None = None,
+            fence: FenceLike | None = None) -> int:
         return self._run(self._client.put(keyspace, key, value, sort=sort,
                                           consistency=consistency, ttl=ttl,
-                                          idempotency=idempotency))
+                                          idempotency=idempotency, fence=fence))
 
     def get(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
             consistency: str | None = None) -> bytes | None:
@@ -100,24 +104,54 @@ class Client:
                                                     consistency=consistency))
 
     def delete(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
-               consistency: str | None = None, idempotency: bytes | None = None) -> int:
+               consistency: str | None = None, idempotency: bytes | None = None,
+               fence: FenceLike | None = None) -> int:
         return self._run(self._client.delete(keyspace, key, sort=sort,
                                              consistency=consistency,
-                                             idempotency=idempotency))
+                                             idempotency=idempotency, fence=fence))
 
     def cas(self, keyspace: str, key: BytesLike, value: BytesLike, *,
             expected_version: int | None = None, expected_value: BytesLike | None = None,
             expected_absent: bool = False, sort: BytesLike | None = None,
-            idempotency: bytes | None = None) -> int:
+            idempotency: bytes | None = None, fence: FenceLike | None = None) -> int:
         return self._run(self._client.cas(
             keyspace, key, value, expected_version=expected_version,
             expected_value=expected_value, expected_absent=expected_absent, sort=sort,
-            idempotency=idempotency))
+            idempotency=idempotency, fence=fence))
 
     def incr(self, keyspace: str, key: BytesLike, delta: int = 1, *,
-             sort: BytesLike | None = None, idempotency: bytes | None = None) -> int:
+             sort: BytesLike | None = None, idempotency: bytes | None = None,
+             fence: FenceLike | None = None) -> int:
         return self._run(self._client.incr(keyspace, key, delta, sort=sort,
-                                           idempotency=idempotency))
+                                           idempotency=idempotency, fence=fence))
+
+    def acquire(self, name: str, ttl: float = 10.0, *, wait: float | None = 0.0,
+                owner: str | None = None) -> Lease:
+        return self._run(self._client.acquire(name, ttl, wait=wait, owner=owner))
+
+    def renew(self, lease: Lease, ttl: float | None = None) -> Lease:
+        return self._run(self._client.renew(lease, ttl))
+
+    def release(self, lease: Lease) -> None:
+        self._run(self._client.release(lease))
+
+    def lock_status(self, name: str) -> LockInfo:
+        return self._run(self._client.lock_status(name))
+
+    @contextlib.contextmanager
+    def lock(self, name: str, ttl: float = 10.0, *, wait: float | None = None,
+             owner: str | None = None) -> Iterator[Lease]:
+        """``with client.lock("name", ttl=10) as lease:``: as ``AsyncClient.lock`` (renewed
+        in the client's background loop while the block runs, released after)."""
+        manager = self._client.lock(name, ttl, wait=wait, owner=owner)
+        lease = self._run(manager.__aenter__())
+        try:
+            yield lease
+        except BaseException as exc:
+            if not self._run(manager.__aexit__(type(exc), exc, exc.__traceback__)):
+                raise
+        else:
+            self._run(manager.__aexit__(None, None, None))
 
     def scan(self, keyspace: str, key: BytesLike, *, start: BytesLike | None = None,
              end: BytesLike | None = None, limit: int | None = None,

@@ -24,12 +24,14 @@ from leaderless.api.kv_messages import (
     Failure,
     Get,
     KeyspaceInfo,
+    Lease,
+    LockInfo,
     Put,
     RingMember,
     Row,
     Value,
 )
-from leaderless.api.service import KvError
+from leaderless.api.service import Fence, KvError
 from leaderless.core import paxos
 from leaderless.core.anti_entropy import AntiEntropy, AntiEntropyConfig, ApplyRows, SendToPeer
 from leaderless.core.anti_entropy_messages import AntiEntropyMessage
@@ -90,6 +92,9 @@ from leaderless.core.paxos_messages import (
     Delete as DeleteChange,
 )
 from leaderless.core.paxos_messages import (
+    Fence as FenceChange,
+)
+from leaderless.core.paxos_messages import (
     Put as PutChange,
 )
 from leaderless.core.purge import purge_slice
@@ -104,6 +109,7 @@ from leaderless.core.schema import (
     validate,
 )
 from leaderless.runtime.group_commit import GroupCommit
+from leaderless.runtime.locks import LockService
 from leaderless.runtime.logs import NodeLogger
 from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.tcp import ServerConnection
@@ -142,6 +148,11 @@ class KvNode:
         self.proposer = paxos.Proposer(name, paxos.ProposerConfig(), self._ids,
                                        random.Random(rng_seed ^ 0x5A5A))
         self._paxos_purge_cursor = b""
+        self.locks = LockService(self.propose)
+        self.key_listeners: list[Callable[[str, bytes, bytes], None]] = [
+            self.locks.on_key_changed]
+        """Called with (keyspace, partition, sort) for every change of a strong key chosen
+        by this node's proposer (and, from watches, by others)."""
         self.handoff = Handoff(self.hints, HintConfig(hint_window_s=hint_window_s))
         self.anti_entropy = AntiEntropy(name, AntiEntropyConfig(
             interval_s=anti_entropy_interval_s), random.Random(rng_seed), store, self.forest)
@@ -231,25 +242,30 @@ class KvNode:
 
     async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
                   consistency: str | None = None, ttl_s: float | None = None,
-                  idempotency: bytes = b"") -> int:
+                  idempotency: bytes = b"", fence: Fence | None = None) -> int:
         definition = await self._keyspace(keyspace)
         self._check_key(key, sort)
         if definition.mode == "strong":
             if ttl_s is not None:
                 raise KvError("bad_request", "strong keyspaces do not support TTL yet")
             self._check_value(value)
-            done = await self._strong(definition, key, sort, PutChange(value), idempotency)
+            done = await self._strong(definition, key, sort,
+                                      PutChange(value, await self._fence(fence)), idempotency)
             return done.version
         cell = self._new_cell(value, ttl_s)
+        await self._fence(fence)
         return await self._write(definition, key, sort, cell, consistency)
 
     async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
-                     consistency: str | None = None, idempotency: bytes = b"") -> int:
+                     consistency: str | None = None, idempotency: bytes = b"",
+                     fence: Fence | None = None) -> int:
         definition = await self._keyspace(keyspace)
         self._check_key(key, sort)
         if definition.mode == "strong":
-            done = await self._strong(definition, key, sort, DeleteChange(), idempotency)
+            done = await self._strong(definition, key, sort,
+                                      DeleteChange(await self._fence(fence)), idempotency)
             return done.version
+        await self._fence(fence)
         cell = Cell(self.clock.now(_wall_ms()), self.name, b"", True)
         return await self._write(definition, key, sort, cell, consistency)
 
@@ -292,8 +308,8 @@ class KvNode:
 
     async def cas(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
                   expected_version: int | None = None, expected_value: bytes | None = None,
-                  expected_absent: bool = False, idempotency: bytes = b""
-                  ) -> Changed | Conflict:
+                  expected_absent: bool = False, idempotency: bytes = b"",
+                  fence: Fence | None = None) -> Changed | Conflict:
         definition = await self._strong_keyspace(keyspace, "compare-and-set")
         self._check_key(key, sort)
         self._check_value(value)
@@ -301,7 +317,8 @@ class KvNode:
         if given != 1:
             raise KvError("bad_request", "compare-and-set needs exactly one expectation: "
                           "expected_version, expected_value or expected_absent")
-        change = CasChange(value, expected_version, expected_value, expected_absent)
+        change = CasChange(value, expected_version, expected_value, expected_absent,
+                           await self._fence(fence))
         try:
             done = await self._strong(definition, key, sort, change, idempotency)
         except _ConflictFound as conflict:
@@ -310,10 +327,11 @@ class KvNode:
         return Changed(0, done.version, done.value or b"", done.duplicate)
 
     async def incr(self, keyspace: str, key: bytes, delta: int = 1, sort: bytes = b"",
-                   idempotency: bytes = b"") -> Changed:
+                   idempotency: bytes = b"", fence: Fence | None = None) -> Changed:
         definition = await self._strong_keyspace(keyspace, "increment")
         self._check_key(key, sort)
-        done = await self._strong(definition, key, sort, Incr(delta), idempotency)
+        done = await self._strong(definition, key, sort, Incr(delta, await self._fence(fence)),
+                                  idempotency)
         return Changed(0, done.version, done.value or b"", done.duplicate)
 
     async def _strong_keyspace(self, keyspace: str, what: str) -> KeyspaceDef:
@@ -330,17 +348,58 @@ class KvNode:
 
     async def _strong(self, definition: KeyspaceDef, key: bytes, sort: bytes, change: Change,
                       idempotency: bytes) -> paxos.Done:
+        result = await self.propose(definition, key, sort, change, idempotency)
+        if isinstance(result, paxos.Conflict):
+            raise _ConflictFound(result.version, result.value)
+        if isinstance(result, paxos.Fenced):
+            self.locks.fenced += 1
+            raise KvError("fenced", f"this key was changed under token {result.token} of lock "
+                          f"{result.lock!r}, newer than this write's: it was not applied")
+        assert isinstance(result, paxos.Done), result
+        return result
+
+    async def propose(self, definition: KeyspaceDef, key: bytes, sort: bytes, change: Change,
+                      idempotency: bytes) -> paxos.Outcome:
+        """Run a change of a strong key through Paxos: Done, Conflict or Fenced (a failure
+        is raised as KvError). Listeners hear of every chosen change."""
         op_id = next(self._op_ids)
         result = await self._await_op(op_id, lambda: self.proposer.propose(
             self._now(), op_id, self._topology, definition.name, definition.replication,
             key, sort, change, idempotency, _wall_ms()))
-        if isinstance(result, paxos.Conflict):
-            raise _ConflictFound(result.version, result.value)
         if isinstance(result, paxos.Failed):
             code = "bad_request" if result.code == "invalid" else result.code
             raise KvError(code, result.message, result.received, result.required)
-        assert isinstance(result, paxos.Done), result
+        if isinstance(result, paxos.Done) and not isinstance(change, Read):
+            for listener in self.key_listeners:
+                listener(definition.name, key, sort)
+        assert isinstance(result, paxos.Done | paxos.Conflict | paxos.Fenced), result
         return result
+
+    async def _fence(self, fence: Fence | None) -> FenceChange | None:
+        """Check a write's fence against its lock (raises ``fenced``); the fence to carry
+        into a strong change."""
+        if fence is None:
+            return None
+        lock, token = fence
+        await self.locks.check_fence(lock, token)
+        return FenceChange(lock, token)
+
+    # -- locks (runtime.locks) -----------------------------------------------------------
+
+    async def acquire_lock(self, name: str, owner: str, ttl_ms: int, wait_ms: int = 0,
+                           idempotency: bytes = b"") -> Lease:
+        return await self.locks.acquire(name, owner, ttl_ms, wait_ms, idempotency)
+
+    async def renew_lock(self, name: str, owner: str, token: int, ttl_ms: int,
+                         idempotency: bytes = b"") -> Lease:
+        return await self.locks.renew(name, owner, token, ttl_ms, idempotency)
+
+    async def release_lock(self, name: str, owner: str, token: int,
+                           idempotency: bytes = b"") -> int:
+        return await self.locks.release(name, owner, token, idempotency)
+
+    async def lock_status(self, name: str) -> LockInfo:
+        return await self.locks.status(name)
 
     async def create_keyspace(self, name: str, replication: int = 3, mode: str = "eventual",
                               read_consistency: str = "QUORUM",
@@ -401,6 +460,8 @@ class KvNode:
         kind = type(request)
         if kind is not Get and kind is not Put and kind is not Delete:
             return False
+        if kind is not Get and request.fence_lock:
+            return False  # the fence check reads the lock first (the async path)
         definition = self._keyspaces.get(request.keyspace)
         if definition is None or definition.mode != "eventual" or self._closed:
             return False  # strong keyspaces go through Paxos (the async path)
@@ -745,6 +806,7 @@ class KvNode:
         result["commit_batches"] = self.commit.commits
         result["purged"] = self.purged
         result["in_flight"] = self.coordinator.in_flight()
+        result.update(self.locks.counters())
         return result
 
 

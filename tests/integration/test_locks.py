@@ -1,0 +1,92 @@
+"""Locks on real processes: leases, fencing tokens, blocking acquire, fenced writes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from leaderless.client import (
+    AsyncClient,
+    BadRequestError,
+    FencedError,
+    LeaseLostError,
+    LockHeldError,
+)
+from tests.integration.helpers import Processes
+from tests.integration.test_kv_cluster import start_cluster
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(300)
+def test_lock_api_leases_tokens_fences_and_waiting(processes: Processes) -> None:
+    _, clients = start_cluster(processes)
+
+    async def run() -> None:
+        async with AsyncClient(clients, timeout_s=10) as a, \
+                AsyncClient(clients[1:], timeout_s=10) as b:
+            await a.create_keyspace("data", replication=3, mode="strong")
+            await a.create_keyspace("plain", replication=3)
+            first = await a.acquire("job", ttl=5)
+            assert first.token >= 1 and first.valid_for_s() > 0
+            with pytest.raises(LockHeldError):
+                await b.acquire("job", ttl=5, wait=0)
+            status = await b.lock_status("job")
+            assert status.held and status.holder == a.owner and status.token == first.token
+            renewed = await a.renew(first, ttl=5)
+            assert renewed.token == first.token
+            await a.put("data", "k", b"v1", fence=first)
+            await a.put("plain", "k", b"v1", fence=first)
+
+            # A blocked acquire is woken by the release (no polling), and gets token + 1.
+            waiter = asyncio.create_task(b.acquire("job", ttl=5, wait=30))
+            await asyncio.sleep(0.3)
+            assert not waiter.done()
+            await a.release(first)
+            second = await asyncio.wait_for(waiter, 10)
+            assert second.token == first.token + 1
+
+            # The old holder's lease is gone: renew/release fail, fenced writes are refused.
+            with pytest.raises(LeaseLostError):
+                await a.renew(first)
+            with pytest.raises(LeaseLostError):
+                await a.release(first)
+            for keyspace in ("data", "plain"):
+                with pytest.raises(FencedError):
+                    await a.put(keyspace, "k", b"stale", fence=first)
+            with pytest.raises(FencedError):
+                await a.cas("data", "k", b"stale", expected_value=b"v1", fence=first)
+            with pytest.raises(FencedError):
+                await a.incr("data", "n", fence=first)
+            with pytest.raises(FencedError):
+                await a.delete("data", "k", fence=first)
+            with pytest.raises(FencedError):  # a token never granted
+                await a.put("data", "k", b"x", fence=("job", second.token + 5))
+            assert await a.get("data", "k") == b"v1"
+            assert await a.get("plain", "k") == b"v1"
+            await b.put("data", "k", b"v2", fence=second)
+            assert await a.get("data", "k") == b"v2"
+
+            # Expiry: a holder that stops renewing loses the lock after its TTL.
+            await b.release(second)
+            short = await b.acquire("short", ttl=0.5)
+            third = await a.acquire("short", ttl=5, wait=10)
+            assert third.token == short.token + 1
+
+            # async with: renewed while held, released after.
+            async with a.lock("ctx", ttl=0.6) as lease:
+                await asyncio.sleep(1.5)  # past the TTL: the renewals keep it
+                assert not lease.lost
+                with pytest.raises(LockHeldError):
+                    await b.acquire("ctx", ttl=1, wait=0)
+            after = await b.acquire("ctx", ttl=1, wait=0)
+            assert after.token == lease.token + 1
+
+            for bad in ("", "x" * 300):
+                with pytest.raises(BadRequestError):
+                    await a.acquire(bad, ttl=1)
+            with pytest.raises(BadRequestError):
+                await a.acquire("job", ttl=0.01)
+
+    asyncio.run(run())
