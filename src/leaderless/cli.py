@@ -277,5 +277,6 @@ def event_watch(node: str, as_json: bool) -> None:
 
 
 from leaderless.cli_kv import keyspace, kv  # noqa: E402  (registered last: see cli_kv.py)
+from leaderless.cli_locks import lock  # noqa: E402
 
-main.add_command(keyspace); main.add_command(kv)  # noqa: E702
+main.add_command(keyspace); main.add_command(kv); main.add_command(lock)  # noqa: E702

@@ -17,7 +17,9 @@ Exit codes: 0 ok; 1 no node reachable, connection lost, or the node failed (stor
 internal); 2 invalid usage or a request the node refused as invalid (bad_request);
 4 ``kv get``: no such key; 5 the cluster could not serve it now (unavailable, timeout,
 overloaded, contention: retry later); 6 schema: unknown keyspace, or keyspace exists
-already; 7 ``kv cas``: the expectation did not hold (the message has the current version).
+already; 7 ``kv cas``: the expectation did not hold (the message has the current version);
+8 a write with ``--fence LOCK:TOKEN`` was refused because the lock granted a newer token
+(and, for ``leaderless lock``, the lock is held or the lease was lost).
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ from leaderless.client.errors import (
     BadRequestError,
     ConflictError,
     ContentionError,
+    FencedError,
     KeyspaceExistsError,
     LeaderlessError,
+    LeaseLostError,
+    LockHeldError,
     OverloadedError,
     RequestTimeoutError,
     UnavailableError,
@@ -55,6 +60,7 @@ EXIT_NOT_FOUND = 4
 EXIT_UNAVAILABLE = 5
 EXIT_SCHEMA = 6
 EXIT_CONFLICT = 7
+EXIT_NOT_HOLDER = 8
 
 
 def exit_code_for(exc: LeaderlessError) -> int:
@@ -65,6 +71,8 @@ def exit_code_for(exc: LeaderlessError) -> int:
         return EXIT_UNAVAILABLE
     if isinstance(exc, ConflictError):
         return EXIT_CONFLICT
+    if isinstance(exc, LockHeldError | LeaseLostError | FencedError):
+        return EXIT_NOT_HOLDER
     if isinstance(exc, UnknownKeyspaceError | KeyspaceExistsError):
         return EXIT_SCHEMA
     return EXIT_FATAL
@@ -190,6 +198,22 @@ def keyspace_list(nodes: tuple[str, ...], timeout_s: float, as_json: bool) -> No
 # -- kv -----------------------------------------------------------------------------------
 
 
+def _parse_fence(ctx: click.Context, param: click.Parameter, value: str | None
+                 ) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    lock, sep, token = value.rpartition(":")
+    if not sep or not lock or not token.isdigit():
+        raise click.BadParameter(f"{value!r} is not LOCK:TOKEN (e.g. backup:7)")
+    return lock, int(token)
+
+
+fence_option = click.option(
+    "--fence", callback=_parse_fence, metavar="LOCK:TOKEN",
+    help="Write under this lease of a lock: refused (exit 8) if the lock has granted a "
+         "newer token.")
+
+
 @click.group()
 def kv() -> None:
     """Put, get, delete and scan rows (keyspace -> partition key -> sort key -> value)."""
@@ -203,10 +227,11 @@ def kv() -> None:
 @consistency_option
 @click.option("--ttl", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
               help="Expire the value after this many seconds.")
+@fence_option
 @_common
 def kv_put(keyspace_name: str, key: str, value: str, sort: str | None,
-           consistency: str | None, ttl: float | None, nodes: tuple[str, ...],
-           timeout_s: float, as_json: bool) -> None:
+           consistency: str | None, ttl: float | None, fence: tuple[str, int] | None,
+           nodes: tuple[str, ...], timeout_s: float, as_json: bool) -> None:
     """Write VALUE (``-``: read it from stdin) under KEY."""
     # fsencode: arguments that are not valid UTF-8 reach us surrogate-escaped; store the
     # bytes the user gave.
@@ -214,7 +239,8 @@ def kv_put(keyspace_name: str, key: str, value: str, sort: str | None,
     k = os.fsencode(key)
     s = None if sort is None else os.fsencode(sort)
     hlc = _call(nodes, timeout_s, lambda c: c.put(keyspace_name, k, data, sort=s,
-                                                   consistency=consistency, ttl=ttl))
+                                                   consistency=consistency, ttl=ttl,
+                                                   fence=fence))
     if as_json:
         click.echo(json.dumps({"hlc": hlc, "bytes": len(data)}))
     else:
@@ -256,14 +282,16 @@ def kv_get(keyspace_name: str, key: str, sort: str | None, consistency: str | No
 @click.argument("key")
 @sort_option
 @consistency_option
+@fence_option
 @_common
 def kv_delete(keyspace_name: str, key: str, sort: str | None, consistency: str | None,
-              nodes: tuple[str, ...], timeout_s: float, as_json: bool) -> None:
+              fence: tuple[str, int] | None, nodes: tuple[str, ...], timeout_s: float,
+              as_json: bool) -> None:
     """Delete KEY (succeeds if it is absent)."""
     k = os.fsencode(key)
     s = None if sort is None else os.fsencode(sort)
     hlc = _call(nodes, timeout_s, lambda c: c.delete(keyspace_name, k, sort=s,
-                                                      consistency=consistency))
+                                                      consistency=consistency, fence=fence))
     if as_json:
         click.echo(json.dumps({"hlc": hlc}))
     else:

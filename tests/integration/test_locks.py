@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -13,7 +14,7 @@ from leaderless.client import (
     LeaseLostError,
     LockHeldError,
 )
-from tests.integration.helpers import Processes
+from tests.integration.helpers import Processes, run_cli
 from tests.integration.test_kv_cluster import start_cluster
 
 pytestmark = pytest.mark.integration
@@ -90,3 +91,35 @@ def test_lock_api_leases_tokens_fences_and_waiting(processes: Processes) -> None
                 await a.acquire("job", ttl=0.01)
 
     asyncio.run(run())
+
+
+@pytest.mark.timeout(300)
+def test_locks_from_the_cli(processes: Processes) -> None:
+    _, clients = start_cluster(processes)
+    target = ("--node", clients[0])
+    assert run_cli("keyspace", "create", "s", "--mode", "strong", *target).returncode == 0
+    got = run_cli("lock", "acquire", "backup", "--ttl", "30", "--owner", "me", "--json",
+                  *target)
+    assert got.returncode == 0, got.stderr
+    token = json.loads(got.stdout)["token"]
+    held = run_cli("lock", "acquire", "backup", "--owner", "other", *target)
+    assert held.returncode == 8 and "held" in held.stderr
+    status = json.loads(run_cli("lock", "status", "backup", "--json", *target).stdout)
+    assert status["held"] and status["holder"] == "me" and status["token"] == token
+    fence = f"backup:{token}"
+    assert run_cli("kv", "put", "s", "k", "v", "--fence", fence, *target).returncode == 0
+    assert run_cli("lock", "renew", "backup", "--owner", "me", "--token", str(token),
+                   *target).returncode == 0
+    assert run_cli("lock", "release", "backup", "--owner", "me", "--token", str(token),
+                   *target).returncode == 0
+    again = run_cli("lock", "acquire", "backup", "--owner", "other", "--json", *target)
+    assert json.loads(again.stdout)["token"] == token + 1
+    stale = run_cli("kv", "put", "s", "k", "stale", "--fence", fence, *target)
+    assert stale.returncode == 8 and "has granted token" in stale.stderr
+    lost = run_cli("lock", "release", "backup", "--owner", "me", "--token", str(token),
+                   *target)
+    assert lost.returncode == 8
+    assert run_cli("kv", "get", "s", "k", *target).stdout == "v"
+    bad = run_cli("kv", "put", "s", "k", "v", "--fence", "nocolon", *target)
+    assert bad.returncode == 2
+    assert "free" in run_cli("lock", "status", "nobody", *target).stdout
