@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -14,8 +16,9 @@ from leaderless.client import (
     LeaseLostError,
     LockHeldError,
 )
-from tests.integration.helpers import Processes, run_cli
-from tests.integration.test_kv_cluster import start_cluster
+from leaderless.runtime.ports import free_port
+from tests.integration.helpers import Processes, run_cli, wait_until
+from tests.integration.test_kv_cluster import start_cluster, start_kv_node
 
 pytestmark = pytest.mark.integration
 
@@ -123,3 +126,49 @@ def test_locks_from_the_cli(processes: Processes) -> None:
     bad = run_cli("kv", "put", "s", "k", "v", "--fence", "nocolon", *target)
     assert bad.returncode == 2
     assert "free" in run_cli("lock", "status", "nobody", *target).stdout
+
+
+@pytest.mark.timeout(300)
+def test_locks_over_http(processes: Processes) -> None:
+    http_port = free_port()
+    first = processes.start_node("h1", None, None, None, "--client",
+                                 f"127.0.0.1:{free_port()}", "--http",
+                                 f"127.0.0.1:{http_port}", "--log-level", "warning")
+    others = [start_kv_node(processes, name, first.address)[0] for name in ("h2", "h3")]
+    nodes = [first, *others]
+    wait_until(lambda: all(sum(m.state == "alive" for m in n.members().values()) == 3
+                           for n in nodes), "all three nodes see each other alive")
+    base = f"http://127.0.0.1:{http_port}"
+
+    def call(method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, object]]:
+        request = urllib.request.Request(base + path, data=body or None, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    assert call("POST", "/v1/keyspaces", b'{"name": "s", "mode": "strong"}')[0] == 201
+    status, lease = call("POST", "/v1/locks/job?ttl=30&owner=web1")
+    assert status == 200 and lease["owner"] == "web1"
+    token = lease["token"]
+    status, body = call("POST", "/v1/locks/job?owner=web2")
+    assert status == 409 and body["error"] == "lock_held"
+    status, body = call("GET", "/v1/locks/job")
+    assert (status, body["held"], body["holder"], body["token"]) == (200, True, "web1", token)
+    assert call("PUT", f"/v1/kv/s/k?fence=job:{token}", b"v")[0] == 200
+    assert call("PUT", f"/v1/locks/job?owner=web1&token={token}&ttl=30")[0] == 200
+    assert call("DELETE", f"/v1/locks/job?owner=web1&token={token}")[0] == 200
+    status, again = call("POST", "/v1/locks/job?owner=web2&ttl=30")
+    assert status == 200 and again["token"] == token + 1
+    status, body = call("PUT", f"/v1/kv/s/k?fence=job:{token}", b"stale")
+    assert status == 409 and body["error"] == "fenced"
+    status, body = call("POST", f"/v1/incr/s/n?fence=job:{token}")
+    assert status == 409 and body["error"] == "fenced"
+    status, body = call("DELETE", f"/v1/locks/job?owner=web1&token={token}")
+    assert status == 409 and body["error"] == "lease_lost"
+    assert call("PUT", "/v1/kv/s/k?fence=nocolon", b"x")[1]["error"] == "bad_request"
+    assert call("POST", "/v1/locks/job?ttl=0")[1]["error"] == "bad_request"
+    assert call("DELETE", "/v1/locks/job")[1]["error"] == "bad_request"
+    with urllib.request.urlopen(base + "/v1/kv/s/k", timeout=10) as response:
+        assert response.read() == b"v"

@@ -43,7 +43,20 @@ inside a key, ``%00`` for a zero byte); values travel raw in the body.
                                              "read_consistency", "write_consistency"}]}``
 ``GET    /v1/ring``                          ``{"members": [{"name", "client_address",
                                              "token_seed", "token_count", "zone", "state"}]}``
+``POST   /v1/locks/{name}``                  acquire: ``ttl`` (s, default 10), ``wait`` (s,
+                                             default 0), ``owner`` (default: a random one);
+                                             200 ``{"name", "owner", "token", "ttl_s"}``;
+                                             409 ``lock_held``
+``PUT    /v1/locks/{name}``                  renew: ``owner``, ``token``, ``ttl``; 409
+                                             ``lease_lost``
+``DELETE /v1/locks/{name}``                  release: ``owner``, ``token``; 409
+                                             ``lease_lost``
+``GET    /v1/locks/{name}``                  ``{"name", "held", "holder", "token",
+                                             "expires_in_ms"}``
 ==========================================  ================================================
+
+Writes (``PUT``/``DELETE /v1/kv``, ``/v1/cas``, ``/v1/incr``) take ``fence=LOCK:TOKEN``: made
+under that lease, refused with 409 ``fenced`` once the lock has granted a newer token.
 
 Keys and sort keys in JSON answers are given as ``sort`` (text, when valid UTF-8, else null)
 and ``sort_b64`` (always). Errors are JSON ``{"error": code, "message", "received",
@@ -57,6 +70,7 @@ typo (``?consistncy=ONE``) never passes silently.
 from __future__ import annotations
 
 import base64
+import secrets
 import traceback
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
@@ -89,6 +103,9 @@ STATUS_BY_CODE = {
     "method_not_allowed": 405,
     "keyspace_exists": 409,
     "conflict": 409,
+    "lock_held": 409,
+    "lease_lost": 409,
+    "fenced": 409,
     "value_too_large": 413,
     "unavailable": 503,
     "overloaded": 503,
@@ -146,6 +163,7 @@ def make_app(service: KvService, *, value_bytes_max: int = VALUE_BYTES_MAX_DEFAU
     app.router.add_post("/v1/keyspaces", api.create_keyspace)
     app.router.add_get("/v1/keyspaces", api.list_keyspaces)
     app.router.add_get("/v1/ring", api.ring)
+    app.router.add_route("*", "/v1/locks/{tail:.*}", api.locks)
     return app
 
 
@@ -188,7 +206,7 @@ class HttpApi:
         keyspace, key = _keyspace_and_key(request, "/v1/kv/")
         method = request.method
         if method == "PUT":
-            query = _query(request, {"sort", "consistency", "ttl"})
+            query = _query(request, {"sort", "consistency", "ttl", "fence"})
             length = request.content_length
             if length is not None and length > self._value_bytes_max:
                 raise HttpError("value_too_large", self._too_large())
@@ -196,7 +214,8 @@ class HttpApi:
             if len(value) > self._value_bytes_max:
                 raise HttpError("value_too_large", self._too_large())
             hlc = await self._service.put(keyspace, key, value, query.get("sort", b""),
-                                          _consistency(query), _ttl(query))
+                                          _consistency(query), _ttl(query),
+                                          query.get("idempotency", b""), _fence(query))
             return json_response({"hlc": hlc})
         if method in ("GET", "HEAD"):
             query = _query(request, {"sort", "consistency", "format"})
@@ -219,9 +238,9 @@ class HttpApi:
             return web.Response(body=found.value, headers=headers,
                                 content_type="application/octet-stream")
         if method == "DELETE":
-            query = _query(request, {"sort", "consistency"})
+            query = _query(request, {"sort", "consistency", "fence"})
             hlc = await self._service.delete(keyspace, key, query.get("sort", b""),
-                                             _consistency(query))
+                                             _consistency(query), b"", _fence(query))
             return json_response({"hlc": hlc})
         raise web.HTTPMethodNotAllowed(method, ["GET", "HEAD", "PUT", "DELETE"])
 
@@ -246,7 +265,7 @@ class HttpApi:
     async def cas(self, request: web.Request) -> web.StreamResponse:
         keyspace, key = _keyspace_and_key(request, "/v1/cas/")
         query = _query(request, {"sort", "expected_version", "expected_value",
-                                 "expected_absent", "idempotency"})
+                                 "expected_absent", "idempotency", "fence"})
         value = await request.read()
         if len(value) > self._value_bytes_max:
             raise HttpError("value_too_large", self._too_large())
@@ -255,7 +274,7 @@ class HttpApi:
         absent = query.get("expected_absent", b"") in (b"1", b"true")
         outcome = await self._service.cas(keyspace, key, value, query.get("sort", b""),
                                           version, query.get("expected_value"), absent,
-                                          query.get("idempotency", b""))
+                                          query.get("idempotency", b""), _fence(query))
         if isinstance(outcome, Conflict):
             body = {"error": "conflict", "message": "the expectation did not hold",
                     "version": outcome.version,
@@ -265,12 +284,44 @@ class HttpApi:
 
     async def incr(self, request: web.Request) -> web.StreamResponse:
         keyspace, key = _keyspace_and_key(request, "/v1/incr/")
-        query = _query(request, {"sort", "delta", "idempotency"})
+        query = _query(request, {"sort", "delta", "idempotency", "fence"})
         delta = _int(query, "delta", 1, -(2**63), 2**63 - 1)
         changed = await self._service.incr(keyspace, key, delta, query.get("sort", b""),
-                                           query.get("idempotency", b""))
+                                           query.get("idempotency", b""), _fence(query))
         return json_response({"value": int(changed.value), "version": changed.version,
                               "duplicate": changed.duplicate})
+
+    # -- locks -------------------------------------------------------------------------------
+
+    async def locks(self, request: web.Request) -> web.StreamResponse:
+        name = _lock_name(request)
+        method = request.method
+        if method == "GET":
+            _query(request, set())
+            info = await self._service.lock_status(name)
+            return json_response({"name": name, "held": info.held, "holder": info.holder,
+                                  "token": info.token, "expires_in_ms": info.expires_in_ms})
+        if method == "POST":
+            query = _query(request, {"ttl", "wait", "owner", "idempotency"})
+            owner = _text(query, "owner") or _random_owner()
+            ttl_ms = _ms(query, "ttl", 10.0)
+            lease = await self._service.acquire_lock(
+                name, owner, ttl_ms, _ms(query, "wait", 0.0, lo=0), query.get("idempotency", b""))
+            return json_response({"name": name, "owner": owner, "token": lease.token,
+                                  "ttl_s": ttl_ms / 1000, "duplicate": lease.duplicate})
+        if method == "PUT":
+            query = _query(request, {"ttl", "owner", "token", "idempotency"})
+            owner, token = _holder(query)
+            ttl_ms = _ms(query, "ttl", 10.0)
+            await self._service.renew_lock(name, owner, token, ttl_ms,
+                                           query.get("idempotency", b""))
+            return json_response({"name": name, "token": token, "ttl_s": ttl_ms / 1000})
+        if method == "DELETE":
+            query = _query(request, {"owner", "token", "idempotency"})
+            owner, token = _holder(query)
+            await self._service.release_lock(name, owner, token, query.get("idempotency", b""))
+            return json_response({"name": name, "released": token})
+        raise web.HTTPMethodNotAllowed(method, ["GET", "POST", "PUT", "DELETE"])
 
     # -- keyspaces and ring ----------------------------------------------------------------
 
@@ -347,6 +398,52 @@ def _query(request: web.Request, allowed: set[str]) -> dict[str, bytes]:
                             f"(this route takes: {known})")
         result[name] = unquote_to_bytes(value_raw.replace("+", " "))
     return result
+
+
+def _lock_name(request: web.Request) -> str:
+    raw = request.raw_path.split("?", 1)[0][len("/v1/locks/"):]
+    try:
+        name = unquote_to_bytes(raw).decode()
+    except UnicodeDecodeError:
+        raise HttpError("bad_request", "a lock name must be UTF-8 text") from None
+    if not name:
+        raise HttpError("bad_request", "the path must be /v1/locks/{name}")
+    return name
+
+
+def _fence(query: dict[str, bytes]) -> tuple[str, int] | None:
+    raw = _text(query, "fence")
+    if raw is None:
+        return None
+    lock, sep, token = raw.rpartition(":")
+    if not sep or not lock or not token.isdigit():
+        raise HttpError("bad_request", f"fence {raw!r} is not LOCK:TOKEN (e.g. backup:7)")
+    return lock, int(token)
+
+
+def _holder(query: dict[str, bytes]) -> tuple[str, int]:
+    owner = _text(query, "owner")
+    if not owner or "token" not in query:
+        raise HttpError("bad_request", "give the lease's owner and token: "
+                        "?owner=...&token=N (as the acquire answered)")
+    return owner, _int(query, "token", 0, 0, 2**62)
+
+
+def _ms(query: dict[str, bytes], name: str, default_s: float, lo: float = 0.1) -> int:
+    raw = _text(query, name)
+    if raw is None:
+        return int(default_s * 1000)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise HttpError("bad_request", f"{name} must be seconds, got {raw!r}") from None
+    if not lo <= seconds <= 86400:
+        raise HttpError("bad_request", f"{name} {raw} is out of range {lo}..86400 seconds")
+    return int(seconds * 1000)
+
+
+def _random_owner() -> str:
+    return "http-" + secrets.token_hex(8)
 
 
 def _text(query: dict[str, bytes], name: str) -> str | None:
