@@ -182,6 +182,28 @@ class LockStatus(msgspec.Struct, frozen=True, array_like=True, tag=141):
     name: LockName
 
 
+class Watch(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=144):
+    """Strong keyspaces: stream the changes of key (``prefix`` False) or of every key whose
+    partition key starts with ``key`` (``prefix`` True), as ``WatchEvent`` replies carrying
+    this request's id, until ``Unwatch`` or a ``Failure`` (with this id) ends it. First
+    comes the current state: one key's value if its version is above ``since_version``; for
+    a prefix, every key's (a client resuming skips the versions it has seen)."""
+
+    id: RequestId
+    keyspace: Text
+    key: AnyKey
+    sort: AnyKey = b""
+    prefix: bool = False
+    since_version: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class Unwatch(msgspec.Struct, frozen=True, array_like=True, tag=145):
+    """End the watch started by request ``watch_id`` on this connection: ``Done``."""
+
+    id: RequestId
+    watch_id: RequestId
+
+
 class DescribeRing(msgspec.Struct, frozen=True, array_like=True, tag=125):
     """The ring as this node sees it, for token-aware clients."""
 
@@ -314,11 +336,23 @@ class LockInfo(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True,
     version: int = 0
 
 
+class WatchEvent(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=146):
+    """A change chosen for a watched key (``id``: the ``Watch`` request's). ``found`` False:
+    the key was deleted. Versions of one key only grow."""
+
+    id: RequestId
+    key: AnyKey
+    version: int
+    found: bool
+    value: AnyValue = b""
+    sort: AnyKey = b""
+
+
 ClientRequest = (Put | Get | Delete | Scan | CreateKeyspace | DescribeRing | ListKeyspaces
                  | CompareAndSet | Increment | AcquireLock | RenewLock | ReleaseLock
-                 | LockStatus)
+                 | LockStatus | Watch | Unwatch)
 ClientReply = (Done | Value | Rows | Failure | RingDescription | Keyspaces | Changed
-               | Conflict | Lease | LockInfo)
+               | Conflict | Lease | LockInfo | WatchEvent)
 
 ERROR_CODES = {
     "bad_request": "the request breaks a limit or is malformed; the message says which",

@@ -56,6 +56,9 @@ from leaderless.api.kv_messages import (
     RingDescription,
     Rows,
     Scan,
+    Unwatch,
+    Watch,
+    WatchEvent,
 )
 from leaderless.api.kv_messages import (
     Delete as DeleteRequest,
@@ -75,6 +78,8 @@ IN_FLIGHT_PER_CONNECTION_MAX = 1024
 """Requests running at once per connection. The DESIGN prototype gained throughput up to
 256 in flight per node; 1,024 leaves room for one connection to carry a whole client's
 load while bounding the memory one connection can pin (1,024 x the largest request)."""
+WATCHES_PER_CONNECTION_MAX = 1024
+"""Watches one connection may have open (each costs a subscription on every node)."""
 WRITE_BUFFER_HIGH_BYTES = 4 * 1024 * 1024
 """Queued reply bytes at which we stop reading a connection until its reader catches up."""
 
@@ -139,6 +144,7 @@ class ClientConnection(asyncio.Protocol):
         self._flush_scheduled = False
         self._in_flight = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._watches: dict[int, asyncio.Task[None]] = {}
         self._reading_paused = False
         self._writing_paused = False
         self._eof = False
@@ -177,7 +183,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._registry.discard(self)
         self._transport = None
-        for task in list(self._tasks):
+        for task in [*self._tasks, *self._watches.values()]:
             task.cancel()
 
     def pause_writing(self) -> None:
@@ -246,6 +252,10 @@ class ClientConnection(asyncio.Protocol):
             self._transport.close()  # after the Failure is written
 
     def _start(self, request: ClientRequest) -> None:
+        kind = type(request)
+        if kind is Watch or kind is Unwatch:
+            self._start_watch(request)  # type: ignore[arg-type]
+            return
         self._in_flight += 1
         # The hot path (get/put/delete on a known keyspace) runs on callbacks: no task,
         # coroutine or future per request, which is most of a request's CPU on a node.
@@ -255,6 +265,46 @@ class ClientConnection(asyncio.Protocol):
         task = self._loop.create_task(self._serve(request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # -- watches ---------------------------------------------------------------------------
+
+    def _start_watch(self, request: Watch | Unwatch) -> None:
+        """A watch streams replies until it ends; it does not count as in flight (it would
+        pin a slot for its whole life), but a connection holds at most
+        ``WATCHES_PER_CONNECTION_MAX``."""
+        if isinstance(request, Unwatch):
+            task = self._watches.pop(request.watch_id, None)
+            if task is not None:
+                task.cancel()
+            self._reply(DoneReply(request.id))
+            return
+        if request.id in self._watches or len(self._watches) >= WATCHES_PER_CONNECTION_MAX:
+            self._reply(Failure(request.id, "bad_request", _text(
+                f"watch id {request.id} is in use, or this connection has "
+                f"{WATCHES_PER_CONNECTION_MAX} watches open")))
+            return
+        task = self._loop.create_task(self._stream(request))
+        self._watches[request.id] = task
+        task.add_done_callback(lambda _: self._watches.pop(request.id, None))
+
+    async def _stream(self, request: Watch) -> None:
+        try:
+            watch = await self._service.watch(request.keyspace, request.key, request.sort,
+                                              request.prefix, request.since_version)
+            async for event in watch.events():
+                value = event.value
+                self._reply(WatchEvent(request.id, event.partition, event.version,
+                                       value is not None, value or b"", event.sort))
+        except KvError as exc:
+            self._reply(Failure(request.id, exc.code, _text(exc.message), exc.received,
+                                exc.required))
+        except asyncio.CancelledError:
+            return
+        except Exception as exc:  # a bug: end the watch, tell the client, log it
+            self._log.error("client_watch_failed", peer=self.peer, error=repr(exc)[:500],
+                            traceback=traceback.format_exc()[-4000:])
+            self._reply(Failure(request.id, "internal", "the watch failed; please report "
+                                "it with the node's log"))
 
     # -- requests --------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ for anything the client should hear about; any other exception is a bug.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from leaderless.api.kv_messages import (
@@ -33,6 +34,28 @@ class KvError(Exception):
 Fence = tuple[str, int]
 """(lock name, fencing token): a write made under that lease (refused as ``fenced`` once
 the lock has granted a newer token)."""
+
+
+class WatchStream(Protocol):
+    def events(self) -> AsyncIterator[WatchEventLike]:
+        """Events until the watch ends (a KvError when it fails)."""
+
+    def close(self) -> None: ...
+
+
+class WatchEventLike(Protocol):
+    @property
+    def partition(self) -> bytes: ...
+
+    @property
+    def sort(self) -> bytes: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def value(self) -> bytes | None:
+        """None: deleted."""
 
 
 class KvService(Protocol):
@@ -77,6 +100,10 @@ class KvService(Protocol):
                            idempotency: bytes = b"") -> int: ...
 
     async def lock_status(self, name: str) -> LockInfo: ...
+
+    async def watch(self, keyspace: str, key: bytes, sort: bytes = b"", prefix: bool = False,
+                    since_version: int = 0) -> WatchStream:
+        """Start a watch (errors at once: unknown keyspace, not strong, bad key)."""
 
     async def create_keyspace(self, name: str, replication: int = 3, mode: str = "eventual",
                               read_consistency: str = "QUORUM",

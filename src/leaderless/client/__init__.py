@@ -12,7 +12,7 @@ failure or ``overloaded``; errors are the exceptions below, one per protocol err
 """
 
 from leaderless.api.kv_messages import KeyspaceInfo, LockInfo, RingMember, Row
-from leaderless.client.async_client import AsyncClient, Item
+from leaderless.client.async_client import AsyncClient, Item, KeyChange
 from leaderless.client.errors import (
     BadRequestError,
     ConflictError,
@@ -45,6 +45,7 @@ __all__ = [
     "FencedError",
     "InternalError",
     "Item",
+    "KeyChange",
     "KeyspaceExistsError",
     "KeyspaceInfo",
     "LeaderlessError",

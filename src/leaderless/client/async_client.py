@@ -60,18 +60,24 @@ from leaderless.api.kv_messages import (
     Row,
     Rows,
     Scan,
+    Unwatch,
     Value,
+    WatchEvent,
 )
 from leaderless.api.kv_messages import Lease as LeaseReply
+from leaderless.api.kv_messages import Watch as WatchRequest
 from leaderless.client.connection import NodeConnection
 from leaderless.client.errors import (
     BadRequestError,
     ConflictError,
     ConnectionLostError,
+    ContentionError,
     LeaderlessError,
     LockHeldError,
     NoNodeAvailableError,
     OverloadedError,
+    RequestTimeoutError,
+    UnavailableError,
     error_for,
 )
 from leaderless.client.locks import Lease, held
@@ -101,6 +107,19 @@ so the client refuses locally with a clear error instead."""
 
 BytesLike = bytes | str
 FenceLike = Lease | tuple[str, int]
+RETRYABLE_WATCH_ERRORS = (UnavailableError, RequestTimeoutError, OverloadedError,
+                          ContentionError)
+"""A watch that ends with one of these is resumed on another node (after a back-off)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KeyChange:
+    """A change delivered by ``watch``: the key's new version and value (None: deleted)."""
+
+    key: bytes
+    sort: bytes
+    version: int
+    value: bytes | None
 LOCK_WAIT_CHUNK_S = 60.0
 """A blocking acquire waits on the node in requests of at most this long (a long wait is
 several requests, so a node dying mid-wait costs at most one chunk's retry)."""
@@ -414,6 +433,64 @@ class AsyncClient:
 
         return run()
 
+    # -- watches -----------------------------------------------------------------------------
+
+    async def watch(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
+                    prefix: bool = False, since_version: int = 0
+                    ) -> AsyncIterator[KeyChange]:
+        """Strong keyspaces: ``async for change in client.watch("ks", "k"):`` yields each
+        change of the key (``KeyChange``: key, sort, version, value; value None = deleted),
+        first its current value if its version is above ``since_version``. With ``prefix``,
+        every key whose partition key starts with ``key``, starting with their current
+        values. The watch survives node failures: it reconnects to another node and resumes
+        after the versions it has delivered (intermediate versions that changed while it
+        was disconnected are skipped; the latest is never missed). Leave the loop (or
+        ``aclose()`` the iterator) to stop."""
+        k, s = self._key(keyspace, key, None if prefix else sort)
+        if prefix and sort is not None:
+            raise BadRequestError("a prefix watch matches partition keys only; give no sort")
+        if not self._connected:
+            await self.connect()
+        seen: dict[tuple[bytes, bytes], int] = {}
+        if since_version and not prefix:
+            seen[(k, s)] = since_version
+        backoff_s = 0.05
+        failed: str | None = None
+        while True:
+            n = self._replication.get(keyspace, DEFAULT_REPLICATION)
+            replicas = ([self._addresses[name] for name in
+                         self._ring.preference_list(token(k), n)]
+                        if self.token_aware and len(self._ring) and not prefix else [])
+            conn = await self._any_connection(self._candidates(replicas, failed), set(),
+                                              dedicated=True)
+            if conn is None:
+                raise NoNodeAvailableError("no node answers at " + ", ".join(self.seeds))
+            since = 0 if prefix else seen.get((k, s), 0)
+            request_id, queue = conn.open_stream(WatchRequest, (keyspace, k, s, prefix, since))
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, WatchEvent):
+                        backoff_s = 0.05
+                        slot = (item.key, item.sort)
+                        if item.version <= seen.get(slot, 0):
+                            continue
+                        seen[slot] = item.version
+                        yield KeyChange(item.key, item.sort, item.version,
+                                        item.value if item.found else None)
+                        continue
+                    if isinstance(item, Failure):
+                        err = error_for(item.code, item.message, item.received, item.required)
+                        if not isinstance(err, RETRYABLE_WATCH_ERRORS):
+                            raise err
+                    failed = conn.address
+                    break
+            finally:
+                conn.close_stream(request_id, Unwatch)
+                conn.close()
+            await asyncio.sleep(backoff_s)
+            backoff_s = min(1.0, backoff_s * 2)
+
     def _lock_key(self, name: str) -> bytes:
         if not isinstance(name, str) or not name or len(name.encode()) > LOCK_NAME_BYTES_MAX:
             raise BadRequestError(f"a lock name is text of 1..{LOCK_NAME_BYTES_MAX} bytes")
@@ -553,9 +630,16 @@ class AsyncClient:
             "no node answers at " + ", ".join(tried_connect or self.seeds)
             + "; are the nodes running, and are these their client (not gossip) ports?")
 
-    async def _any_connection(self, candidates: list[str], tried: set[str]
-                              ) -> NodeConnection | None:
+    async def _any_connection(self, candidates: list[str], tried: set[str],
+                              dedicated: bool = False) -> NodeConnection | None:
         for address in candidates:
+            if dedicated:
+                try:
+                    host, port = _split(address)
+                    return await NodeConnection.open(host, port, self.connect_timeout_s)
+                except (OSError, TimeoutError):
+                    self._mark_down(address)
+                    continue
             conn = self._pooled(address)
             if conn is not None:
                 return conn

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import msgspec
 
-from leaderless.api.kv_messages import ClientReply
+from leaderless.api.kv_messages import ClientReply, WatchEvent
 from leaderless.client.errors import ConnectionLostError, RequestTimeoutError
 from leaderless.core.codec import FRAME_BYTES_MAX, FrameDecoder, MalformedInput
 
@@ -39,6 +39,7 @@ class NodeConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._decoder: FrameDecoder[ClientReply] = FrameDecoder(ClientReply, FRAME_BYTES_MAX)
         self._pending: dict[int, tuple[asyncio.Future[ClientReply], float]] = {}
+        self._streams: dict[int, asyncio.Queue[ClientReply | Exception]] = {}
         self._next_id = 1
         self._outbuf = bytearray()
         self._flush_scheduled = False
@@ -72,7 +73,14 @@ class NodeConnection(asyncio.Protocol):
             self.close()
             return
         pending = self._pending
+        streams = self._streams
         for reply in replies:
+            if streams and reply.id in streams:
+                stream = streams[reply.id]
+                if not isinstance(reply, WatchEvent):
+                    del streams[reply.id]  # a Failure ends the stream
+                stream.put_nowait(reply)
+                continue
             entry = pending.pop(reply.id, None)
             if entry is None:
                 if reply.id == 0:  # the node refused our framing; it closes the connection
@@ -132,6 +140,24 @@ class NodeConnection(asyncio.Protocol):
             self._pending.pop(request_id, None)
             raise
 
+    def open_stream(self, kind: type[Any], args: tuple[Any, ...]
+                    ) -> tuple[int, asyncio.Queue[ClientReply | Exception]]:
+        """Send ``kind(id, *args)`` whose replies are a stream (a watch): every reply with
+        that id goes to the queue; a ``Failure`` or the connection's error ends it."""
+        if self._error is not None:
+            raise self._error
+        request_id = self._next_id
+        self._next_id += 1
+        queue: asyncio.Queue[ClientReply | Exception] = asyncio.Queue()
+        self._streams[request_id] = queue
+        self._write(kind(request_id, *args))
+        return request_id, queue
+
+    def close_stream(self, request_id: int, unwatch: type[Any]) -> None:
+        if self._streams.pop(request_id, None) is not None and self._error is None:
+            self._write(unwatch(self._next_id, request_id))
+            self._next_id += 1
+
     def _write(self, request: Any) -> None:
         out = self._outbuf
         start = len(out)
@@ -172,6 +198,9 @@ class NodeConnection(asyncio.Protocol):
         for future, _ in pending.values():
             if not future.done():
                 future.set_exception(exc)
+        streams, self._streams = self._streams, {}
+        for queue in streams.values():
+            queue.put_nowait(exc)
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None

@@ -108,11 +108,13 @@ from leaderless.core.schema import (
     encode_def,
     validate,
 )
+from leaderless.core.watch_messages import WatchFilter, WatchMessage
 from leaderless.runtime.group_commit import GroupCommit
 from leaderless.runtime.locks import LockService
 from leaderless.runtime.logs import NodeLogger
 from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.tcp import ServerConnection
+from leaderless.runtime.watch import Watch, WatchHub
 from leaderless.storage.store import StorageError, Store, Write
 
 PeerReply = ReplicaReply | AntiEntropyMessage | PaxosReply
@@ -148,9 +150,11 @@ class KvNode:
         self.proposer = paxos.Proposer(name, paxos.ProposerConfig(), self._ids,
                                        random.Random(rng_seed ^ 0x5A5A))
         self._paxos_purge_cursor = b""
-        self.locks = LockService(self.propose)
-        self.key_listeners: list[Callable[[str, bytes, bytes], None]] = [
-            self.locks.on_key_changed]
+        self.key_listeners: list[Callable[[str, bytes, bytes], None]] = []
+        self.watches = WatchHub(name, store, self._send, self._members_up, self.propose,
+                                self._key_changed)
+        self.locks = LockService(self.propose, self.watches.hold_key)
+        self.key_listeners.append(self.locks.on_key_changed)
         """Called with (keyspace, partition, sort) for every change of a strong key chosen
         by this node's proposer (and, from watches, by others)."""
         self.handoff = Handoff(self.hints, HintConfig(hint_window_s=hint_window_s))
@@ -220,7 +224,10 @@ class KvNode:
             self._down_since.setdefault(event.name, now)
         elif event.kind in (MemberEventKind.ALIVE, MemberEventKind.JOINED):
             self._down_since.pop(event.name, None)
+        was_up = event.name in self._topology.up
         self._rebuild()
+        if not was_up and event.name in self._topology.up and event.name != self.name:
+            self.watches.on_member_up(event.name)
 
     def _rebuild(self) -> None:
         now = self._now()
@@ -370,10 +377,34 @@ class KvNode:
             code = "bad_request" if result.code == "invalid" else result.code
             raise KvError(code, result.message, result.received, result.required)
         if isinstance(result, paxos.Done) and not isinstance(change, Read):
-            for listener in self.key_listeners:
-                listener(definition.name, key, sort)
+            self._key_changed(definition.name, key, sort)
         assert isinstance(result, paxos.Done | paxos.Conflict | paxos.Fenced), result
         return result
+
+    def _key_changed(self, keyspace: str, partition: bytes, sort: bytes) -> None:
+        for listener in self.key_listeners:
+            listener(keyspace, partition, sort)
+
+    async def watch(self, keyspace: str, key: bytes, sort: bytes = b"", prefix: bool = False,
+                    since_version: int = 0) -> Watch:
+        """Changes of one key (or of every key whose partition key starts with ``key``)
+        of a strong keyspace, from after ``since_version`` (one key only)."""
+        definition = await self._keyspace(keyspace)
+        if not prefix:
+            self._check_key(key, sort)
+        elif sort:
+            raise KvError("bad_request", "a prefix watch matches partition keys only; give "
+                          "no sort key")
+        elif len(key) > 1024:
+            raise KvError("bad_request", f"a watch prefix has at most 1024 bytes (got "
+                          f"{len(key)})")
+        if since_version < 0:
+            raise KvError("bad_request", "since_version must be >= 0")
+        return self.watches.open(definition, WatchFilter(keyspace, key, sort, prefix),
+                                 since_version)
+
+    def _members_up(self) -> list[str]:
+        return sorted(self._topology.up | {self.name})
 
     async def _fence(self, fence: Fence | None) -> FenceChange | None:
         """Check a write's fence against its lock (raises ``fenced``); the fence to carry
@@ -627,6 +658,8 @@ class KvNode:
         if to == self.name:
             if isinstance(message, ServedRequest):
                 self._serve(message, self._deliver_to_self)
+            elif isinstance(message, WatchMessage):
+                self._loop.call_soon(self._on_peer_message, self.name, message)
             return
         member = self._members.get(to)
         if member is None:
@@ -663,6 +696,8 @@ class KvNode:
 
         def durable(error: StorageError | None) -> None:
             reply_to(_refusal(request, f"storage: {error}") if error else reply)
+            if error is None and isinstance(request, Accept):
+                self.watches.on_accept_durable(request)
 
         self.commit.commit(writes, durable)
 
@@ -681,6 +716,9 @@ class KvNode:
         self._on_peer_message(conn.peer_name, message)
 
     def _on_peer_message(self, sender: str, message: Any) -> None:
+        if isinstance(message, WatchMessage):
+            self.watches.on_message(self._now(), sender, message)
+            return
         if isinstance(message, (Promise, Accepted, Nack, Purged, PaxosFailure)):
             if self.proposer.owns(message.id):
                 self._execute(self.proposer.on_reply(self._now(), sender, message))
@@ -739,6 +777,7 @@ class KvNode:
                 self._execute(self.anti_entropy.on_tick(
                     now, self._topology.ring, self._replication_map(now),
                     self._topology.alive))
+                self.watches.on_tick(now)
                 if now >= self._next_purge:
                     self._purge_step(now)
             except StorageError as exc:
@@ -807,6 +846,7 @@ class KvNode:
         result["purged"] = self.purged
         result["in_flight"] = self.coordinator.in_flight()
         result.update(self.locks.counters())
+        result.update(self.watches.counters())
         return result
 
 

@@ -41,12 +41,20 @@ EXPIRY_MARGIN_S = 0.002
 us, judges expiry by its clock; a hair late costs one retry less)."""
 
 Propose = Callable[[KeyspaceDef, bytes, bytes, Change, bytes], Awaitable[paxos.Outcome]]
+HoldKey = Callable[[KeyspaceDef, bytes], Callable[[], None]]
+"""Learn of a key's changes made through other nodes while waiting (``WatchHub.hold_key``);
+returns the function that lets go."""
 
 
 class LockService:
-    def __init__(self, propose: Propose) -> None:
+    def __init__(self, propose: Propose, hold_key: HoldKey) -> None:
         self._propose = propose
+        self._hold_key = hold_key
         self._waiters: dict[bytes, set[asyncio.Future[None]]] = {}
+        self._generation: dict[bytes, int] = {}
+        """Changes seen of each lock someone here is acquiring (so a change that lands
+        between a refused attempt and the wait is not slept through)."""
+        self._acquiring: dict[bytes, int] = {}
         self._waiting = 0
         self.grants = 0
         self.refusals = 0
@@ -58,6 +66,8 @@ class LockService:
         """A change of a strong key was chosen (wakes the acquires waiting on that lock)."""
         if keyspace != LOCK_KEYSPACE:
             return
+        if partition in self._generation:
+            self._generation[partition] += 1
         for future in self._waiters.pop(partition, ()):
             if not future.done():
                 future.set_result(None)
@@ -71,29 +81,49 @@ class LockService:
             raise KvError("bad_request", f"wait_ms {wait_ms} is out of range 0..{WAIT_MS_MAX}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
-        while True:
-            # Each attempt is a new change (a fresh id): a refused acquire changed nothing,
-            # and the client's id keeps the *granting* attempt idempotent across its retries.
-            outcome = await self._propose(LOCK_KEYSPACE_DEF, key, b"", Acquire(owner, ttl_ms),
-                                          idempotency)
-            if isinstance(outcome, paxos.Done):
-                self.grants += 1
+        let_go: Callable[[], None] | None = None
+        self._acquiring[key] = self._acquiring.get(key, 0) + 1
+        self._generation.setdefault(key, 0)
+        try:
+            while True:
+                generation = self._generation[key]
+                # Each attempt is a new change (a fresh id): a refused acquire changed
+                # nothing, and the client's id keeps the *granting* attempt idempotent
+                # across its retries.
+                outcome = await self._propose(LOCK_KEYSPACE_DEF, key, b"",
+                                              Acquire(owner, ttl_ms), idempotency)
+                if isinstance(outcome, paxos.Done):
+                    self.grants += 1
+                    state = decode_lock(outcome.value)
+                    return Lease(0, name, owner, state.token, ttl_ms, outcome.version,
+                                 outcome.duplicate)
+                assert isinstance(outcome, paxos.Conflict), outcome
                 state = decode_lock(outcome.value)
-                return Lease(0, name, owner, state.token, ttl_ms, outcome.version,
-                             outcome.duplicate)
-            assert isinstance(outcome, paxos.Conflict), outcome
-            state = decode_lock(outcome.value)
-            remaining_s = deadline - loop.time()
-            if remaining_s <= 0:
-                self.refusals += 1
-                left_ms = max(0, state.expires_at_ms - _wall_ms())
-                raise KvError("lock_held", f"lock {name!r} is held (token {state.token}, "
-                              f"its lease ends in {left_ms} ms unless renewed); "
-                              + ("wait for it with a wait time" if wait_ms == 0 else
-                                 f"waited {wait_ms} ms"))
-            expiry_s = max(0.0, (state.expires_at_ms - _wall_ms()) / 1000) + EXPIRY_MARGIN_S
-            await self._wait_change(key, min(remaining_s, expiry_s))
-            idempotency = b""
+                remaining_s = deadline - loop.time()
+                if remaining_s <= 0:
+                    self.refusals += 1
+                    left_ms = max(0, state.expires_at_ms - _wall_ms())
+                    raise KvError("lock_held", f"lock {name!r} is held (token {state.token}, "
+                                  f"its lease ends in {left_ms} ms unless renewed); "
+                                  + ("wait for it with a wait time" if wait_ms == 0 else
+                                     f"waited {wait_ms} ms"))
+                if let_go is None:
+                    # Hear of a release made through another node; then try once more
+                    # before waiting, in case it came in between.
+                    let_go = self._hold_key(LOCK_KEYSPACE_DEF, key)
+                else:
+                    expiry_s = (max(0.0, (state.expires_at_ms - _wall_ms()) / 1000)
+                                + EXPIRY_MARGIN_S)
+                    if self._generation[key] == generation:
+                        await self._wait_change(key, min(remaining_s, expiry_s))
+                idempotency = b""
+        finally:
+            if let_go is not None:
+                let_go()
+            self._acquiring[key] -= 1
+            if not self._acquiring[key]:
+                del self._acquiring[key]
+                del self._generation[key]
 
     async def _wait_change(self, key: bytes, timeout_s: float) -> None:
         if self._waiting >= WAITERS_MAX:

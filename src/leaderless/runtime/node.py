@@ -40,6 +40,7 @@ from leaderless.core.membership import Member, Membership
 from leaderless.core.messages import Address, NodeMeta, Packet, PushPull, UserEvent
 from leaderless.core.paxos_messages import PaxosRequest
 from leaderless.core.ring import token_count_for
+from leaderless.core.watch_messages import WatchMessage
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
 from leaderless.runtime.drops import Drops
@@ -54,7 +55,7 @@ from leaderless.storage.rocks import RocksStore
 from leaderless.storage.store import StorageError, Store
 
 InboundFrame = (PushPull | Request | ReplicaWrite | ReplicaRead | ReplicaScan | PeerHello
-                | AntiEntropyMessage | PaxosRequest)
+                | AntiEntropyMessage | PaxosRequest | WatchMessage)
 """What may arrive on the TCP port: a peer's sync, a CLI request, or the data plane (a
 coordinator's replica request, a proposer's Paxos request, anti-entropy)."""
 PUSH_PULLS_IN_FLIGHT_MAX = 16
