@@ -9,6 +9,7 @@
     leaderless kv scan users alice [--start S] [--end E] [--limit N]
     leaderless kv cas config leader node2 --expect-version 7     # strong keyspaces
     leaderless kv incr counters visits 5                          # strong keyspaces
+    leaderless kv watch config leader [--prefix] [--since-version V]  # strong keyspaces
 
 ``--node HOST:PORT`` (repeatable or comma-separated) names client listeners to contact;
 the default is ``$LEADERLESS_CLIENT_NODE`` or 127.0.0.1:7400. Every command takes ``--json``.
@@ -371,3 +372,48 @@ def kv_scan(keyspace_name: str, key: str, start: str | None, end: str | None,
         return
     for r in rows:
         click.echo(f"{_shown(r.sort)}\t{_shown(r.value)}")
+
+
+@kv.command("watch")
+@click.argument("keyspace_name", metavar="KEYSPACE")
+@click.argument("key")
+@sort_option
+@click.option("--prefix", is_flag=True, help="Every key whose partition key starts with KEY.")
+@click.option("--since-version", type=click.IntRange(min=0), default=0,
+              help="One key: only versions above this one.")
+@click.option("--count", type=click.IntRange(min=1), default=None,
+              help="Stop after this many changes [default: run until interrupted].")
+@_common
+def kv_watch(keyspace_name: str, key: str, sort: str | None, prefix: bool,
+             since_version: int, count: int | None, nodes: tuple[str, ...],
+             timeout_s: float, as_json: bool) -> None:
+    """Print each change of KEY (strong keyspaces), first its current value: one line per
+    change, KEY<TAB>VERSION<TAB>VALUE (or ``(deleted)``), or JSON lines with --json."""
+    k = os.fsencode(key)
+    s = None if sort is None else os.fsencode(sort)
+
+    async def follow(client: AsyncClient) -> None:
+        seen = 0
+        async for change in client.watch(keyspace_name, k, sort=s, prefix=prefix,
+                                         since_version=since_version):
+            if as_json:
+                out = {"key": _text_or_b64(change.key)["text"],
+                       "key_b64": _text_or_b64(change.key)["b64"],
+                       "version": change.version, "deleted": change.value is None,
+                       "value": None if change.value is None
+                       else _text_or_b64(change.value)["text"],
+                       "value_b64": None if change.value is None
+                       else _text_or_b64(change.value)["b64"]}
+                click.echo(json.dumps(out))
+            else:
+                shown = "(deleted)" if change.value is None else _shown(change.value)
+                click.echo(f"{_shown(change.key)}\t{change.version}\t{shown}")
+            sys.stdout.flush()
+            seen += 1
+            if count is not None and seen >= count:
+                return
+
+    try:
+        _call(nodes, timeout_s, follow)
+    except KeyboardInterrupt:
+        pass

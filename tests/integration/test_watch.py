@@ -4,13 +4,16 @@ a prefix watch sees every key, and a watch survives the death of the node servin
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 
+import aiohttp
 import pytest
 
 from leaderless.client import AsyncClient, BadRequestError, KeyChange
-from tests.integration.helpers import Processes
-from tests.integration.test_kv_cluster import start_cluster
+from leaderless.runtime.ports import free_port
+from tests.integration.helpers import Processes, run_cli, wait_until
+from tests.integration.test_kv_cluster import start_cluster, start_kv_node
 
 pytestmark = pytest.mark.integration
 
@@ -126,3 +129,68 @@ def test_a_waiting_acquire_is_woken_by_a_release_through_another_node(
             assert granted.token == lease.token + 1
 
     asyncio.run(run())
+
+
+@pytest.mark.timeout(300)
+def test_watch_over_http_server_sent_events(processes: Processes) -> None:
+    http_port = free_port()
+    first = processes.start_node("h1", None, None, None, "--client",
+                                 f"127.0.0.1:{free_port()}", "--http",
+                                 f"127.0.0.1:{http_port}", "--log-level", "warning")
+    others = [start_kv_node(processes, name, first.address) for name in ("h2", "h3")]
+    nodes = [first, *(node for node, _ in others)]
+    wait_until(lambda: all(sum(m.state == "alive" for m in n.members().values()) == 3
+                           for n in nodes), "all three nodes see each other alive")
+    base = f"http://127.0.0.1:{http_port}"
+
+    async def events(session: aiohttp.ClientSession, url: str, count: int,
+                     headers: dict[str, str] | None = None) -> list[dict[str, object]]:
+        found: list[dict[str, object]] = []
+        async with session.get(url, headers=headers) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/event-stream")
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if line.startswith("data: "):
+                    found.append(json.loads(line[6:]))
+                    if len(found) == count:
+                        return found
+        return found
+
+    async def run() -> None:
+        async with AsyncClient([others[0][1]], timeout_s=10) as writer, \
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+            await writer.create_keyspace("s", mode="strong")
+            await writer.put("s", "k", b"v1")
+            reader = asyncio.create_task(events(session, base + "/v1/watch/s/k", 3))
+            await asyncio.sleep(0.5)
+            await writer.put("s", "k", b"v2")
+            await writer.delete("s", "k")
+            got = await asyncio.wait_for(reader, 30)
+            assert [(e["version"], e["value_utf8"], e["deleted"]) for e in got] == [
+                (1, "v1", False), (2, "v2", False), (3, None, True)]
+            await writer.put("s", "k", b"v4")
+            resumed = await events(session, base + "/v1/watch/s/k", 1,
+                                   {"Last-Event-ID": "3"})
+            assert [(e["version"], e["value_utf8"]) for e in resumed] == [(4, "v4")]
+            async with session.get(base + "/v1/watch/nope/k") as response:
+                assert response.status == 404
+            async with session.get(base + "/v1/watch/s/k?bogus=1") as response:
+                assert response.status == 400
+
+    asyncio.run(run())
+
+
+@pytest.mark.timeout(300)
+def test_watch_from_the_cli(processes: Processes) -> None:
+    _, clients = start_cluster(processes)
+    target = ("--node", clients[0])
+    assert run_cli("keyspace", "create", "s", "--mode", "strong", *target).returncode == 0
+    assert run_cli("kv", "put", "s", "k", "a", *target).returncode == 0
+    assert run_cli("kv", "put", "s", "k", "b", *target).returncode == 0
+    shown = run_cli("kv", "watch", "s", "k", "--count", "1", *target)
+    assert shown.returncode == 0 and shown.stdout == "k\t2\tb\n"
+    resumed = run_cli("kv", "watch", "s", "k", "--since-version", "1", "--count", "1",
+                      "--json", *target)
+    assert json.loads(resumed.stdout) == {"key": "k", "key_b64": "aw==", "version": 2,
+                                          "deleted": False, "value": "b", "value_b64": "Yg=="}

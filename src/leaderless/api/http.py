@@ -43,6 +43,16 @@ inside a key, ``%00`` for a zero byte); values travel raw in the body.
                                              "read_consistency", "write_consistency"}]}``
 ``GET    /v1/ring``                          ``{"members": [{"name", "client_address",
                                              "token_seed", "token_count", "zone", "state"}]}``
+``GET    /v1/watch/{keyspace}/{key}``        strong keyspaces: server-sent events
+                                             (``text/event-stream``), one ``change`` event
+                                             per chosen change: ``{"key", "key_b64",
+                                             "sort", "sort_b64", "version", "deleted",
+                                             "value_b64", "value_utf8"}``, first the current
+                                             value. Query: ``sort``, ``prefix=1`` (every key
+                                             whose partition key starts with ``key``),
+                                             ``since_version`` (one key: only newer; an
+                                             EventSource's ``Last-Event-ID`` does the same).
+                                             A failure ends it with an ``error`` event
 ``POST   /v1/locks/{name}``                  acquire: ``ttl`` (s, default 10), ``wait`` (s,
                                              default 0), ``owner`` (default: a random one);
                                              200 ``{"name", "owner", "token", "ttl_s"}``;
@@ -69,6 +79,7 @@ typo (``?consistncy=ONE``) never passes silently.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import secrets
 import traceback
@@ -164,6 +175,7 @@ def make_app(service: KvService, *, value_bytes_max: int = VALUE_BYTES_MAX_DEFAU
     app.router.add_get("/v1/keyspaces", api.list_keyspaces)
     app.router.add_get("/v1/ring", api.ring)
     app.router.add_route("*", "/v1/locks/{tail:.*}", api.locks)
+    app.router.add_get("/v1/watch/{tail:.*}", api.watch)
     return app
 
 
@@ -290,6 +302,40 @@ class HttpApi:
                                            query.get("idempotency", b""), _fence(query))
         return json_response({"value": int(changed.value), "version": changed.version,
                               "duplicate": changed.duplicate})
+
+    # -- watches (server-sent events) -------------------------------------------------------
+
+    async def watch(self, request: web.Request) -> web.StreamResponse:
+        keyspace, key = _keyspace_and_key(request, "/v1/watch/")
+        query = _query(request, {"sort", "prefix", "since_version"})
+        prefix = query.get("prefix", b"") in (b"1", b"true")
+        since = _int(query, "since_version", 0, 0, 2**62)
+        last_id = request.headers.get("Last-Event-ID", "")
+        if not prefix and last_id.isdigit():
+            since = max(since, int(last_id))  # an EventSource reconnecting resumes
+        watch = await self._service.watch(keyspace, key, query.get("sort", b""), prefix,
+                                          since)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        try:
+            async for event in watch.events():
+                body = {"key": _utf8(event.partition), "key_b64": _b64(event.partition),
+                        "sort": _utf8(event.sort), "sort_b64": _b64(event.sort),
+                        "version": event.version, "deleted": event.value is None,
+                        "value_b64": None if event.value is None else _b64(event.value),
+                        "value_utf8": None if event.value is None else _utf8(event.value)}
+                event_id = f"id: {event.version}\n" if not prefix else ""
+                await response.write(f"{event_id}event: change\ndata: ".encode()
+                                     + _json.encode(body) + b"\n\n")
+        except KvError as exc:
+            await response.write(b"event: error\ndata: " + _json.encode(
+                {"error": exc.code, "message": exc.message}) + b"\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            watch.close()
+        return response
 
     # -- locks -------------------------------------------------------------------------------
 
