@@ -42,6 +42,7 @@ from leaderless.client import (
     AsyncClient,
     BadRequestError,
     Client,
+    FencedError,
     InternalError,
     KeyspaceExistsError,
     LeaderlessError,
@@ -92,8 +93,9 @@ class DictKvService:
 
     async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
                   consistency: str | None = None, ttl_s: float | None = None,
-                  idempotency: bytes = b"") -> int:
+                  idempotency: bytes = b"", fence: tuple[str, int] | None = None) -> int:
         await self._enter(keyspace, key, sort)
+        self._fence(fence)
         if len(value) > VALUE_LIMIT:
             raise KvError("bad_request", f"the value has {len(value)} bytes; the limit is "
                           f"{VALUE_LIMIT}")
@@ -110,11 +112,18 @@ class DictKvService:
         return Value(0, True, row[0], row[1], row[2])
 
     async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
-                     consistency: str | None = None, idempotency: bytes = b"") -> int:
+                     consistency: str | None = None, idempotency: bytes = b"",
+                     fence: tuple[str, int] | None = None) -> int:
         await self._enter(keyspace, key, sort)
+        self._fence(fence)
         self.rows.pop((keyspace, key, sort), None)
         self.hlc += 1
         return self.hlc
+
+    def _fence(self, fence: tuple[str, int] | None) -> None:
+        """The double has no locks: a fence naming token 0 stands for a stale one."""
+        if fence is not None and fence[1] == 0:
+            raise KvError("fenced", f"lock {fence[0]!r} has granted a newer token")
 
     async def scan(self, keyspace: str, key: bytes, start: bytes | None = None,
                    end: bytes | None = None, limit: int = 1000,
@@ -221,6 +230,21 @@ def test_put_get_delete_scan_through_async_client() -> None:
                 await kv.create_keyspace("other")
             await kv.create_keyspace("other", if_not_exists=True)
             assert {k.name for k in await kv.list_keyspaces()} == {"ks", "other"}
+
+    run(with_server(body))
+
+
+def test_fence_travels_with_writes_and_fenced_is_its_own_error() -> None:
+    async def body(service: DictKvService, address: str) -> None:
+        async with AsyncClient([address], connections_per_node=1) as kv:
+            await kv.put("ks", "k", b"v", fence=("L", 3))
+            with pytest.raises(FencedError):
+                await kv.put("ks", "k", b"stale", fence=("L", 0))
+            with pytest.raises(FencedError):
+                await kv.delete("ks", "k", fence=("L", 0))
+            assert await kv.get("ks", "k") == b"v"
+            with pytest.raises(BadRequestError):
+                await kv.put("ks", "k", b"v", fence=("", 1))
 
     run(with_server(body))
 
@@ -380,6 +404,13 @@ def test_retry_on_another_node_after_a_connection_failure() -> None:
         try:
             async with AsyncClient([addr_a, addr_b], token_aware=False) as kv:
                 await kv.put("ks", "k", b"v")
+                # Requests go to a random node: send until the client holds a connection
+                # to b, the one that must serve the retries once a is gone.
+                for _ in range(200):
+                    if connection_count(srv_b):
+                        break
+                    await kv.get("ks", "k")
+                assert connection_count(srv_b) >= 1
                 srv_a.close()
                 abort_connections(srv_a)
                 srv_b.close()  # stops accepting; the open connection still serves
