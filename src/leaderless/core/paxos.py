@@ -151,6 +151,9 @@ class Done:
     version: int
     value: bytes | None
     duplicate: bool = False
+    changed_at_ms: int = dataclasses.field(default=0, compare=False)
+    """For a read: when the value was last changed (the proposer's wall clock);
+    informational, so not part of equality."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -211,7 +214,8 @@ def apply_change(register: Register, change: Change, idempotency_id: bytes,
     """The register after ``change`` and the outcome the client gets. A change that does
     not apply (conflict, fenced, invalid, read, duplicate) returns ``register`` itself."""
     if isinstance(change, Read):
-        return register, Done(register.version, register.value)
+        return register, Done(register.version, register.value,
+                              changed_at_ms=register.changed_at_ms)
     for seen in register.recent:
         if seen.id == idempotency_id:
             return register, _replayed(change, seen)

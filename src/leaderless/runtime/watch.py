@@ -241,7 +241,7 @@ class WatchHub:
             async with gate:
                 done = await self._propose(watch.definition, partition, sort, Read(), b"")
             assert isinstance(done, paxos.Done)
-            register = Register(done.version, done.value)
+            register = Register(done.version, done.value, done.changed_at_ms)
             if done.version and watch.learner.learned((partition, sort), register):
                 watch.deliver(partition, sort, register)
 
