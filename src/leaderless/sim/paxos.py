@@ -184,11 +184,18 @@ class PaxosSim:
         self.net.nodes = self.nodes
         self.history: list[Entry] = []
         self._clients_done = 0
+        self.wall_skew_ms: dict[str, int] = {}
+        """Per-node offset of the wall clock from true simulated time (none: every clock
+        agrees). Proposers judge lease expiry by their own wall clock (``sim.locks``)."""
 
     # -- network and faults (sim.fault_net) ---------------------------------------------
 
     def wall_ms(self) -> int:
         return self.net.wall_ms()
+
+    def node_wall_ms(self, name: str) -> int:
+        """``name``'s wall clock: the true one plus its skew."""
+        return self.net.wall_ms() + self.wall_skew_ms.get(name, 0)
 
     def send(self, sender: str, to: str, message: Any) -> None:
         self.net.send(sender, to, message)
@@ -228,7 +235,7 @@ class PaxosSim:
         self._callbacks[op_id] = done
         node.execute(node.proposer.propose(
             self.clock.now, op_id, self.topology(via), KEYSPACE, self.config.replication,
-            key, b"", change, idempotency_id, self.wall_ms()))
+            key, b"", change, idempotency_id, self.node_wall_ms(via)))
         return op_id
 
     def _client_step(self, client: int, remaining: int) -> None:
