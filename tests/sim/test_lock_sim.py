@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import collections
 import itertools
+import random
 
 import pytest
 
+from leaderless.core.coordinator import Topology
 from leaderless.core.locks import decode_lock
-from leaderless.core.paxos import Done
+from leaderless.core.paxos import Done, Failed, Proposer, ProposerConfig, Respond, SendAcceptor
+from leaderless.core.paxos_messages import Ballot, Nack, Put
+from leaderless.core.ring import Ring, RingNode
 from leaderless.sim.lock_check import (
     LockHistory,
     LockOp,
@@ -328,3 +332,27 @@ def test_checker_passes_a_grant_sent_during_a_lease_and_answered_after_it() -> N
     h.write("c1", 1, 0.1, 0.3)
     final = h.write("c2", 2, 0.26, 0.28)  # concurrent with c1's: either order is fine
     assert check_lock_history(h.history(final=final, final_fence=2)) == []
+# -- a core bug the lock simulation found ------------------------------------------------
+
+
+def test_a_proposer_retrying_with_every_change_of_the_round_out_of_attempts() -> None:
+    """Found by ``sim.locks`` (seed 137 with ``CLOCK_RESOLUTION_MS`` 0): a round refused
+    after its changes used up ``retries_max`` while another change of the key waited in
+    the queue crashed the proposer (``max()`` of no attempts). The refused changes fail
+    with ``contention``; the waiting one gets its round after a backoff."""
+    names = ("n1", "n2", "n3")
+    ring = Ring(RingNode(name, i + 1, 8) for i, name in enumerate(names))
+    topology = Topology(ring, frozenset(names), frozenset(names))
+    proposer = Proposer("n1", ProposerConfig(retries_max=0), itertools.count(1),
+                        random.Random(1))
+    prepares = [e for e in proposer.propose(0.0, 1, topology, "strong", 3, b"k", b"",
+                                            Put(b"a")) if isinstance(e, SendAcceptor)]
+    assert proposer.propose(0.0, 2, topology, "strong", 3, b"k", b"", Put(b"b")) == []
+    effects = []
+    for effect in prepares[:2]:
+        effects += proposer.on_reply(0.001, effect.to, Nack(effect.message.id, Ballot(9, "n2")))
+    failed = [e for e in effects if isinstance(e, Respond)]
+    assert len(failed) == 1 and failed[0].op_id == 1
+    assert isinstance(failed[0].result, Failed) and failed[0].result.code == "contention"
+    retried = proposer.on_tick(proposer.next_deadline())
+    assert any(isinstance(e, SendAcceptor) for e in retried)

@@ -773,7 +773,9 @@ class Proposer:
             self._forget_if_idle(state)
             return effects
         self.counters.retries += 1
-        attempts = max(op.attempts for op in keep)
+        # Every change of the round may have run out of attempts while others of the key
+        # wait in the queue: they still back off (the key is contended), from the start.
+        attempts = max((op.attempts for op in keep), default=1)
         span = min(self.config.backoff_max_s, self.config.backoff_base_s * 2 ** (attempts - 1))
         state.retry_at = now + self._rng.uniform(0, span)
         self._arm(state.retry_at, state.key)
