@@ -45,7 +45,8 @@ class Lease:
         """How much longer this holder may act on the lease (<= 0: it must stop)."""
         if self.lost:
             return 0.0
-        return self.sent_at + self.ttl_s - CLOCK_SKEW_MAX_MS / 1000 - time.monotonic()
+        # +1 ms: nodes read their wall clocks in whole milliseconds.
+        return self.sent_at + self.ttl_s - (CLOCK_SKEW_MAX_MS + 1) / 1000 - time.monotonic()
 
 
 Renew = Callable[[Lease], Awaitable[Lease]]
