@@ -12,14 +12,22 @@ load process (asyncio tasks through ``leaderless.client.AsyncClient``):
 - ``cas`` contended: all clients on one key, each a read + cas by version, retried on
   conflict; ops/s counts successful changes, and the conflicts are reported;
 - ``incr`` contended: all clients increment one counter (changes of one key queued at a
-  node share a Paxos round).
+  node share a Paxos round);
+- ``lock`` (uncontended): each client acquires its own lock (``wait=0``, ttl 10 s) and
+  releases it, 1 and 32 clients; ops/s counts acquire+release pairs, the latency is the
+  pair's (the acquire's alone is reported too);
+- ``lock-contended``: all clients take turns on one lock, each a blocking acquire (the
+  node wakes its waiters when the lock changes) then a release. Each client has its own owner
+  id: acquires by the same owner are re-grants of the lease it holds, not exclusion.
+
+``--ops lock,lock-contended`` runs only the named ops (default: all).
 
 ``--availability``: instead, 5 trials of a continuous writer (one put at a time through
 one client, 1 s timeout) to a strong key while the bench kill -9s one node 2 s in; reports
 the longest gap between two successful writes around the kill. Then the same against a
 3-member etcd on loopback (Debian's ``etcd-server``, if ``etcd`` is on PATH), writing
 through its JSON gateway and rotating to the next member on a failure as etcd's client
-does, with the *leader* killed. Locks are not here yet. Results go to
+does, with the *leader* killed. Results go to
 bench/results/strong.json (or strong_availability.json).
 """
 
@@ -53,11 +61,15 @@ from leaderless.client import AsyncClient, ConflictError, LeaderlessError
 
 RESULTS = Path(__file__).parent / "results" / "strong.json"
 KEYSPACE = "strong"
+LOCK_TTL_S = 10.0
+LOCK_WAIT_S = 30.0
+OPS = ("cas", "cas-contended", "incr-contended", "lock", "lock-contended")
 
 
 async def run(nodes: list[str], mode: str, clients: int, duration_s: float,
               warmup_s: float) -> dict[str, Any]:
     hist: Counter[int] = Counter()
+    acquire_hist: Counter[int] = Counter()
     errors: Counter[str] = Counter()
     conflicts = 0
     done = 0
@@ -120,10 +132,32 @@ async def run(nodes: list[str], mode: str, clients: int, duration_s: float,
                     continue
                 record(began)
 
+        async def lock_pairs(index: int) -> None:
+            """Acquire + release; ``lock``: a lock of its own, ``lock-contended``: one
+            shared lock with a blocking acquire."""
+            contended = mode == "lock-contended"
+            name = (f"shared-{clients}-{os.getpid()}" if contended
+                    else f"own-{clients}-{index}-{os.getpid()}")
+            owner = f"{kv.owner}-{index}"
+            wait = LOCK_WAIT_S if contended else 0.0
+            while clock() < end:
+                began = clock()
+                try:
+                    lease = await kv.acquire(name, LOCK_TTL_S, wait=wait, owner=owner)
+                    acquired = clock()
+                    await kv.release(lease)
+                except LeaderlessError as exc:
+                    errors[exc.code] += 1
+                    continue
+                if began >= measure_from and acquired <= end:
+                    acquire_hist[bucket(int((acquired - began) * 1e6))] += 1
+                record(began)
+
         body = {"cas": uncontended, "cas-contended": contended_cas,
-                "incr-contended": contended_incr}[mode]
+                "incr-contended": contended_incr, "lock": lock_pairs,
+                "lock-contended": lock_pairs}[mode]
         await asyncio.gather(*(body(i) for i in range(clients)))
-    return {
+    row = {
         "op": mode, "clients": clients, "target_rate": None,
         "ops_per_s": round(done / duration_s), "ops": done, "conflicts": conflicts,
         "p50_ms": round(percentile(hist, 0.50) / 1000, 3),
@@ -131,6 +165,10 @@ async def run(nodes: list[str], mode: str, clients: int, duration_s: float,
         "p999_ms": round(percentile(hist, 0.999) / 1000, 3),
         "errors": dict(errors),
     }
+    if acquire_hist:
+        row["acquire_p50_ms"] = round(percentile(acquire_hist, 0.50) / 1000, 3)
+        row["acquire_p99_ms"] = round(percentile(acquire_hist, 0.99) / 1000, 3)
+    return row
 
 
 async def availability_trial(nodes: list[str], victim: Any, seconds: float,
@@ -284,6 +322,8 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--clients", default="1,32")
+    parser.add_argument("--ops", default=",".join(OPS),
+                        help=f"comma-separated, of {', '.join(OPS)}")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--availability", action="store_true",
                         help="measure the write gap while a node is killed (see above)")
@@ -293,6 +333,9 @@ def main() -> None:
         run_availability(opts)
         return
     levels = [int(c) for c in opts.clients.split(",")]
+    ops = opts.ops.split(",")
+    if unknown := set(ops) - set(OPS):
+        parser.error(f"unknown ops {sorted(unknown)}; choose from {', '.join(OPS)}")
     workdir = tempfile.TemporaryDirectory(prefix="leaderless-strong-")
     procs, nodes = start_cluster(3, Path(workdir.name))
     rows: list[dict[str, Any]] = []
@@ -305,14 +348,18 @@ def main() -> None:
             await asyncio.sleep(1.0)
 
         asyncio.run(create())
-        plan = [("cas", c) for c in levels] + [("cas-contended", max(levels)),
-                                                ("incr-contended", max(levels))]
-        for mode, clients in plan:
+        plan = ([("cas", c) for c in levels] + [("cas-contended", max(levels)),
+                                                 ("incr-contended", max(levels))]
+                + [("lock", c) for c in levels] + [("lock-contended", max(levels))])
+        for mode, clients in [(m, c) for m, c in plan if m in ops]:
             row = asyncio.run(run(nodes, mode, clients, opts.duration, opts.warmup))
             rows.append(row)
             print_table([row])
             if row["conflicts"]:
                 print(f"     ({row['conflicts']} conflicts retried)")
+            if "acquire_p50_ms" in row:
+                print(f"     (acquire alone: p50 {row['acquire_p50_ms']} ms, "
+                      f"p99 {row['acquire_p99_ms']} ms)")
     finally:
         stop_cluster(procs)
         workdir.cleanup()
