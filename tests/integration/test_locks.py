@@ -37,7 +37,11 @@ def test_lock_api_leases_tokens_fences_and_waiting(processes: Processes) -> None
             with pytest.raises(LockHeldError):
                 await b.acquire("job", ttl=5, wait=0)
             status = await b.lock_status("job")
-            assert status.held and status.holder == a.owner and status.token == first.token
+            assert status.held and status.holder == first.owner and status.token == first.token
+            assert first.owner.startswith(a.owner)
+            # Two tasks of one client exclude each other like two clients.
+            with pytest.raises(LockHeldError):
+                await a.acquire("job", ttl=5, wait=0)
             renewed = await a.renew(first, ttl=5)
             assert renewed.token == first.token
             await a.put("data", "k", b"v1", fence=first)
@@ -86,6 +90,19 @@ def test_lock_api_leases_tokens_fences_and_waiting(processes: Processes) -> None
                     await b.acquire("ctx", ttl=1, wait=0)
             after = await b.acquire("ctx", ttl=1, wait=0)
             assert after.token == lease.token + 1
+
+            inside = peak = 0
+
+            async def critical_section() -> None:
+                nonlocal inside, peak
+                async with a.lock("y", ttl=5, wait=30):
+                    inside += 1
+                    peak = max(peak, inside)
+                    await asyncio.sleep(0.05)
+                    inside -= 1
+
+            await asyncio.gather(*(critical_section() for _ in range(4)))
+            assert peak == 1
 
             for bad in ("", "x" * 300):
                 with pytest.raises(BadRequestError):

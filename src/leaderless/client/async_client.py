@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import os
 import random
 import socket
@@ -198,7 +199,10 @@ class AsyncClient:
         self._connected = False
         self._closed = False
         self.owner = f"{socket.gethostname()[:40]}-{os.getpid()}-{self._rng.getrandbits(48):012x}"
-        """This client's lock owner id (unique per client object)."""
+        """The prefix of this client's lock owner ids: each ``acquire`` holds as its own
+        owner (``owner-1``, ``owner-2``, ...), so two tasks or threads sharing the client
+        exclude each other like any two clients."""
+        self._acquires = itertools.count(1)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -372,10 +376,12 @@ class AsyncClient:
         """A lease on lock ``name`` for ``ttl`` seconds, with a fencing token that grows with
         every grant. ``wait``: seconds to wait for the lock to be released or to expire
         (None: forever; 0: fail at once with ``LockHeldError``). The waiting happens on the
-        node (it is told of the release; no polling)."""
+        node (it is told of the release; no polling). ``owner``: the holder's id (default: a
+        new one per call); an owner that already holds the lock gets its lease back, so
+        give one explicitly only to resume a lease, never to two concurrent holders."""
         key = self._lock_key(name)
         ttl_ms = _ttl_ms(ttl)
-        who = owner or self.owner
+        who = owner or f"{self.owner}-{next(self._acquires)}"
         idempotency = _new_id(self._rng)
         loop = asyncio.get_running_loop()
         deadline = None if wait is None else loop.time() + max(0.0, wait)
