@@ -18,11 +18,13 @@ from typing import Any
 
 from leaderless.api.kv_messages import (
     Changed,
+    CompareAndSet,
     Conflict,
     Delete,
     Done,
     Failure,
     Get,
+    Increment,
     KeyspaceInfo,
     Lease,
     LockInfo,
@@ -150,13 +152,13 @@ class KvNode:
         self.proposer = paxos.Proposer(name, paxos.ProposerConfig(), self._ids,
                                        random.Random(rng_seed ^ 0x5A5A))
         self._paxos_purge_cursor = b""
-        self.key_listeners: list[Callable[[str, bytes, bytes], None]] = []
+        self.key_listeners: list[Callable[[str, bytes, bytes, bytes | None], None]] = []
         self.watches = WatchHub(name, store, self._send, self._members_up, self.propose,
                                 self._key_changed)
         self.locks = LockService(self.propose, self.watches.hold_key)
         self.key_listeners.append(self.locks.on_key_changed)
-        """Called with (keyspace, partition, sort) for every change of a strong key chosen
-        by this node's proposer (and, from watches, by others)."""
+        """Called with (keyspace, partition, sort, new value) for every change of a strong
+        key chosen by this node's proposer (and, from watches, by others)."""
         self.handoff = Handoff(self.hints, HintConfig(hint_window_s=hint_window_s))
         self.anti_entropy = AntiEntropy(name, AntiEntropyConfig(
             interval_s=anti_entropy_interval_s), random.Random(rng_seed), store, self.forest)
@@ -169,6 +171,8 @@ class KvNode:
         self._futures: dict[int, asyncio.Future[Any]] = {}
         """Operations awaited by the async API: a coordinator Result or a paxos Result."""
         self._callbacks: dict[int, tuple[int, Callable[[Any], None]]] = {}
+        self._strong_callbacks: dict[int, tuple[Any, Callable[[Any], None], str]] = {}
+        """Strong requests on the callback path: (request, reply, keyspace) by op id."""
         self._members: dict[str, Member] = {}
         self._down_since: dict[str, float] = {}
         self._hint_window_s = hint_window_s
@@ -205,6 +209,8 @@ class KvNode:
                 future.set_exception(KvError("unavailable", "the node is stopping"))
         for op_id in list(self._callbacks):
             self._callback_reply(op_id, Failed("unavailable", "the node is stopping"))
+        for op_id in list(self._strong_callbacks):
+            self._strong_reply(op_id, paxos.Failed("unavailable", "the node is stopping"))
         self.links.close()
         await self.commit.close()
 
@@ -377,13 +383,14 @@ class KvNode:
             code = "bad_request" if result.code == "invalid" else result.code
             raise KvError(code, result.message, result.received, result.required)
         if isinstance(result, paxos.Done) and not isinstance(change, Read):
-            self._key_changed(definition.name, key, sort)
+            self._key_changed(definition.name, key, sort, result.value)
         assert isinstance(result, paxos.Done | paxos.Conflict | paxos.Fenced), result
         return result
 
-    def _key_changed(self, keyspace: str, partition: bytes, sort: bytes) -> None:
+    def _key_changed(self, keyspace: str, partition: bytes, sort: bytes,
+                     value: bytes | None) -> None:
         for listener in self.key_listeners:
-            listener(keyspace, partition, sort)
+            listener(keyspace, partition, sort, value)
 
     async def watch(self, keyspace: str, key: bytes, sort: bytes = b"", prefix: bool = False,
                     since_version: int = 0) -> Watch:
@@ -489,13 +496,21 @@ class KvNode:
         """Start a get, put or delete on a keyspace this node knows and call ``reply``
         with its ``api.kv_messages`` reply; False (nothing started) for anything else."""
         kind = type(request)
+        if kind is CompareAndSet or kind is Increment:
+            definition = self._keyspaces.get(request.keyspace)
+            if (definition is None or definition.mode != "strong" or self._closed
+                    or request.fence_lock):
+                return False
+            return self._submit_strong(definition, request, reply)
         if kind is not Get and kind is not Put and kind is not Delete:
             return False
         if kind is not Get and request.fence_lock:
             return False  # the fence check reads the lock first (the async path)
         definition = self._keyspaces.get(request.keyspace)
-        if definition is None or definition.mode != "eventual" or self._closed:
-            return False  # strong keyspaces go through Paxos (the async path)
+        if definition is None or self._closed:
+            return False
+        if definition.mode == "strong":
+            return self._submit_strong(definition, request, reply)
         try:
             self._check_key(request.key, request.sort)
             if kind is Get:
@@ -522,6 +537,69 @@ class KvNode:
                                              request.sort, cell, level)
         self._execute(effects)
         return True
+
+    def _submit_strong(self, definition: KeyspaceDef, request: Any,
+                       reply: Callable[[Any], None]) -> bool:
+        """The callback path of a strong get, put, delete, cas or increment: one Paxos
+        round whose outcome becomes the reply, with no task or coroutine per request (a
+        third of a strong request's CPU on a node went to those)."""
+        kind = type(request)
+        change: Change
+        try:
+            self._check_key(request.key, request.sort)
+            if kind is Get:
+                change = Read()
+            elif kind is Put:
+                if request.ttl_s is not None:
+                    raise KvError("bad_request", "strong keyspaces do not support TTL yet")
+                self._check_value(request.value)
+                change = PutChange(request.value)
+            elif kind is Delete:
+                change = DeleteChange()
+            elif kind is Increment:
+                change = Incr(request.delta)
+            else:
+                self._check_value(request.value)
+                given = ((request.expected_version is not None)
+                         + (request.expected_value is not None) + request.expected_absent)
+                if given != 1:
+                    raise KvError("bad_request", "compare-and-set needs exactly one "
+                                  "expectation: expected_version, expected_value or "
+                                  "expected_absent")
+                change = CasChange(request.value, request.expected_version,
+                                   request.expected_value, request.expected_absent)
+        except KvError as exc:
+            reply(Failure(request.id, exc.code, exc.message[:500]))
+            return True
+        op_id = next(self._op_ids)
+        self._strong_callbacks[op_id] = (request, reply, definition.name)
+        self._execute(self.proposer.propose(
+            self._now(), op_id, self._topology, definition.name, definition.replication,
+            request.key, request.sort, change, getattr(request, "idempotency", b""),
+            _wall_ms()))
+        return True
+
+    def _strong_reply(self, op_id: int, result: paxos.Result) -> None:
+        request, reply, keyspace = self._strong_callbacks.pop(op_id)
+        kind = type(request)
+        rid = request.id
+        if isinstance(result, paxos.Failed):
+            code = "bad_request" if result.code == "invalid" else result.code
+            reply(Failure(rid, code, result.message[:500], result.received, result.required))
+            return
+        if isinstance(result, paxos.Conflict):
+            reply(Conflict(rid, result.version, result.value is not None, result.value or b""))
+            return
+        assert isinstance(result, paxos.Done), result
+        if kind is Get:
+            reply(Value(rid, result.value is not None, result.value or b"",
+                        version=result.version))
+            return
+        self._key_changed(keyspace, request.key, request.sort, result.value)
+        if kind is Put or kind is Delete:
+            reply(Done(rid, result.version))
+        else:
+            reply(Changed(rid, result.version, result.value or b"", result.duplicate))
 
     def _new_cell(self, value: bytes, ttl_s: float | None) -> Cell:
         self._check_value(value)
@@ -636,6 +714,10 @@ class KvNode:
                 if effect.op_id in self._callbacks:
                     assert isinstance(effect, Respond)  # callbacks are eventual-mode ops
                     self._callback_reply(effect.op_id, effect.result)
+                    continue
+                if effect.op_id in self._strong_callbacks:
+                    assert isinstance(effect, paxos.Respond)
+                    self._strong_reply(effect.op_id, effect.result)
                     continue
                 future = self._futures.get(effect.op_id)
                 if future is not None and not future.done():

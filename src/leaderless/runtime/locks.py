@@ -10,6 +10,8 @@ comes first, and then tries again, until its wait time is over.
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 
@@ -50,11 +52,14 @@ class LockService:
     def __init__(self, propose: Propose, hold_key: HoldKey) -> None:
         self._propose = propose
         self._hold_key = hold_key
-        self._waiters: dict[bytes, set[asyncio.Future[None]]] = {}
-        self._generation: dict[bytes, int] = {}
-        """Changes seen of each lock someone here is acquiring (so a change that lands
-        between a refused attempt and the wait is not slept through)."""
+        self._queues: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
+        """Acquires waiting on each lock here, in arrival order: a release wakes the first
+        (not all of them, which would cost a round of refusals per hand-over)."""
+        self._missed: set[bytes] = set()
+        """Locks freed while their acquirers were between an attempt and their wait."""
         self._acquiring: dict[bytes, int] = {}
+        self._expiry_ms: dict[bytes, int] = {}
+        """When the current lease of each lock acquired here ends, as last refused."""
         self._waiting = 0
         self.grants = 0
         self.refusals = 0
@@ -62,15 +67,21 @@ class LockService:
 
     # -- notifications -----------------------------------------------------------------
 
-    def on_key_changed(self, keyspace: str, partition: bytes, sort: bytes) -> None:
-        """A change of a strong key was chosen (wakes the acquires waiting on that lock)."""
-        if keyspace != LOCK_KEYSPACE:
+    def on_key_changed(self, keyspace: str, partition: bytes, sort: bytes,
+                       value: bytes | None) -> None:
+        """A change of a strong key was chosen: if it freed a lock, wake the acquire that
+        has waited longest for it here."""
+        if keyspace != LOCK_KEYSPACE or partition not in self._acquiring:
             return
-        if partition in self._generation:
-            self._generation[partition] += 1
-        for future in self._waiters.pop(partition, ()):
+        if decode_lock(value).held(_wall_ms()):
+            return  # granted or renewed: nothing for a waiter to take
+        queue = self._queues.get(partition)
+        while queue:
+            future = queue.popleft()
             if not future.done():
                 future.set_result(None)
+                return
+        self._missed.add(partition)
 
     # -- operations --------------------------------------------------------------------
 
@@ -82,11 +93,18 @@ class LockService:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
         let_go: Callable[[], None] | None = None
+        woken = False
         self._acquiring[key] = self._acquiring.get(key, 0) + 1
-        self._generation.setdefault(key, 0)
         try:
+            if wait_ms and any(not f.done() for f in self._queues.get(key, ())):
+                # Others wait for this lock here: queue behind them instead of barging in
+                # (a client releasing and at once acquiring again would otherwise win
+                # every hand-over), until the lock is freed or the holder's lease ends.
+                let_go = self._hold_key(LOCK_KEYSPACE_DEF, key)
+                expiry_s = (max(0.0, (self._expiry_ms.get(key, 0) - _wall_ms()) / 1000)
+                            + EXPIRY_MARGIN_S)
+                woken = await self._wait_change(key, min(wait_ms / 1000, expiry_s), False)
             while True:
-                generation = self._generation[key]
                 # Each attempt is a new change (a fresh id): a refused acquire changed
                 # nothing, and the client's id keeps the *granting* attempt idempotent
                 # across its retries.
@@ -99,6 +117,7 @@ class LockService:
                                  outcome.duplicate)
                 assert isinstance(outcome, paxos.Conflict), outcome
                 state = decode_lock(outcome.value)
+                self._expiry_ms[key] = state.expires_at_ms
                 remaining_s = deadline - loop.time()
                 if remaining_s <= 0:
                     self.refusals += 1
@@ -107,42 +126,52 @@ class LockService:
                                   f"its lease ends in {left_ms} ms unless renewed); "
                                   + ("wait for it with a wait time" if wait_ms == 0 else
                                      f"waited {wait_ms} ms"))
+                idempotency = b""
                 if let_go is None:
                     # Hear of a release made through another node; then try once more
                     # before waiting, in case it came in between.
                     let_go = self._hold_key(LOCK_KEYSPACE_DEF, key)
-                else:
-                    expiry_s = (max(0.0, (state.expires_at_ms - _wall_ms()) / 1000)
-                                + EXPIRY_MARGIN_S)
-                    if self._generation[key] == generation:
-                        await self._wait_change(key, min(remaining_s, expiry_s))
-                idempotency = b""
+                    continue
+                expiry_s = (max(0.0, (state.expires_at_ms - _wall_ms()) / 1000)
+                            + EXPIRY_MARGIN_S)
+                # A waiter that was woken and lost the race keeps its place at the front.
+                woken = await self._wait_change(key, min(remaining_s, expiry_s), woken)
         finally:
             if let_go is not None:
                 let_go()
             self._acquiring[key] -= 1
             if not self._acquiring[key]:
                 del self._acquiring[key]
-                del self._generation[key]
+                self._expiry_ms.pop(key, None)
+                self._missed.discard(key)
+                self._queues.pop(key, None)
 
-    async def _wait_change(self, key: bytes, timeout_s: float) -> None:
+    async def _wait_change(self, key: bytes, timeout_s: float, front: bool) -> bool:
+        """Wait until the lock is freed (True) or ``timeout_s`` passes (False)."""
+        if key in self._missed:
+            self._missed.discard(key)
+            return True
         if self._waiting >= WAITERS_MAX:
             raise KvError("overloaded", f"{WAITERS_MAX} lock acquires are waiting on this "
                           "node; retry later or on another node")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(key, set()).add(future)
+        queue = self._queues.setdefault(key, collections.deque())
+        if front:
+            queue.appendleft(future)
+        else:
+            queue.append(future)
         self._waiting += 1
         try:
             await asyncio.wait_for(future, timeout_s)
+            return True
         except TimeoutError:
-            pass
+            return False
         finally:
             self._waiting -= 1
-            waiters = self._waiters.get(key)
-            if waiters is not None:
-                waiters.discard(future)
-                if not waiters:
-                    del self._waiters[key]
+            if not future.done():
+                future.cancel()
+            with contextlib.suppress(ValueError):
+                queue.remove(future)  # timed out or cancelled: not woken, still queued
 
     async def renew(self, name: str, owner: str, token: int, ttl_ms: int,
                     idempotency: bytes = b"") -> Lease:

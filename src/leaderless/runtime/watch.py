@@ -82,7 +82,7 @@ class Watch:
         if self.closed:
             return
         if self.internal:
-            self.hub.on_internal_change(self.definition.name, partition, sort)
+            self.hub.on_internal_change(self.definition.name, partition, sort, register.value)
             return
         if self.queue.qsize() >= QUEUE_EVENTS_MAX:
             self.fail(KvError("overloaded", f"the watch fell {QUEUE_EVENTS_MAX} events "
@@ -114,7 +114,7 @@ class Watch:
 class WatchHub:
     def __init__(self, me: str, store: Store, send: Callable[[str, Any], None],
                  members_up: Callable[[], list[str]], propose: Propose,
-                 on_change: Callable[[str, bytes, bytes], None]) -> None:
+                 on_change: Callable[[str, bytes, bytes, bytes | None], None]) -> None:
         self.me = me
         self.store = store
         self._send = send
@@ -181,8 +181,9 @@ class WatchHub:
 
         return release
 
-    def on_internal_change(self, keyspace: str, partition: bytes, sort: bytes) -> None:
-        self._on_change(keyspace, partition, sort)
+    def on_internal_change(self, keyspace: str, partition: bytes, sort: bytes,
+                           value: bytes | None) -> None:
+        self._on_change(keyspace, partition, sort, value)
 
     def _resync(self, watch: Watch) -> None:
         """Resynchronise now, or right after the resync under way."""
