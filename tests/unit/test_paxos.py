@@ -26,6 +26,7 @@ from leaderless.core.paxos import (
     apply_change,
     decode_state,
     encode_state,
+    id_digest,
     parse_paxos_key,
     paxos_key,
 )
@@ -162,7 +163,11 @@ def test_recent_ids_are_bounded() -> None:
     for i in range(RECENT_CHANGES_MAX + 10):
         reg, _ = apply_change(reg, Incr(1), f"id{i}".encode(), 0)
     assert len(reg.recent) == RECENT_CHANGES_MAX
-    assert reg.recent[0].id == b"id10" and reg.version == RECENT_CHANGES_MAX + 10
+    assert reg.recent[0].id == id_digest(b"id10") and reg.version == RECENT_CHANGES_MAX + 10
+    # The oldest remembered id is still recognised; one just past the bound is not.
+    assert apply_change(reg, Incr(1), b"id10", 0)[1] == Done(11, b"11", duplicate=True)
+    again, outcome = apply_change(reg, Incr(1), b"id9", 0)
+    assert isinstance(outcome, Done) and not outcome.duplicate
 
 
 # -- proposers over an in-memory network --------------------------------------------------------

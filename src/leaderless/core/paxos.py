@@ -64,6 +64,7 @@ import random
 from collections.abc import Iterator
 
 import msgspec
+import xxhash
 
 from leaderless.core.coordinator import Topology
 from leaderless.core.keys import data_key, parse_data_key, token
@@ -102,7 +103,7 @@ __all__ = [
     "PAXOS_PREFIX", "FLOOR_KEY", "Ballot", "Acceptor", "Proposer", "ProposerConfig",
     "SendAcceptor", "Respond", "Done", "Conflict", "Fenced", "Failed", "PurgeDone", "Outcome",
     "Result", "Effect", "apply_change", "paxos_key", "parse_paxos_key",
-    "encode_state", "decode_state",
+    "encode_state", "decode_state", "id_digest",
 ]
 
 PAXOS_PREFIX = b"p"
@@ -209,6 +210,13 @@ def _number(value: bytes | None) -> int | None:
     return int(text)
 
 
+def id_digest(idempotency_id: bytes) -> bytes:
+    """What a register remembers of an idempotency id: 8 bytes of xxh64 (ids are random
+    128-bit values or client-chosen strings; two ids of one key's last changes colliding
+    has odds of about 2^-59)."""
+    return xxhash.xxh64_digest(idempotency_id)
+
+
 def apply_change(register: Register, change: Change, idempotency_id: bytes,
                  wall_ms: int) -> tuple[Register, Outcome]:
     """The register after ``change`` and the outcome the client gets. A change that does
@@ -216,8 +224,9 @@ def apply_change(register: Register, change: Change, idempotency_id: bytes,
     if isinstance(change, Read):
         return register, Done(register.version, register.value,
                               changed_at_ms=register.changed_at_ms)
+    digest = id_digest(idempotency_id)
     for seen in register.recent:
-        if seen.id == idempotency_id:
+        if seen.id == digest:
             return register, _replayed(change, seen)
     fence = None if isinstance(change, LockChange) else change.fence
     if (fence is not None and register.fence is not None
@@ -250,8 +259,7 @@ def apply_change(register: Register, change: Change, idempotency_id: bytes,
         number = total
     assert register.version < COUNTER_MAX, "version space exhausted"
     version = register.version + 1
-    recent = [*register.recent[-(RECENT_CHANGES_MAX - 1):],
-              Recent(idempotency_id, version, number)]
+    recent = [*register.recent[-(RECENT_CHANGES_MAX - 1):], Recent(digest, version, number)]
     if fence is None or (register.fence is not None and register.fence.lock == fence.lock
                          and register.fence.token > fence.token):
         fence = register.fence
