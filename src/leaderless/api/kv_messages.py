@@ -104,7 +104,7 @@ class CompareAndSet(msgspec.Struct, frozen=True, array_like=True, omit_defaults=
     """Strong keyspaces: set ``value`` if the key's current version is ``expected_version``
     (or its value is ``expected_value``, or it is absent with ``expected_absent``); exactly
     one expectation. A retry after an ambiguous failure must reuse ``idempotency`` (1-64
-    bytes; the node remembers the last 64 changes of each key), so it is not applied twice."""
+    bytes; the node remembers the last 32 changes of each key), so it is not applied twice."""
 
     id: RequestId
     keyspace: Text

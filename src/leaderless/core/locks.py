@@ -8,8 +8,9 @@ proposer to the chosen state, so grants are linearizable and a token is never gr
 twice: each grant is ``token + 1`` of the chosen state it was applied to.
 
 **Time.** A lease expires at ``expires_at_ms``, stamped by the proposer that granted or
-renewed it from its own wall clock; another proposer may grant the lock once *its* wall
-clock has passed that instant. The assumption: the wall clocks of the nodes differ by at
+renewed it from its hybrid clock's wall part (the runtime passes it as ``wall_ms``; it never
+goes backwards on a node); another proposer may grant the lock once *its* clock has passed
+that instant. The assumption: the wall clocks of the nodes differ by at
 most ``CLOCK_SKEW_MAX_MS`` (the hybrid clock's bound, ``core.hlc``: a node refuses peer
 timestamps further ahead). So a lease may end up to that much earlier than its holder's
 TTL says, and a client must treat its lease as valid only until

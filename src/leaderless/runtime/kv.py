@@ -52,7 +52,7 @@ from leaderless.core.coordinator import (
 )
 from leaderless.core.effects import MemberEvent, MemberEventKind
 from leaderless.core.hints import DeleteHint, Handoff, HintConfig, HintLog, SendHint
-from leaderless.core.hlc import ClockSkewError, HybridClock
+from leaderless.core.hlc import ClockSkewError, HybridClock, physical_ms
 from leaderless.core.keys import (
     DATA_PREFIX,
     KeyError_,
@@ -378,7 +378,7 @@ class KvNode:
         op_id = next(self._op_ids)
         result = await self._await_op(op_id, lambda: self.proposer.propose(
             self._now(), op_id, self._topology, definition.name, definition.replication,
-            key, sort, change, idempotency, _wall_ms()))
+            key, sort, change, idempotency, self._clock_ms()))
         if isinstance(result, paxos.Failed):
             code = "bad_request" if result.code == "invalid" else result.code
             raise KvError(code, result.message, result.received, result.required)
@@ -576,7 +576,7 @@ class KvNode:
         self._execute(self.proposer.propose(
             self._now(), op_id, self._topology, definition.name, definition.replication,
             request.key, request.sort, change, getattr(request, "idempotency", b""),
-            _wall_ms()))
+            self._clock_ms()))
         return True
 
     def _strong_reply(self, op_id: int, result: paxos.Result) -> None:
@@ -910,6 +910,12 @@ class KvNode:
 
     def _now(self) -> float:
         return self._loop.time()
+
+    def _clock_ms(self) -> int:
+        """The time stamped on strong changes, by which lock leases expire: the hybrid
+        clock's wall part, so it never goes back on this node (an NTP step backwards does
+        not lengthen a lease) and stays within the skew bound of the other nodes'."""
+        return physical_ms(self.clock.now(_wall_ms()))
 
     def counters(self) -> dict[str, int]:
         result: dict[str, int] = {}
