@@ -1,0 +1,423 @@
+"""A node's Prometheus exposition: one registry per node, filled at scrape time.
+
+``make_registry`` registers one custom collector on a fresh ``CollectorRegistry`` (never the
+process-wide default: several nodes may run in one process). At every scrape the collector
+reads the node's status (the ``StatusReply`` shape as a plain dict), a ``RequestStats``
+snapshot and a ``SystemSample``, and turns them into metric families. Nothing is kept
+between scrapes, so the hot path pays nothing for metrics it does not touch.
+
+Node and membership (``status``)::
+
+    name, version                    leaderless_node_info{name, version}            gauge (1)
+    states                           leaderless_members{state}                      gauge
+                                     (alive, suspect, dead and left always present)
+    incarnation                      leaderless_incarnation                         gauge
+    uptime_s                         leaderless_uptime_seconds                      gauge
+    pending_broadcasts               leaderless_pending_broadcasts                  gauge
+    membership[<field>]              leaderless_membership_<field>_total            counter
+    runtime[<name>_total][<kind>]    leaderless_<name>_total{kind}                  counter
+      (dropped_malformed, dropped_overload, send_errors; a runtime group whose name does
+       not end in _total becomes a gauge leaderless_<name>{kind})
+
+KV (``status["runtime"]["kv"]``, i.e. ``KvNode.counters()``); counters count events since
+the node started, gauges are current levels::
+
+    coordinator_<f>   leaderless_coordinator_<f>_total   counter  f: writes reads scans
+                      unavailable timeouts (replica timeouts) hints_sent read_repairs
+                      speculative_retries replica_errors
+    in_flight         leaderless_coordinator_in_flight   gauge
+    replica_<f>       leaderless_replica_<f>_total       counter  f: writes_applied
+                      writes_stale reads scans hints_stored
+    hints_pending     leaderless_hints_pending           gauge
+    handoff_<f>       leaderless_handoff_<f>_total       counter  f: replayed expired failed
+    anti_entropy_<f>  leaderless_anti_entropy_<f>_total  counter  f: sessions_started
+                      sessions_completed sessions_timed_out sessions_failed
+                      segments_compared (ranges compared) segments_differing keys_compared
+                      rows_sent (keys streamed) rows_requested rows_received rows_accepted
+                      rows_refused requests_answered stale_replies
+    proposer_<f>      leaderless_proposer_<f>_total      counter  f: changes rounds
+                      one_rtt_rounds refused_rounds (conflicts) retries unavailable
+                      timeouts contention duplicates purges
+    acceptor_<f>      leaderless_acceptor_<f>_total      counter  f: promises accepts
+                      refusals purges
+    commit_<f>        leaderless_commit_<f>_total        counter  f: syncs writes batches
+    purged            leaderless_purged_rows_total       counter
+    lock_<f>          leaderless_lock_<f>_total          counter  f: grants refusals
+                      fenced_writes
+    lock_waiting      leaderless_lock_waiting            gauge
+    watches           leaderless_watches                 gauge
+    watch_subscriptions leaderless_watch_subscriptions   gauge
+    watch_<f>         leaderless_watch_<f>_total         counter  f: reports
+                      events_delivered resyncs
+    anything else     leaderless_kv_<name>               gauge    (a counter added to
+                      KvNode.counters() but not yet to ``KV_METRICS`` is still exported)
+
+Requests (``RequestStats``)::
+
+    leaderless_request_duration_seconds{operation, consistency}   histogram
+    leaderless_request_errors_total{operation, code}              counter
+    leaderless_request_recent_ops_per_second                      gauge (last 10 s)
+    leaderless_request_recent_p99_seconds                         gauge (last 10 s)
+
+Machine (``SystemSample``; no label carries a path of the machine)::
+
+    leaderless_system_cpu_percent, leaderless_system_cpu_count,
+    leaderless_process_cpu_percent (of one CPU), leaderless_process_resident_memory_bytes,
+    leaderless_system_memory_used_bytes, leaderless_system_memory_total_bytes,
+    leaderless_system_disk_{used,free,total}_bytes (the filesystem of the data dir),
+    leaderless_system_disk_{read,written}_bytes_total, leaderless_system_disk_{reads,writes}_total,
+    leaderless_system_network_{sent,received}_{bytes,packets}_total,
+    leaderless_system_load1, leaderless_system_load5, leaderless_system_load15,
+    leaderless_system_source_available{source="disk_usage"|"disk_io"|"network_io"}
+
+Storage, when ``make_registry`` is given ``commit_group_sizes`` (``GroupCommit.group_sizes``)::
+
+    leaderless_commit_group_batches   histogram of batches per sync (power-of-two buckets;
+                                      no _sum or _count: the sizes are only known bucketed)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Final, Literal
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
+
+from leaderless.obs.requests import RequestSnapshot, RequestStats
+from leaderless.obs.system import SystemSample, SystemSampler
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+"""The Prometheus text format that ``render`` writes without an Accept header."""
+
+PREFIX: Final = "leaderless_"
+
+MEMBER_STATES: Final = ("alive", "suspect", "dead", "left")
+"""Always exported (0 when none), so that an alert on ``dead > 0`` has a series to read."""
+
+COMMIT_GROUP_BOUNDS: Final = tuple(float(1 << i) for i in range(13))
+"""Batches per sync: 1, 2, 4 ... 4096; larger groups land in +Inf."""
+
+_NAME_CHARS: Final = re.compile(r"[^a-zA-Z0-9_]")
+
+Kind = Literal["counter", "gauge"]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class KvMetric:
+    name: str
+    """Full metric name, without the ``_total`` that counters get in the exposition."""
+    kind: Kind
+    help: str
+
+
+def _kv(area: str, kind: Kind, fields: Mapping[str, str]) -> dict[str, KvMetric]:
+    """``<area>_<field>`` -> ``leaderless_<area>_<field>``, one kind for the area."""
+    return {f"{area}_{f}": KvMetric(f"{PREFIX}{area}_{f}", kind, h) for f, h in fields.items()}
+
+
+KV_METRICS: Final[Mapping[str, KvMetric]] = {
+    **_kv("coordinator", "counter", {
+        "writes": "Client writes this node coordinated (eventual mode).",
+        "reads": "Client reads this node coordinated (eventual mode).",
+        "scans": "Client scans this node coordinated.",
+        "unavailable": "Requests refused: too few live replicas for the consistency level.",
+        "timeouts": "Requests that timed out waiting for replicas (replica timeouts).",
+        "hints_sent": "Writes for a down replica sent to a stand-in as a hint.",
+        "read_repairs": "Stale replicas repaired by a read.",
+        "speculative_retries": "Reads also sent to another replica because one was slow.",
+        "replica_errors": "Replica replies that reported an error."}),
+    "in_flight": KvMetric(PREFIX + "coordinator_in_flight", "gauge",
+                          "Requests this node coordinates right now."),
+    **_kv("replica", "counter", {
+        "writes_applied": "Replica writes stored.",
+        "writes_stale": "Replica writes ignored: older than the stored version.",
+        "reads": "Replica reads served.",
+        "scans": "Replica scans served.",
+        "hints_stored": "Hints stored here for a down replica."}),
+    "hints_pending": KvMetric(PREFIX + "hints_pending", "gauge",
+                              "Hints stored here and not yet replayed."),
+    **_kv("handoff", "counter", {
+        "replayed": "Hints replayed to their replica.",
+        "expired": "Hints dropped: older than the hint window (anti-entropy repairs them).",
+        "failed": "Hint replays that failed (retried later)."}),
+    **_kv("anti_entropy", "counter", {
+        "sessions_started": "Anti-entropy sessions started with a peer.",
+        "sessions_completed": "Anti-entropy sessions completed.",
+        "sessions_timed_out": "Anti-entropy sessions abandoned: the peer did not answer.",
+        "sessions_failed": "Anti-entropy sessions dropped: the peer broke the protocol.",
+        "segments_compared": "Merkle segments (token ranges) compared by digest.",
+        "segments_differing": "Merkle segments whose digests differed.",
+        "keys_compared": "Keys compared one by one in differing segments.",
+        "rows_sent": "Rows streamed to peers that lacked them or held older versions.",
+        "rows_requested": "Rows this node lacked or held older and asked a peer for.",
+        "rows_received": "Rows received from peers and applied.",
+        "rows_accepted": "Rows pushed to this node and passed to the write path.",
+        "rows_refused": "Rows pushed to this node for ranges it does not replicate.",
+        "requests_answered": "Anti-entropy requests this node answered.",
+        "stale_replies": "Anti-entropy replies for sessions no longer waiting."}),
+    **_kv("proposer", "counter", {
+        "changes": "Strong changes (CAS, incr, strong writes, locks) proposed here.",
+        "rounds": "Paxos rounds started.",
+        "one_rtt_rounds": "Paxos rounds that skipped the prepare phase (one round trip).",
+        "refused_rounds": "Paxos rounds refused by a higher ballot (conflicts).",
+        "retries": "Paxos rounds retried after a backoff.",
+        "unavailable": "Strong changes refused: too few replicas up.",
+        "timeouts": "Strong changes that timed out.",
+        "contention": "Strong changes failed after too many conflicting rounds.",
+        "duplicates": "Strong changes found already applied (idempotent retries).",
+        "purges": "Strong tombstone purges proposed."}),
+    **_kv("acceptor", "counter", {
+        "promises": "Paxos prepares this node promised.",
+        "accepts": "Paxos accepts this node accepted.",
+        "refusals": "Paxos prepares or accepts refused for a lower ballot.",
+        "purges": "Strong registers purged."}),
+    **_kv("commit", "counter", {
+        "syncs": "Storage syncs (fsyncs) completed by group commit.",
+        "writes": "Rows (puts and deletes) written through group commit.",
+        "batches": "Batches committed through group commit."}),
+    "purged": KvMetric(PREFIX + "purged_rows", "counter",
+                       "Tombstones and expired rows purged after the grace period."),
+    **_kv("lock", "counter", {
+        "grants": "Lock leases granted.",
+        "refusals": "Lock acquisitions refused (held by another owner).",
+        "fenced_writes": "Writes refused for a stale fencing token."}),
+    "lock_waiting": KvMetric(PREFIX + "lock_waiting", "gauge",
+                             "Lock acquisitions waiting here for the lock to be freed."),
+    "watches": KvMetric(PREFIX + "watches", "gauge", "Watches held by this node's clients."),
+    "watch_subscriptions": KvMetric(PREFIX + "watch_subscriptions", "gauge",
+                                    "Watchers' subscriptions this node reports accepts to."),
+    **_kv("watch", "counter", {
+        "reports": "Accepted changes reported to subscribed watchers.",
+        "events_delivered": "Watch events delivered to this node's clients.",
+        "resyncs": "Watches resynchronised after reports may have been missed."}),
+}
+"""The meaning of every key of ``KvNode.counters()``: its metric name and type."""
+
+
+class NodeCollector:
+    """The custom collector behind ``make_registry``: reads everything at scrape time."""
+
+    def __init__(self, status: Callable[[], Mapping[str, Any]], requests: RequestStats,
+                 system: SystemSampler,
+                 commit_group_sizes: Callable[[], Mapping[int, int]] | None = None) -> None:
+        self._status = status
+        self._requests = requests
+        self._system = system
+        self._commit_group_sizes = commit_group_sizes
+
+    def describe(self) -> list[Metric]:
+        """Nothing: names vary with the status (unknown kv counters), so the registry does
+        not check them for clashes, and registering does not scrape."""
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            status = self._status()
+        except RuntimeError:
+            status = None  # the node is not started (or stopped): export the rest
+        if status is not None:
+            yield from status_families(status)
+        yield from request_families(self._requests)
+        yield from system_families(self._system.sample())
+        if self._commit_group_sizes is not None:
+            yield commit_group_family(self._commit_group_sizes())
+
+
+def make_registry(status: Callable[[], Mapping[str, Any]], requests: RequestStats,
+                  system: SystemSampler, *,
+                  commit_group_sizes: Callable[[], Mapping[int, int]] | None = None,
+                  ) -> CollectorRegistry:
+    """A fresh registry exposing one node. ``status`` returns the node's ``StatusReply``
+    as a plain dict (``msgspec.structs.asdict``); it may raise ``RuntimeError`` while the
+    node is not started, and the scrape then has only the request and machine families."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(status, requests, system, commit_group_sizes))
+    return registry
+
+
+def render(registry: CollectorRegistry, accept: str | None = None) -> tuple[bytes, str]:
+    """The exposition body and its content type. Without ``accept`` (the request's Accept
+    header) it is the classic text format; with one, OpenMetrics when the scraper asks."""
+    if accept is None:
+        return generate_latest(registry), CONTENT_TYPE
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type
+
+
+# -- status ----------------------------------------------------------------------------
+
+
+def status_families(status: Mapping[str, Any]) -> Iterator[Metric]:
+    info = GaugeMetricFamily(PREFIX + "node_info", "This node's name and version.",
+                             labels=["name", "version"])
+    info.add_metric([str(status["name"]), str(status["version"])], 1)
+    yield info
+    members = GaugeMetricFamily(PREFIX + "members", "Members by state, as this node sees "
+                                "them (itself included).", labels=["state"])
+    states: dict[str, int] = dict.fromkeys(MEMBER_STATES, 0)
+    states.update(status["states"])
+    for state, n in sorted(states.items()):
+        members.add_metric([state], n)
+    yield members
+    yield GaugeMetricFamily(PREFIX + "incarnation", "This node's incarnation (raised to "
+                            "refute a suspicion).", value=status["incarnation"])
+    yield GaugeMetricFamily(PREFIX + "uptime_seconds", "Seconds since the node started.",
+                            value=status["uptime_s"])
+    yield GaugeMetricFamily(PREFIX + "pending_broadcasts", "Membership updates waiting to "
+                            "be gossiped.", value=status["pending_broadcasts"])
+    for field, value in status["membership"].items():
+        yield CounterMetricFamily(
+            _name(f"membership_{field}"),
+            f"Membership protocol: {field.replace('_', ' ')} since the node started.",
+            value=value)
+    runtime: Mapping[str, Mapping[str, int]] = status["runtime"]
+    for group, kinds in runtime.items():
+        if group != "kv":
+            yield _kind_family(group, kinds)
+    yield from kv_families(runtime.get("kv", {}))
+
+
+def _kind_family(group: str, kinds: Mapping[str, int]) -> Metric:
+    what = f"I/O layer: {group.removesuffix('_total').replace('_', ' ')}, by kind."
+    family: CounterMetricFamily | GaugeMetricFamily
+    if group.endswith("_total"):
+        family = CounterMetricFamily(_name(group), what, labels=["kind"])
+    else:
+        family = GaugeMetricFamily(_name(group), what, labels=["kind"])
+    for kind, n in sorted(kinds.items()):
+        family.add_metric([kind], n)
+    return family
+
+
+def kv_families(counters: Mapping[str, int]) -> Iterator[Metric]:
+    seen: set[str] = set()
+    for key, value in sorted(counters.items()):
+        spec = KV_METRICS.get(key)
+        if spec is None:
+            spec = KvMetric(_name(f"kv_{key}"), "gauge",
+                            f"KV counter {key!r} (not yet described in obs.metrics).")
+        if spec.name in seen:
+            continue  # two unknown keys that differ only in characters a name cannot hold
+        seen.add(spec.name)
+        if spec.kind == "counter":
+            yield CounterMetricFamily(spec.name, spec.help, value=value)
+        else:
+            yield GaugeMetricFamily(spec.name, spec.help, value=value)
+
+
+def _le(bound: float) -> str:
+    """A bucket bound as prometheus_client writes its own (Go's float format)."""
+    return str(floatToGoString(bound))  # type: ignore[no-untyped-call]
+
+
+def _name(suffix: str) -> str:
+    """``leaderless_<suffix>`` with characters a metric name cannot hold replaced."""
+    return PREFIX + _NAME_CHARS.sub("_", suffix)
+
+
+# -- requests --------------------------------------------------------------------------
+
+
+def request_families(requests: RequestStats) -> Iterator[Metric]:
+    snapshot = requests.snapshot()
+    yield _latency_family(snapshot)
+    errors = CounterMetricFamily(PREFIX + "request_errors_total", "Client requests that "
+                                 "failed, by operation and error code.",
+                                 labels=["operation", "code"])
+    for e in snapshot.errors:
+        errors.add_metric([e.operation, e.code], e.count)
+    yield errors
+    yield GaugeMetricFamily(PREFIX + "request_recent_ops_per_second", "Client requests per "
+                            "second over the last 10 complete seconds.",
+                            value=requests.ops_per_s())
+    yield GaugeMetricFamily(PREFIX + "request_recent_p99_seconds", "99th percentile client "
+                            "request latency over the last 10 complete seconds.",
+                            value=requests.p99_ms() / 1000.0)
+
+
+def _latency_family(snapshot: RequestSnapshot) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(
+        PREFIX + "request_duration_seconds", "Client request latency as this node served "
+        "it, by operation and consistency level.", labels=["operation", "consistency"])
+    les = [_le(b) for b in snapshot.bounds_s] + ["+Inf"]
+    for series in snapshot.latency:
+        buckets = list(zip(les, series.cumulative(), strict=True))
+        family.add_metric([series.operation, series.consistency], buckets, series.sum_s)
+    return family
+
+
+# -- machine ---------------------------------------------------------------------------
+
+
+_SYSTEM_GAUGES: Final = (
+    ("system_cpu_percent", "cpu_percent", "Busy share of all the machine's CPUs (0-100)."),
+    ("system_cpu_count", "cpu_count", "Logical CPUs of the machine."),
+    ("process_cpu_percent", "process_cpu_percent",
+     "This node process's CPU use in percent of one CPU."),
+    ("process_resident_memory_bytes", "process_rss_bytes", "This node process's RSS."),
+    ("system_memory_used_bytes", "memory_used_bytes", "Machine memory in use (total minus "
+     "available)."),
+    ("system_memory_total_bytes", "memory_total_bytes", "Machine memory."),
+    ("system_disk_used_bytes", "disk_used_bytes", "Used space of the data dir's filesystem."),
+    ("system_disk_free_bytes", "disk_free_bytes", "Free space of the data dir's filesystem "
+     "(for an unprivileged user)."),
+    ("system_disk_total_bytes", "disk_total_bytes", "Size of the data dir's filesystem."),
+    ("system_load1", "load_1m", "Machine load average over 1 minute."),
+    ("system_load5", "load_5m", "Machine load average over 5 minutes."),
+    ("system_load15", "load_15m", "Machine load average over 15 minutes."),
+)
+_SYSTEM_COUNTERS: Final = (
+    ("system_disk_read_bytes_total", "disk_read_bytes", "Bytes read from the machine's disks."),
+    ("system_disk_written_bytes_total", "disk_write_bytes", "Bytes written to the machine's "
+     "disks."),
+    ("system_disk_reads_total", "disk_reads", "Reads completed by the machine's disks."),
+    ("system_disk_writes_total", "disk_writes", "Writes completed by the machine's disks."),
+    ("system_network_sent_bytes_total", "network_sent_bytes", "Bytes the machine sent."),
+    ("system_network_received_bytes_total", "network_received_bytes",
+     "Bytes the machine received."),
+    ("system_network_sent_packets_total", "network_sent_packets", "Packets the machine sent."),
+    ("system_network_received_packets_total", "network_received_packets",
+     "Packets the machine received."),
+)
+
+
+def system_families(sample: SystemSample) -> Iterable[Metric]:
+    families: list[Metric] = [
+        GaugeMetricFamily(PREFIX + name, help_, value=getattr(sample, field))
+        for name, field, help_ in _SYSTEM_GAUGES]
+    families += [CounterMetricFamily(PREFIX + name, help_, value=getattr(sample, field))
+                 for name, field, help_ in _SYSTEM_COUNTERS]
+    available = GaugeMetricFamily(PREFIX + "system_source_available", "1 if the OS gives "
+                                  "this source's figures; 0: they read as zeros.",
+                                  labels=["source"])
+    for source in ("disk_usage", "disk_io", "network_io"):
+        available.add_metric([source], 1 if getattr(sample, f"{source}_available") else 0)
+    families.append(available)
+    return families
+
+
+# -- storage ---------------------------------------------------------------------------
+
+
+def commit_group_family(group_sizes: Mapping[int, int]) -> HistogramMetricFamily:
+    """``GroupCommit.group_sizes`` (power-of-two bucket -> syncs) as a histogram."""
+    family = HistogramMetricFamily(PREFIX + "commit_group_batches", "Batches covered by one "
+                                   "storage sync (group commit).", labels=[])
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound in COMMIT_GROUP_BOUNDS:
+        running += sum(n for size, n in group_sizes.items() if bound / 2 < size <= bound)
+        buckets.append((_le(bound), running))
+    buckets.append(("+Inf", sum(group_sizes.values())))
+    family.add_metric([], buckets, None)
+    return family
