@@ -98,6 +98,7 @@ from leaderless.api.kv_messages import (
     TTL_S_MAX,
     Conflict,
 )
+from leaderless.api.ops_http import OpsSource, add_ops_routes
 from leaderless.api.service import KvError, KvService
 from leaderless.core.cells import VALUE_BYTES_MAX_DEFAULT
 from leaderless.runtime.logs import NodeLogger
@@ -151,10 +152,14 @@ def json_response(value: Any, status: int = 200) -> web.Response:
 
 async def serve_http(service: KvService, host: str, port: int, *,
                      value_bytes_max: int = VALUE_BYTES_MAX_DEFAULT,
-                     log: NodeLogger | None = None) -> web.AppRunner:
-    """Start the HTTP API on ``host:port`` (0: any free port, see ``runner.addresses``).
-    Stop it with ``await runner.cleanup()``."""
+                     log: NodeLogger | None = None, ops: OpsSource | None = None
+                     ) -> web.AppRunner:
+    """Start the HTTP API on ``host:port`` (0: any free port, see ``runner.addresses``),
+    with the health and metrics endpoints of ``ops`` (``api.ops_http``). Stop it with
+    ``await runner.cleanup()``."""
     app = make_app(service, value_bytes_max=value_bytes_max, log=log)
+    if ops is not None:
+        add_ops_routes(app, ops)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from leaderless.api.kv_messages import (
@@ -480,6 +480,24 @@ class KvNode:
             if cell.visible(_wall_ms()):
                 result.append(decode_def(cell.value))
         return result
+
+    def ownership(self) -> dict[str, float]:
+        """Each ring member's share of the token space (before replication)."""
+        return self._topology.ring.ownership()
+
+    def ring_gaps(self, alive: Iterable[str]) -> str | None:
+        """Why this node's ring is incomplete (an alive member with tokens missing from
+        it), or None."""
+        ring_nodes = set(self._topology.ring.nodes.values())
+        names = {node.name for node in ring_nodes}
+        missing = sorted(name for name in alive if name not in names
+                         and (member := self._members.get(name)) is not None
+                         and member.meta.token_count > 0)
+        if not names:
+            return "the ring is empty: no member announces tokens yet"
+        if missing:
+            return f"the ring lacks {len(missing)} alive member(s): {', '.join(missing[:5])}"
+        return None
 
     def ring_members(self) -> list[RingMember]:
         result = []

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import msgspec
+
 from leaderless import __version__
 from leaderless.api.http import serve_http
 from leaderless.api.kv_server import abort_connections, serve_clients
@@ -37,10 +39,19 @@ from leaderless.core.effects import (
 )
 from leaderless.core.kv_messages import PeerHello, ReplicaRead, ReplicaScan, ReplicaWrite
 from leaderless.core.membership import Member, Membership
-from leaderless.core.messages import Address, NodeMeta, Packet, PushPull, UserEvent
+from leaderless.core.messages import (
+    Address,
+    LoadSummary,
+    MemberStatus,
+    NodeMeta,
+    Packet,
+    PushPull,
+    UserEvent,
+)
 from leaderless.core.paxos_messages import PaxosRequest
 from leaderless.core.ring import token_count_for
 from leaderless.core.watch_messages import WatchMessage
+from leaderless.obs import RequestStats, SystemSampler, make_registry, render
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
 from leaderless.runtime.drops import Drops
@@ -58,6 +69,13 @@ InboundFrame = (PushPull | Request | ReplicaWrite | ReplicaRead | ReplicaScan | 
                 | AntiEntropyMessage | PaxosRequest | WatchMessage)
 """What may arrive on the TCP port: a peer's sync, a CLI request, or the data plane (a
 coordinator's replica request, a proposer's Paxos request, anti-entropy)."""
+LOAD_REFRESH_S = 5.0
+"""How often a node looks at its load to gossip it (``LoadSummary``)."""
+LOAD_MAX_AGE_S = 60.0
+"""A load summary is re-sent at least this often, even if nothing moved."""
+LOAD_CHANGE_MIN = 10
+"""Points of cpu/memory/disk %, or percent of ops/s or p99, worth a new summary: one alive
+update per node per refresh at most, so small wobbles must not flood the gossip."""
 PUSH_PULLS_IN_FLIGHT_MAX = 16
 """Outbound syncs at once (and one per peer): each may carry megabytes at 20,000 members."""
 TICK_FLOOR_S = 0.005
@@ -95,6 +113,13 @@ class Node:
         self._join_task: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
         self._started_at = 0.0
+        self._load_task: asyncio.Task[None] | None = None
+        self.requests = RequestStats()
+        """Client request latencies and errors (``obs``), for metrics and the load summary."""
+        self._system = SystemSampler(config.data_dir)
+        self._registry = make_registry(
+            lambda: msgspec.structs.asdict(self.status()), self.requests, self._system,
+            commit_group_sizes=lambda: self.kv.commit.group_sizes if self.kv else {})
         self._stopping = False
         self.kv: KvNode | None = None
         """The data plane (None until started)."""
@@ -161,6 +186,7 @@ class Node:
             self._join_task = loop.create_task(self._join_loop(self.config.join))
         else:
             self.joined.set()
+        self._load_task = loop.create_task(self._gossip_load())
 
     async def _start_data_plane(self) -> None:
         """Open the store and the client listeners (before the membership, so the member
@@ -190,7 +216,8 @@ class Node:
         if config.client is not None:
             try:
                 self._client_server = await serve_clients(self.kv, config.client.host,
-                                                          config.client.port, log=log)
+                                                          config.client.port, log=log,
+                                                          stats=self.requests)
             except OSError as exc:
                 raise StartupError(f"client: cannot listen on {config.client}: "
                                    f"{exc.strerror or exc}; pick another --client port"
@@ -202,7 +229,7 @@ class Node:
                 self._http_runner = await serve_http(self.kv, config.http.host,
                                                      config.http.port,
                                                      value_bytes_max=config.value_bytes_max,
-                                                     log=log)
+                                                     log=log, ops=self)
             except OSError as exc:
                 raise StartupError(f"http: cannot listen on {config.http}: "
                                    f"{exc.strerror or exc}; pick another --http port") from None
@@ -239,6 +266,8 @@ class Node:
                              leave_timeout_s=self.config.leave_timeout_s)
 
     async def _close(self) -> None:
+        if self._load_task is not None:
+            self._load_task.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -313,6 +342,77 @@ class Node:
             membership=dataclasses.asdict(membership.counters),
             runtime={**{k: dict(v) for k, v in self.counters.as_dict().items()},
                      **({"kv": self.kv.counters()} if self.kv is not None else {})})
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def readiness(self) -> dict[str, str | None]:
+        """The readiness checks (``GET /health/ready``): each failure's reason, or None."""
+        membership = self._membership
+        checks: dict[str, str | None] = {}
+        if membership is None or not self.joined.is_set():
+            checks["joined"] = ("joining: no seed has answered yet" if self.config.join
+                                else "starting")
+        else:
+            checks["joined"] = None
+        if self.fatal_error is not None or self._stopping:
+            checks["storage"] = self.fatal_error or "stopping"
+        elif self._store is None or self.kv is None:
+            checks["storage"] = "not open yet"
+        else:
+            checks["storage"] = None
+        checks["ring"] = None if self.kv is None or membership is None else (
+            self.kv.ring_gaps(m.name for m in membership.members()
+                              if m.status is MemberStatus.ALIVE))
+        return checks
+
+    def metrics(self) -> tuple[bytes, str]:
+        return render(self._registry)
+
+    def cluster(self) -> list[dict[str, Any]]:
+        """Every member this node knows, with its state and last gossiped load
+        (``GET /api/cluster``): the cluster's view without a central collector."""
+        membership = self._require()
+        ownership = self.kv.ownership() if self.kv is not None else {}
+        out = []
+        for m in sorted(membership.members(), key=lambda m: m.name):
+            load = m.meta.load
+            out.append({
+                "name": m.name, "address": str(m.address), "state": m.status.name.lower(),
+                "incarnation": m.incarnation, "zone": m.meta.zone, "version": m.meta.version,
+                "weight": m.meta.weight, "ownership": round(ownership.get(m.name, 0.0), 4),
+                "load": None if load is None else msgspec.structs.asdict(load)})
+        return out
+
+    def _load_summary(self) -> LoadSummary:
+        sample = self._system.sample()
+        disk_pct = (100 * sample.disk_used_bytes // sample.disk_total_bytes
+                    if sample.disk_total_bytes else 0)
+        mem_pct = (100 * sample.memory_used_bytes // sample.memory_total_bytes
+                   if sample.memory_total_bytes else 0)
+        return LoadSummary(min(100, round(sample.cpu_percent)), min(100, mem_pct),
+                           min(100, disk_pct), round(self.requests.ops_per_s()),
+                           round(self.requests.p99_ms(), 2))
+
+    async def _gossip_load(self) -> None:
+        """Refresh our load in the member metadata every LOAD_REFRESH_S when it moved by
+        more than LOAD_CHANGE_MIN (or LOAD_MAX_AGE_S passed): each refresh is an alive
+        update every member receives, so it must stay rare."""
+        last_sent = -LOAD_MAX_AGE_S
+        while not self._stopping:
+            await asyncio.sleep(LOAD_REFRESH_S)
+            membership = self._membership
+            if membership is None or self._stopping:
+                continue
+            new = self._load_summary()
+            old = membership.meta.load
+            now = self._now()
+            if old is not None and now - last_sent < LOAD_MAX_AGE_S and not _moved(old, new):
+                continue
+            last_sent = now
+            self._feed(membership.update_meta(now, msgspec.structs.replace(
+                membership.meta, load=new)))
 
     def _require(self) -> Membership:
         if self._membership is None:
@@ -544,3 +644,12 @@ def _notify(subscribers: list[Callable[[T], None]], item: T, log: NodeLogger) ->
             callback(item)
         except Exception as exc:  # a subscriber's bug must not stop the protocol
             log.error("subscriber_failed", error=repr(exc))
+
+
+def _moved(old: LoadSummary, new: LoadSummary) -> bool:
+    def rel(a: float, b: float) -> bool:
+        return abs(a - b) * 100 > LOAD_CHANGE_MIN * max(a, b, 1)
+    return (abs(old.cpu_pct - new.cpu_pct) >= LOAD_CHANGE_MIN
+            or abs(old.mem_pct - new.mem_pct) >= LOAD_CHANGE_MIN
+            or abs(old.disk_pct - new.disk_pct) >= LOAD_CHANGE_MIN
+            or rel(old.ops_per_s, new.ops_per_s) or rel(old.p99_ms, new.p99_ms))

@@ -1,0 +1,114 @@
+"""Operations endpoints on real processes: liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from leaderless.client import AsyncClient, UnknownKeyspaceError
+from leaderless.runtime.ports import free_port
+from tests.integration.helpers import NodeProcess, Processes, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+def get(url: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read(), response.headers["Content-Type"]
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers["Content-Type"]
+    except (urllib.error.URLError, ConnectionError):
+        return 0, b"", ""  # not listening yet
+
+
+def start(processes: Processes, name: str, join: str | None = None
+          ) -> tuple[NodeProcess, str]:
+    http = f"127.0.0.1:{free_port()}"
+    node = processes.start_node(name, None, join, None, "--client", f"127.0.0.1:{free_port()}",
+                                "--http", http, "--log-level", "warning")
+    return node, f"http://{http}"
+
+
+@pytest.mark.timeout(300)
+def test_health_live_and_ready(processes: Processes) -> None:
+    # A node whose only seed never answers is live but not ready.
+    lonely, lonely_url = start(processes, "lonely", join=f"127.0.0.1:{free_port()}")
+    wait_until(lambda: get(lonely_url + "/health/live")[0] == 200, "the lonely node is live")
+    status, body, content_type = get(lonely_url + "/health/ready")
+    assert status == 503 and content_type.startswith("application/json")
+    ready = json.loads(body)
+    assert ready["status"] == "not_ready" and ready["node"] == "lonely"
+    assert ready["checks"]["joined"].startswith("joining")
+    assert ready["checks"]["storage"] == "ok"
+
+    first, first_url = start(processes, "n1")
+    others = [start(processes, name, first.address) for name in ("n2", "n3")]
+    urls = [first_url, *(url for _, url in others)]
+    wait_until(lambda: all(get(url + "/health/ready")[0] == 200 for url in urls),
+               "all three nodes are ready")
+    body = json.loads(get(urls[1] + "/health/ready")[1])
+    assert body == {"status": "ready", "node": "n2",
+                    "checks": {"joined": "ok", "storage": "ok", "ring": "ok"}}
+    live = json.loads(get(urls[2] + "/health/live")[1])
+    assert live == {"status": "live", "node": "n3"}
+
+
+@pytest.mark.timeout(300)
+def test_metrics_and_cluster_view(processes: Processes) -> None:
+    first, first_url = start(processes, "m1")
+    others = [start(processes, name, first.address) for name in ("m2", "m3")]
+    urls = [first_url, *(url for _, url in others)]
+    wait_until(lambda: all(get(url + "/health/ready")[0] == 200 for url in urls),
+               "all three nodes are ready")
+
+    async def traffic() -> None:
+        ring = json.loads(get(urls[0] + "/v1/ring")[1])["members"]
+        addresses = [m["client_address"] for m in ring]
+        async with AsyncClient(addresses, timeout_s=10) as kv:
+            await kv.create_keyspace("ks", if_not_exists=True)
+            for i in range(200):
+                await kv.put("ks", f"k{i}", b"v", consistency="QUORUM")
+                await kv.get("ks", f"k{i}")
+            with pytest.raises(UnknownKeyspaceError):
+                await kv.get("nope", "k")
+
+    asyncio.run(traffic())
+    total_puts = 0.0
+    for url in urls:
+        status, body, content_type = get(url + "/metrics")
+        assert status == 200 and content_type.startswith("text/plain")
+        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+        members = {s.labels["state"]: s.value for s in families["leaderless_members"].samples}
+        assert members["alive"] == 3 and members["dead"] == 0
+        for name in ("leaderless_system_cpu_percent", "leaderless_system_memory_used_bytes",
+                     "leaderless_system_disk_free_bytes", "leaderless_system_load1",
+                     "leaderless_commit_syncs", "leaderless_coordinator_writes"):
+            assert name in families, name
+        for sample in families["leaderless_request_duration_seconds"].samples:
+            if (sample.name.endswith("_count") and sample.labels["operation"] == "put"
+                    and sample.labels["consistency"] == "QUORUM"):
+                total_puts += sample.value
+        assert b"/tmp" not in body and b"data_dir" not in body
+    assert total_puts == 200  # every put counted once, on the node that served it
+    errors = [s for url in urls for f in text_string_to_metric_families(
+        get(url + "/metrics")[1].decode()) if f.name == "leaderless_request_errors"
+        for s in f.samples if s.labels.get("code") == "unknown_keyspace"]
+    assert sum(s.value for s in errors) == 1
+
+    def everyone_gossiped_load() -> bool:
+        view = json.loads(get(urls[2] + "/api/cluster")[1])["members"]
+        return len(view) == 3 and all(m["load"] is not None for m in view)
+
+    wait_until(everyone_gossiped_load, "every member's load reached m3", timeout_s=60)
+    view = json.loads(get(urls[2] + "/api/cluster")[1])
+    assert view["node"] == "m3"
+    assert [m["name"] for m in view["members"]] == ["m1", "m2", "m3"]
+    assert all(m["state"] == "alive" for m in view["members"])
+    assert abs(sum(m["ownership"] for m in view["members"]) - 1) < 0.01
+    assert all(0 <= m["load"]["cpu_pct"] <= 100 for m in view["members"])
