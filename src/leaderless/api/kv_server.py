@@ -69,6 +69,7 @@ from leaderless.api.kv_messages import (
 from leaderless.api.service import Fence, KvError, KvService
 from leaderless.core.codec import FRAME_BYTES_MAX
 from leaderless.core.kv_messages import ERROR_TEXT_MAX
+from leaderless.obs.requests import RequestStats
 from leaderless.runtime.logs import NodeLogger
 
 CLIENT_CONNECTIONS_MAX = 1024
@@ -91,6 +92,15 @@ _connections: weakref.WeakKeyDictionary[asyncio.AbstractServer, set[ClientConnec
     weakref.WeakKeyDictionary())
 
 
+OPERATION_NAMES: dict[type, str] = {
+    Put: "put", Get: "get", DeleteRequest: "delete", Scan: "scan",
+    CreateKeyspace: "create_keyspace", DescribeRing: "describe_ring",
+    ListKeyspaces: "list_keyspaces", CompareAndSet: "cas", Increment: "incr",
+    AcquireLock: "acquire_lock", RenewLock: "renew_lock", ReleaseLock: "release_lock",
+    LockStatus: "lock_status",
+}
+"""The ``operation`` label of request metrics (``obs.requests``)."""
+
 FastSubmit = Callable[[ClientRequest, Callable[[ClientReply], None]], bool]
 """Optional on a service (``KvNode.try_submit``): start the request and call back with
 its reply, or return False to have it served through the async methods."""
@@ -99,7 +109,8 @@ its reply, or return False to have it served through the async methods."""
 async def serve_clients(service: KvService, host: str, port: int, *,
                         max_connections: int = CLIENT_CONNECTIONS_MAX,
                         max_in_flight_per_connection: int = IN_FLIGHT_PER_CONNECTION_MAX,
-                        log: NodeLogger | None = None) -> asyncio.Server:
+                        log: NodeLogger | None = None,
+                        stats: RequestStats | None = None) -> asyncio.Server:
     """Listen for native clients on ``host:port`` (port 0: any free port; read it from
     ``server.sockets[0].getsockname()``). Stop with ``server.close()`` then
     ``abort_connections(server)`` (open connections outlive ``close`` in Python 3.11)."""
@@ -110,7 +121,7 @@ async def serve_clients(service: KvService, host: str, port: int, *,
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: ClientConnection(service, registry, max_connections,
-                                 max_in_flight_per_connection, logger),
+                                 max_in_flight_per_connection, logger, stats),
         host, port)
     _connections[server] = registry
     return server
@@ -130,8 +141,10 @@ class ClientConnection(asyncio.Protocol):
     """One client connection: split frames, start requests, coalesce replies."""
 
     def __init__(self, service: KvService, registry: set[ClientConnection],
-                 max_connections: int, max_in_flight: int, log: NodeLogger) -> None:
+                 max_connections: int, max_in_flight: int, log: NodeLogger,
+                 stats: RequestStats | None = None) -> None:
         self._service = service
+        self._stats = stats
         self._submit: FastSubmit | None = getattr(service, "try_submit", None)
         self._registry = registry
         self._max_connections = max_connections
@@ -257,12 +270,16 @@ class ClientConnection(asyncio.Protocol):
             self._start_watch(request)  # type: ignore[arg-type]
             return
         self._in_flight += 1
+        on_reply: Callable[[ClientReply], None] = self._on_fast_reply
+        stats = self._stats
+        if stats is not None:
+            on_reply = self._timed(request, stats)
         # The hot path (get/put/delete on a known keyspace) runs on callbacks: no task,
         # coroutine or future per request, which is most of a request's CPU on a node.
         submit = self._submit
-        if submit is not None and submit(request, self._on_fast_reply):
+        if submit is not None and submit(request, on_reply):
             return
-        task = self._loop.create_task(self._serve(request))
+        task = self._loop.create_task(self._serve(request, on_reply))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -317,7 +334,24 @@ class ClientConnection(asyncio.Protocol):
         elif self._reading_paused:
             self._update_reading()
 
-    async def _serve(self, request: ClientRequest) -> None:
+    def _timed(self, request: ClientRequest, stats: RequestStats
+               ) -> Callable[[ClientReply], None]:
+        """The reply callback that also records the request's latency and failure."""
+        loop = self._loop
+        began = loop.time()
+        operation = OPERATION_NAMES.get(type(request), "other")
+        consistency = getattr(request, "consistency", None) or "-"
+
+        def done(reply: ClientReply) -> None:
+            stats.observe(operation, consistency, loop.time() - began)
+            if type(reply) is Failure:
+                stats.error(operation, reply.code)
+            self._on_fast_reply(reply)
+
+        return done
+
+    async def _serve(self, request: ClientRequest,
+                     on_reply: Callable[[ClientReply], None]) -> None:
         try:
             reply = await execute(self._service, request)
         except KvError as exc:
@@ -332,13 +366,7 @@ class ClientConnection(asyncio.Protocol):
             reply = Failure(request.id, "internal",
                             _text(f"the node failed on this request ({type(exc).__name__}); "
                                   "please report it with the node's log"))
-        finally:
-            self._in_flight -= 1
-        self._reply(reply)
-        if self._in_flight <= self._max_in_flight // 2 and self._inbuf:
-            self._process_input()
-        elif self._reading_paused:
-            self._update_reading()
+        on_reply(reply)
 
     # -- output ----------------------------------------------------------------------------
 
