@@ -165,8 +165,12 @@ def up(nodes: int, base_port: int, data_dir: str, as_json: bool) -> None:
 
 def member_dict(member: MemberInfo) -> dict[str, Any]:
     """The JSON shape of a member: name, address, state, incarnation, zone, weight, tags,
-    changed_at (unix seconds)."""
-    return msgspec.structs.asdict(member)
+    changed_at (unix seconds), load (``{cpu_pct, mem_pct, disk_pct, ops_per_s, p99_ms}`` as
+    the member last gossiped it, or null)."""
+    data = msgspec.structs.asdict(member)
+    if member.load is not None:
+        data["load"] = msgspec.structs.asdict(member.load)
+    return data
 
 
 def _ago(unix_s: float) -> str:
@@ -216,8 +220,20 @@ def status(node: str, as_json: bool) -> None:
     console.print("members: " + ", ".join(f"{n} {s}" for s, n in sorted(reply.states.items())))
     console.print(f"pending broadcasts: {reply.pending_broadcasts}")
     for name, kinds in reply.runtime.items():
-        if kinds:
+        if kinds and name != "kv":
             console.print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in sorted(kinds.items())))
+    members = _call(node, lambda c: c.members())
+    table = Table(title="cluster (load as each member last gossiped it)")
+    for column in ("name", "state", "zone", "cpu %", "mem %", "disk %", "ops/s", "p99 ms"):
+        table.add_column(column, justify="left" if column in ("name", "state", "zone")
+                         else "right")
+    for m in sorted(members, key=lambda m: m.name):
+        load = m.load
+        cells = (["-"] * 5 if load is None else
+                 [str(load.cpu_pct), str(load.mem_pct), str(load.disk_pct),
+                  str(load.ops_per_s), f"{load.p99_ms:g}"])
+        table.add_row(m.name, m.state, m.zone or "-", *cells)
+    console.print(table)
 
 
 # -- events -------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from leaderless.client import AsyncClient, UnknownKeyspaceError
 from leaderless.runtime.ports import free_port
-from tests.integration.helpers import NodeProcess, Processes, wait_until
+from tests.integration.helpers import NodeProcess, Processes, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -112,3 +112,11 @@ def test_metrics_and_cluster_view(processes: Processes) -> None:
     assert all(m["state"] == "alive" for m in view["members"])
     assert abs(sum(m["ownership"] for m in view["members"]) - 1) < 0.01
     assert all(0 <= m["load"]["cpu_pct"] <= 100 for m in view["members"])
+
+    # The CLI shows the same view, from the cluster port of any node.
+    shown = run_cli("status", "--node", others[1][0].address)
+    assert shown.returncode == 0, shown.stderr
+    assert "cluster (load" in shown.stdout
+    assert all(name in shown.stdout for name in ("m1", "m2", "m3"))
+    listed = json.loads(run_cli("members", "--node", first.address, "--json").stdout)
+    assert all(m["load"] is not None and "ops_per_s" in m["load"] for m in listed)

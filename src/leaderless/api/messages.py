@@ -21,6 +21,7 @@ from leaderless.core.messages import (
     TAG_COUNT_MAX,
     Incarnation,
     LamportTime,
+    LoadSummary,
     Name,
     TagKey,
     TagValue,
@@ -73,6 +74,8 @@ class MemberInfo(msgspec.Struct, frozen=True, array_like=True):
     tags: Annotated[dict[TagKey, TagValue], msgspec.Meta(max_length=TAG_COUNT_MAX)]
     changed_at: float
     """Unix time (seconds) when this node saw the state change."""
+    load: LoadSummary | None = None
+    """What the member last gossiped about its load (None: nothing yet)."""
 
 
 class MembersReply(msgspec.Struct, frozen=True, array_like=True, tag=101):

@@ -61,6 +61,7 @@ def member_info(member: Member, wall_time: Callable[[float], float]) -> MemberIn
         weight=member.meta.weight,
         tags=dict(member.meta.tags),
         changed_at=round(wall_time(member.changed_at), 3),
+        load=member.meta.load,
     )
 
 
