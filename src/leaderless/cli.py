@@ -21,6 +21,9 @@ import json
 import os
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -234,6 +237,58 @@ def status(node: str, as_json: bool) -> None:
                   str(load.ops_per_s), f"{load.p99_ms:g}"])
         table.add_row(m.name, m.state, m.zone or "-", *cells)
     console.print(table)
+
+
+# -- logs ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--node", "node", default="127.0.0.1:7500", show_default=True, metavar="HOST:PORT",
+              help="The node's HTTP address (its --http listener).")
+@click.option("--lines", "lines", type=click.IntRange(1, 5000), default=50, show_default=True,
+              help="How many of the most recent lines to show first.")
+@click.option("--level", type=click.Choice(["debug", "info", "warning", "error"]),
+              help="Only this level and above.")
+@click.option("--component", help="Only this component (e.g. kv, membership, api).")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines until Ctrl-C.")
+@json_option
+def logs(node: str, lines: int, level: str | None, component: str | None, follow: bool,
+         as_json: bool) -> None:
+    """Show a node's recent log lines (kept in its memory; the full log is its stderr)."""
+    since = 0
+    limit = lines
+    try:
+        while True:
+            query = urllib.parse.urlencode(
+                {k: v for k, v in (("since", since), ("limit", limit), ("level", level),
+                                   ("component", component)) if v})
+            try:
+                with urllib.request.urlopen(f"http://{node}/api/logs?{query}",
+                                            timeout=10) as response:
+                    answer = json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                _fail(f"{node} refused: {err.read().decode(errors='replace')[:300]}",
+                      EXIT_FATAL)
+            except (urllib.error.URLError, OSError) as err:
+                _fail(f"cannot reach {node}: {getattr(err, 'reason', err)}; is it the "
+                      "node's --http address?", EXIT_FATAL)
+            for line in answer["lines"]:
+                if as_json:
+                    click.echo(json.dumps(line))
+                else:
+                    fields = " ".join(f"{k}={v}" for k, v in line.items() if k not in
+                                      ("seq", "ts", "level", "node", "component", "msg"))
+                    clock = time.strftime("%H:%M:%S", time.localtime(line.get("ts", 0)))
+                    click.echo(f"{clock} {line.get('level', ''):<7} {line.get('node', '')} "
+                               f"{line.get('component', '')} {line.get('msg', '')} "
+                               f"{fields}".rstrip())
+            since, limit = answer["next"], 5000
+            if not follow:
+                return
+            sys.stdout.flush()
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
 
 
 # -- events -------------------------------------------------------------------------------

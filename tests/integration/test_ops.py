@@ -120,3 +120,28 @@ def test_metrics_and_cluster_view(processes: Processes) -> None:
     assert all(name in shown.stdout for name in ("m1", "m2", "m3"))
     listed = json.loads(run_cli("members", "--node", first.address, "--json").stdout)
     assert all(m["load"] is not None and "ops_per_s" in m["load"] for m in listed)
+
+
+@pytest.mark.timeout(300)
+def test_recent_logs_over_http_and_the_cli(processes: Processes) -> None:
+    http = f"127.0.0.1:{free_port()}"
+    processes.start_node("l1", None, None, None, "--http", http, "--log-level", "info")
+    url = f"http://{http}"
+    wait_until(lambda: get(url + "/health/ready")[0] == 200, "the node is ready")
+    status, body, _ = get(url + "/api/logs?limit=100")
+    assert status == 200
+    answer = json.loads(body)
+    assert answer["node"] == "l1" and answer["next"] >= len(answer["lines"]) > 0
+    assert all(line["node"] == "l1" and "seq" in line for line in answer["lines"])
+    assert "started" in [line["msg"] for line in answer["lines"]]
+    newer = json.loads(get(url + f"/api/logs?since={answer['next']}")[1])
+    assert all(line["seq"] > answer["next"] for line in newer["lines"])
+    warnings = json.loads(get(url + "/api/logs?level=warning")[1])["lines"]
+    assert all(line["level"] in ("warning", "error") for line in warnings)
+    assert get(url + "/api/logs?limit=0")[0] == 400
+    assert get(url + "/api/logs?bogus=1")[0] == 400
+    shown = run_cli("logs", "--node", http, "--json", "--component", "node")
+    assert shown.returncode == 0, shown.stderr
+    assert any(json.loads(line)["msg"] == "started" for line in shown.stdout.splitlines())
+    refused = run_cli("logs", "--node", f"127.0.0.1:{free_port()}")
+    assert refused.returncode == 1 and "cannot reach" in refused.stderr

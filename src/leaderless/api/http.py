@@ -98,6 +98,7 @@ from leaderless.api.kv_messages import (
     TTL_S_MAX,
     Conflict,
 )
+from leaderless.api.logs_http import add_log_routes
 from leaderless.api.ops_http import OpsSource, add_ops_routes
 from leaderless.api.service import KvError, KvService
 from leaderless.core.cells import VALUE_BYTES_MAX_DEFAULT
@@ -160,6 +161,7 @@ async def serve_http(service: KvService, host: str, port: int, *,
     app = make_app(service, value_bytes_max=value_bytes_max, log=log)
     if ops is not None:
         add_ops_routes(app, ops)
+        add_log_routes(app, ops.name)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True)

@@ -8,8 +8,10 @@ docs and ``Node._log_member_event``).
 
 from __future__ import annotations
 
+import collections
 import logging
 import sys
+import threading
 import time
 from typing import IO, Any
 
@@ -49,15 +51,66 @@ class ConsoleFormatter(logging.Formatter):
                 f"{record.getMessage()} {fields}").rstrip()
 
 
+LOG_BUFFER_LINES = 5000
+"""Recent log lines a process keeps in memory for ``GET /api/logs`` (``leaderless logs``):
+at ~300 bytes a line, about 1.5 MB; older lines are only in the node's stderr/log file."""
+
+
+class LogBuffer(logging.Handler):
+    """The last ``LOG_BUFFER_LINES`` lines as JSON objects, each numbered (``seq``) so a
+    reader can ask for what came after the last line it saw."""
+
+    def __init__(self, lines_max: int = LOG_BUFFER_LINES) -> None:
+        super().__init__()
+        self.setFormatter(JsonFormatter())
+        self._lines: collections.deque[tuple[int, dict[str, Any]]] = collections.deque(
+            maxlen=lines_max)
+        self._seq = 0
+        self._lock = threading.Lock()  # records may come from the group-commit thread
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = msgspec.json.decode(self.format(record))
+        except Exception:  # a field that cannot be encoded: keep the message at least
+            line = {"ts": record.created, "level": record.levelname.lower(),
+                    "msg": record.getMessage()}
+        with self._lock:
+            self._seq += 1
+            self._lines.append((self._seq, line))
+
+    def since(self, seq: int, limit: int, node: str = "", level: str = "",
+              component: str = "") -> tuple[list[dict[str, Any]], int]:
+        """(up to ``limit`` lines after ``seq`` matching the filters — the newest ones when
+        more match —, the sequence number to ask from next)."""
+        floor = _LEVELS.get(level, 0)
+        with self._lock:
+            found = [dict(line, seq=n) for n, line in self._lines if n > seq
+                     and (not node or line.get("node") == node)
+                     and (not component or line.get("component") == component)
+                     and _LEVELS.get(str(line.get("level")), 0) >= floor]
+            last = self._seq
+        return found[-limit:] if limit else [], last
+
+
+_buffer = LogBuffer()
+
+
+def log_buffer() -> LogBuffer:
+    """This process's recent log lines (every ``leaderless`` logger feeds it)."""
+    return _buffer
+
+
 def configure_logging(log_format: str = "json", level: str = "info",
                       stream: IO[str] | None = None) -> None:
-    """Send every ``leaderless`` logger to ``stream`` (stderr) in the chosen format."""
+    """Send every ``leaderless`` logger to ``stream`` (stderr) in the chosen format, and
+    keep the recent lines in memory (``log_buffer``)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else ConsoleFormatter())
     root = logging.getLogger(ROOT_LOGGER)
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
+    root.addHandler(_buffer)
     root.setLevel(_LEVELS.get(level, logging.INFO))
     root.propagate = False
 
