@@ -145,3 +145,42 @@ def test_recent_logs_over_http_and_the_cli(processes: Processes) -> None:
     assert any(json.loads(line)["msg"] == "started" for line in shown.stdout.splitlines())
     refused = run_cli("logs", "--node", f"127.0.0.1:{free_port()}")
     assert refused.returncode == 1 and "cannot reach" in refused.stderr
+
+
+@pytest.mark.timeout(300)
+def test_one_request_can_be_followed_across_nodes(processes: Processes) -> None:
+    urls, clients = [], []
+    first = None
+    for name in ("t1", "t2", "t3"):
+        http, client = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        node = processes.start_node(name, None, first.address if first else None, None,
+                                    "--http", http, "--client", client, "--log-level", "debug")
+        first = first or node
+        urls.append(f"http://{http}")
+        clients.append(client)
+    wait_until(lambda: all(get(url + "/health/ready")[0] == 200 for url in urls),
+               "all three nodes are ready")
+
+    async def one_write() -> None:
+        async with AsyncClient(clients[:1], token_aware=False, timeout_s=10) as kv:
+            await kv.create_keyspace("ks", if_not_exists=True)
+            await kv.put("ks", "traced", b"v", consistency="ALL")
+
+    asyncio.run(one_write())
+
+    def kv_lines(url: str) -> list[dict[str, object]]:
+        return json.loads(get(url + "/api/logs?component=kv&limit=5000")[1])["lines"]
+
+    lines = {url: kv_lines(url) for url in urls}
+    coordinated = {line["request_id"] for url in urls for line in lines[url]
+                   if line["msg"] == "request"}
+    served = [(url, line["request_id"]) for url in urls for line in lines[url]
+              if line["msg"] == "served"]
+    assert coordinated and served
+    # Every replica request names a request its coordinator logged...
+    assert {rid for _, rid in served if not str(rid).endswith(":0")} <= coordinated
+    # ...and the ALL write was served, under one id, by all three nodes.
+    by_id: dict[object, set[str]] = {}
+    for url, rid in served:
+        by_id.setdefault(rid, set()).add(url)
+    assert any(nodes == set(urls) for nodes in by_id.values())

@@ -182,7 +182,7 @@ class Coordinator:
             return [self._refuse(op_id, len(live), need, replication)]
         effects: list[Effect] = []
         op = _Op(op_id, "write", need, now + self.config.write_timeout_s,
-                 ReplicaWrite(0, keyspace, partition, sort, cell), replicas, [])
+                 ReplicaWrite(0, keyspace, partition, sort, cell, trace=op_id), replicas, [])
         self._start(op)
         for replica in live:
             effects.append(self._send(op, replica, now))
@@ -194,7 +194,7 @@ class Coordinator:
     def read(self, now: float, op_id: int, topology: Topology, keyspace: str, replication: int,
              partition: bytes, sort: bytes, consistency: str) -> list[Effect]:
         self.counters.reads += 1
-        request = ReplicaRead(0, keyspace, partition, sort)
+        request = ReplicaRead(0, keyspace, partition, sort, op_id)
         return self._start_read(now, op_id, topology, replication, partition, consistency,
                                 "read", request)
 
@@ -202,7 +202,7 @@ class Coordinator:
              partition: bytes, start: bytes | None, end: bytes | None, limit: int,
              consistency: str) -> list[Effect]:
         self.counters.scans += 1
-        request = ReplicaScan(0, keyspace, partition, start, end, limit)
+        request = ReplicaScan(0, keyspace, partition, start, end, limit, op_id)
         return self._start_read(now, op_id, topology, replication, partition, consistency,
                                 "scan", request)
 
@@ -259,7 +259,7 @@ class Coordinator:
         self.counters.hints_sent += 1
         # Hint writes are fire-and-forget for this op: their acks are ignored (id unknown).
         hint = ReplicaWrite(next(self._ids), write.keyspace, write.partition, write.sort,
-                            write.cell, hint_for=target)
+                            write.cell, hint_for=target, trace=write.trace)
         return [SendReplica(holder, hint)]
 
     # -- replies and time --------------------------------------------------------------
@@ -344,7 +344,7 @@ class Coordinator:
             self.counters.read_repairs += 1
             op.repairs += 1
             repair = ReplicaWrite(next(self._ids), request.keyspace, request.partition, sort,
-                                  cell)
+                                  cell, trace=op.op_id)
             op.sent[repair.id] = replica
             op.sent_at[repair.id] = now
             self._by_request[repair.id] = op.op_id
@@ -430,11 +430,12 @@ class Coordinator:
 def _with_id(request: ReplicaRequest, request_id: int) -> ReplicaRequest:
     if isinstance(request, ReplicaWrite):
         return ReplicaWrite(request_id, request.keyspace, request.partition, request.sort,
-                            request.cell, request.hint_for)
+                            request.cell, request.hint_for, request.trace)
     if isinstance(request, ReplicaRead):
-        return ReplicaRead(request_id, request.keyspace, request.partition, request.sort)
+        return ReplicaRead(request_id, request.keyspace, request.partition, request.sort,
+                           request.trace)
     return ReplicaScan(request_id, request.keyspace, request.partition, request.start,
-                       request.end, request.limit)
+                       request.end, request.limit, request.trace)
 
 
 def merge_scans(scans: Mapping[str, list[ScanRow]], limit: int) -> tuple[list[ScanRow], bool]:

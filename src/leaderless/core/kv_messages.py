@@ -26,6 +26,9 @@ SCAN_ROWS_MAX = 10_000
 ERROR_TEXT_MAX = 512
 
 RequestId = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Trace = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+"""The coordinator's (or proposer's) operation id: with the sender's name it names one
+client request across every node it touches (``request_id`` in their log lines)."""
 KeyspaceName = Annotated[str, msgspec.Meta(min_length=1, max_length=KEYSPACE_NAME_MAX)]
 PartitionKey = Annotated[bytes, msgspec.Meta(min_length=1, max_length=PARTITION_KEY_BYTES_MAX)]
 SortKey = Annotated[bytes, msgspec.Meta(max_length=SORT_KEY_BYTES_MAX)]
@@ -42,6 +45,7 @@ class ReplicaWrite(msgspec.Struct, frozen=True, array_like=True, tag=30):
     sort: SortKey
     cell: Cell
     hint_for: Name | None = None
+    trace: Trace = 0
 
 
 class ReplicaRead(msgspec.Struct, frozen=True, array_like=True, tag=31):
@@ -49,6 +53,7 @@ class ReplicaRead(msgspec.Struct, frozen=True, array_like=True, tag=31):
     keyspace: KeyspaceName
     partition: PartitionKey
     sort: SortKey
+    trace: Trace = 0
 
 
 class ReplicaScan(msgspec.Struct, frozen=True, array_like=True, tag=32):
@@ -60,6 +65,7 @@ class ReplicaScan(msgspec.Struct, frozen=True, array_like=True, tag=32):
     start: SortKey | None
     end: SortKey | None
     limit: Annotated[int, msgspec.Meta(ge=1, le=SCAN_ROWS_MAX)]
+    trace: Trace = 0
 
 
 class ReplicaAck(msgspec.Struct, frozen=True, array_like=True, tag=33):

@@ -617,7 +617,7 @@ class Proposer:
             rnd.sent[request_id] = replica
             self._by_request[request_id] = state.key
             effects.append(SendAcceptor(replica, Prepare(request_id, keyspace, partition, sort,
-                                                         rnd.ballot)))
+                                                         rnd.ballot, rnd.ops[0].op_id)))
         return effects
 
     def _propose_value(self, rnd: _Round, register: Register) -> None:
@@ -645,7 +645,7 @@ class Proposer:
             self._by_request[request_id] = state.key
             effects.append(SendAcceptor(replica, Accept(
                 request_id, keyspace, partition, sort, rnd.ballot, rnd.proposed,
-                rnd.next_ballot)))
+                rnd.next_ballot, rnd.ops[0].op_id)))
         return effects
 
     # -- replies and time --------------------------------------------------------------

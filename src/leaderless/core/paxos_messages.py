@@ -26,6 +26,7 @@ from leaderless.core.kv_messages import (
     PartitionKey,
     RequestId,
     SortKey,
+    Trace,
 )
 from leaderless.core.messages import NAME_BYTES_MAX
 
@@ -122,6 +123,8 @@ class Prepare(msgspec.Struct, frozen=True, array_like=True, tag=50):
     partition: PartitionKey
     sort: SortKey
     ballot: Ballot
+    trace: Trace = 0
+    """The proposer's operation id of the round's first change (for log correlation)."""
 
 
 class Promise(msgspec.Struct, frozen=True, array_like=True, tag=51):
@@ -144,6 +147,7 @@ class Accept(msgspec.Struct, frozen=True, array_like=True, tag=52):
     ballot: Ballot
     register: Register
     next_ballot: Ballot | None = None
+    trace: Trace = 0
 
 
 class Accepted(msgspec.Struct, frozen=True, array_like=True, tag=53):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable
@@ -113,7 +114,7 @@ from leaderless.core.schema import (
 from leaderless.core.watch_messages import WatchFilter, WatchMessage
 from leaderless.runtime.group_commit import GroupCommit
 from leaderless.runtime.locks import LockService
-from leaderless.runtime.logs import NodeLogger
+from leaderless.runtime.logs import ROOT_LOGGER, NodeLogger, RateLimitedLog
 from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.tcp import ServerConnection
 from leaderless.runtime.watch import Watch, WatchHub
@@ -139,6 +140,9 @@ class KvNode:
         self.value_bytes_max = value_bytes_max
         self.tombstone_grace_s = tombstone_grace_s
         self.log = NodeLogger(name, "kv")
+        self._refusals = RateLimitedLog(self.log)
+        self._debug = logging.getLogger(f"{ROOT_LOGGER}.kv").isEnabledFor(logging.DEBUG)
+        """Per-request debug lines cost on the hot path: decided once, at start."""
         self._on_fatal = on_fatal
         self._ids = itertools.count(1)
         self._op_ids = itertools.count(1)
@@ -381,6 +385,7 @@ class KvNode:
             key, sort, change, idempotency, self._clock_ms()))
         if isinstance(result, paxos.Failed):
             code = "bad_request" if result.code == "invalid" else result.code
+            self._log_failure(op_id, code, result.message)
             raise KvError(code, result.message, result.received, result.required)
         if isinstance(result, paxos.Done) and not isinstance(change, Read):
             self._key_changed(definition.name, key, sort, result.value)
@@ -544,6 +549,9 @@ class KvNode:
             return True
         op_id = next(self._op_ids)
         self._callbacks[op_id] = (request.id, reply)
+        if self._debug:
+            self.log.debug("request", request_id=f"{self.name}:{op_id}",
+                           kind=kind.__name__, keyspace=definition.name)
         now = self._now()
         if kind is Get:
             effects = self.coordinator.read(now, op_id, self._topology, definition.name,
@@ -591,6 +599,9 @@ class KvNode:
             return True
         op_id = next(self._op_ids)
         self._strong_callbacks[op_id] = (request, reply, definition.name)
+        if self._debug:
+            self.log.debug("request", request_id=f"{self.name}:{op_id}",
+                           kind=kind.__name__, keyspace=definition.name)
         self._execute(self.proposer.propose(
             self._now(), op_id, self._topology, definition.name, definition.replication,
             request.key, request.sort, change, getattr(request, "idempotency", b""),
@@ -603,6 +614,7 @@ class KvNode:
         rid = request.id
         if isinstance(result, paxos.Failed):
             code = "bad_request" if result.code == "invalid" else result.code
+            self._log_failure(op_id, code, result.message)
             reply(Failure(rid, code, result.message[:500], result.received, result.required))
             return
         if isinstance(result, paxos.Conflict):
@@ -628,6 +640,7 @@ class KvNode:
     def _callback_reply(self, op_id: int, result: Result) -> None:
         request_id, reply = self._callbacks.pop(op_id)
         if isinstance(result, Failed):
+            self._log_failure(op_id, result.code, result.message)
             reply(Failure(request_id, result.code, result.message[:500], result.received,
                           result.required))
         elif isinstance(result, WriteDone):
@@ -698,6 +711,8 @@ class KvNode:
             raise KvError("unavailable", "the node is stopping")
         future: asyncio.Future[Any] = self._loop.create_future()
         self._futures[op_id] = future
+        if self._debug:
+            self.log.debug("request", request_id=f"{self.name}:{op_id}")
         try:
             self._execute(start())
             return await future
@@ -708,6 +723,7 @@ class KvNode:
         """An eventual-mode operation: its result, or its failure as a KvError."""
         result = await self._await_op(op_id, start)
         if isinstance(result, Failed):
+            self._log_failure(op_id, result.code, result.message)
             raise KvError(result.code, result.message, result.received, result.required)
         assert isinstance(result, WriteDone | ReadDone | ScanDone), result
         return result
@@ -757,7 +773,7 @@ class KvNode:
     def _send(self, to: str, message: Any) -> None:
         if to == self.name:
             if isinstance(message, ServedRequest):
-                self._serve(message, self._deliver_to_self)
+                self._serve(message, self._deliver_to_self, self.name)
             elif isinstance(message, WatchMessage):
                 self._loop.call_soon(self._on_peer_message, self.name, message)
             return
@@ -770,12 +786,17 @@ class KvNode:
         # Never re-entrantly into the effect loop that sent the request: the next turn.
         self._loop.call_soon(self._on_peer_message, self.name, reply)
 
-    def _serve(self, request: ServedRequest, reply_to: Callable[[Any], object]) -> None:
+    def _serve(self, request: ServedRequest, reply_to: Callable[[Any], object],
+               sender: str) -> None:
         """Answer a replica or acceptor request (from a peer, or from this node's own
         coordinator or proposer): its writes are committed first, and the reply leaves
-        only once they are durable (or as a refusal naming the failure)."""
+        only once they are durable (or as a refusal naming the failure). Log lines about
+        it carry ``request_id`` = sender:trace, the id the sender logs the request under."""
         reply: Any
         writes: list[Write]
+        if self._debug:
+            self.log.debug("served", request_id=f"{sender}:{getattr(request, 'trace', 0)}",
+                           kind=type(request).__name__, keyspace=request.keyspace)
         try:
             if isinstance(request, ReplicaWrite):
                 self.clock.observe(request.cell.hlc, _wall_ms())
@@ -784,9 +805,14 @@ class KvNode:
             else:
                 reply, writes = self.replica.handle(request, _wall_ms())
         except ClockSkewError as exc:
+            self._refusals.warning("clock", "refused_clock_skew", self._now(),
+                                   request_id=f"{sender}:{getattr(request, 'trace', 0)}",
+                                   error=str(exc))
             reply_to(_refusal(request, f"clock: {exc}"))
             return
         except StorageError as exc:
+            self.log.error("refused_storage", error=str(exc),
+                           request_id=f"{sender}:{getattr(request, 'trace', 0)}")
             reply_to(_refusal(request, f"storage: {exc}"))
             self._storage_failed(exc)
             return
@@ -808,7 +834,7 @@ class KvNode:
             conn.peer_name = message.name
             return
         if isinstance(message, ServedRequest):
-            self._serve(message, conn.send)
+            self._serve(message, conn.send, conn.peer_name or "?")
             return
         if conn.peer_name is None:
             conn.close()  # anti-entropy needs to know who is asking
@@ -845,6 +871,16 @@ class KvNode:
         if applied_any:
             self.commit.commit([], then)
         return applied_any
+
+    def _log_failure(self, op_id: int, code: str, message: str) -> None:
+        """A request that failed for a cluster reason (not the client's input), logged with
+        the request id its replicas log it under: at most one line per code per 10 s (the
+        rest are counted in the next line as ``suppressed``)."""
+        if code in ("bad_request", "conflict"):
+            return
+        self._refusals.warning(f"failed:{code}", "request_failed", self._now(),
+                               request_id=f"{self.name}:{op_id}", code=code,
+                               error=message[:300])
 
     # -- time ------------------------------------------------------------------------------
 
