@@ -103,6 +103,7 @@ from leaderless.api.ops_http import OpsSource, add_ops_routes
 from leaderless.api.service import KvError, KvService
 from leaderless.core.cells import VALUE_BYTES_MAX_DEFAULT
 from leaderless.runtime.logs import NodeLogger
+from leaderless.web.handlers import add_web_routes
 
 BODY_MARGIN_BYTES = 64 * 1024
 """Bodies may exceed the value limit by this much (a keyspace JSON body is tiny), so a
@@ -161,6 +162,7 @@ async def serve_http(service: KvService, host: str, port: int, *,
     app = make_app(service, value_bytes_max=value_bytes_max, log=log)
     if ops is not None:
         add_ops_routes(app, ops)
+        add_web_routes(app, ops)
         add_log_routes(app, ops.name)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
