@@ -61,7 +61,7 @@ Requests (``RequestStats``)::
 
 Machine (``SystemSample``; no label carries a path of the machine)::
 
-    leaderless_system_cpu_percent, leaderless_system_cpu_count,
+    leaderless_system_cpu_percent, leaderless_system_cpus,
     leaderless_process_cpu_percent (of one CPU), leaderless_process_resident_memory_bytes,
     leaderless_system_memory_used_bytes, leaderless_system_memory_total_bytes,
     leaderless_system_disk_{used,free,total}_bytes (the filesystem of the data dir),
@@ -361,7 +361,7 @@ def _latency_family(snapshot: RequestSnapshot) -> HistogramMetricFamily:
 
 _SYSTEM_GAUGES: Final = (
     ("system_cpu_percent", "cpu_percent", "Busy share of all the machine's CPUs (0-100)."),
-    ("system_cpu_count", "cpu_count", "Logical CPUs of the machine."),
+    ("system_cpus", "cpu_count", "Logical CPUs of the machine."),
     ("process_cpu_percent", "process_cpu_percent",
      "This node process's CPU use in percent of one CPU."),
     ("process_resident_memory_bytes", "process_rss_bytes", "This node process's RSS."),
