@@ -13,6 +13,7 @@
   // Exposed for operators' consoles and for the browser test.
   const dashboard = window.dashboard = {
     charts: {}, series: {}, events: 0, last: null, ring: null, node: null,
+    states: {},  // every state shown for each member, in order: {name: ["alive", ...]}
     points(name) {
       const chart = dashboard.charts[name];
       return chart ? chart.getOption().series[0].data.length : 0;
@@ -140,6 +141,10 @@
                        class: m.name === snapshot.node ? "self" : ""}, cells);
     });
     tbody.replaceChildren(...rows);
+    for (const m of snapshot.members) {
+      const seen = dashboard.states[m.name] || (dashboard.states[m.name] = []);
+      if (seen[seen.length - 1] !== m.state) seen.push(m.state);
+    }
     const counts = {};
     for (const m of snapshot.members) counts[m.state] = (counts[m.state] || 0) + 1;
     $("member-summary").textContent = Object.entries(counts).map(([s, n]) => `${n} ${s}`).join(", ");
