@@ -94,6 +94,8 @@ def test_metrics_and_cluster_view(processes: Processes) -> None:
             if (sample.name.endswith("_count") and sample.labels["operation"] == "put"
                     and sample.labels["consistency"] == "QUORUM"):
                 total_puts += sample.value
+        syncs = families["leaderless_commit_sync_duration_seconds"].samples
+        assert any(x.name.endswith("_count") and x.value > 0 for x in syncs)
         assert b"/tmp" not in body and b"data_dir" not in body
     assert total_puts == 200  # every put counted once, on the node that served it
     errors = [s for url in urls for f in text_string_to_metric_families(

@@ -71,6 +71,8 @@ def test_one_sync_per_loop_turn_and_done_after_it(in_thread: bool) -> None:
         assert gc.syncs == 1 and gc.commits == 50 and gc.writes == 100
         assert gc.last_batch_commits == 50 and gc.last_batch_writes == 100
         assert gc.group_sizes == {64: 1}
+        assert sum(gc.sync_counts) == 1 and gc.sync_seconds >= 0  # the sync is timed
+        assert len(gc.sync_counts) == len(gc.sync_bounds_s) + 1
         await gc.close()
 
     asyncio.run(main())

@@ -74,13 +74,17 @@ Storage, when ``make_registry`` is given ``commit_group_sizes`` (``GroupCommit.g
 
     leaderless_commit_group_batches   histogram of batches per sync (power-of-two buckets;
                                       no _sum or _count: the sizes are only known bucketed)
+
+and, given ``commit_sync_latency``::
+
+    leaderless_commit_sync_duration_seconds   histogram of storage sync (fsync) durations
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Final, Literal
 
 from prometheus_client import CollectorRegistry
@@ -209,11 +213,14 @@ class NodeCollector:
 
     def __init__(self, status: Callable[[], Mapping[str, Any]], requests: RequestStats,
                  system: SystemSampler,
-                 commit_group_sizes: Callable[[], Mapping[int, int]] | None = None) -> None:
+                 commit_group_sizes: Callable[[], Mapping[int, int]] | None = None,
+                 commit_sync_latency: Callable[[], SyncLatency | None] | None = None
+                 ) -> None:
         self._status = status
         self._requests = requests
         self._system = system
         self._commit_group_sizes = commit_group_sizes
+        self._commit_sync_latency = commit_sync_latency
 
     def describe(self) -> list[Metric]:
         """Nothing: names vary with the status (unknown kv counters), so the registry does
@@ -231,17 +238,22 @@ class NodeCollector:
         yield from system_families(self._system.sample())
         if self._commit_group_sizes is not None:
             yield commit_group_family(self._commit_group_sizes())
+        latency = self._commit_sync_latency() if self._commit_sync_latency else None
+        if latency is not None:
+            yield commit_sync_family(latency)
 
 
 def make_registry(status: Callable[[], Mapping[str, Any]], requests: RequestStats,
                   system: SystemSampler, *,
                   commit_group_sizes: Callable[[], Mapping[int, int]] | None = None,
+                  commit_sync_latency: Callable[[], SyncLatency | None] | None = None,
                   ) -> CollectorRegistry:
     """A fresh registry exposing one node. ``status`` returns the node's ``StatusReply``
     as a plain dict (``msgspec.structs.asdict``); it may raise ``RuntimeError`` while the
     node is not started, and the scrape then has only the request and machine families."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(NodeCollector(status, requests, system, commit_group_sizes))
+    registry.register(NodeCollector(status, requests, system, commit_group_sizes,
+                                    commit_sync_latency))
     return registry
 
 
@@ -407,6 +419,26 @@ def system_families(sample: SystemSample) -> Iterable[Metric]:
 
 
 # -- storage ---------------------------------------------------------------------------
+
+
+SyncLatency = tuple[Sequence[float], Sequence[int], float]
+"""(bucket bounds in seconds, counts per bound then +Inf, total seconds):
+``GroupCommit.sync_bounds_s``, ``sync_counts``, ``sync_seconds``."""
+
+
+def commit_sync_family(latency: SyncLatency) -> HistogramMetricFamily:
+    """How long each storage sync (the fsync of a group commit) took."""
+    bounds, counts, total_s = latency
+    family = HistogramMetricFamily(PREFIX + "commit_sync_duration_seconds", "Duration of "
+                                   "one storage sync (group commit fsync).", labels=[])
+    buckets: list[tuple[str, float]] = []
+    running = 0
+    for bound, count in zip(bounds, counts, strict=False):
+        running += count
+        buckets.append((_le(bound), running))
+    buckets.append(("+Inf", sum(counts)))
+    family.add_metric([], buckets, total_s)
+    return family
 
 
 def commit_group_family(group_sizes: Mapping[int, int]) -> HistogramMetricFamily:

@@ -119,7 +119,10 @@ class Node:
         self._system = SystemSampler(config.data_dir)
         self._registry = make_registry(
             lambda: msgspec.structs.asdict(self.status()), self.requests, self._system,
-            commit_group_sizes=lambda: self.kv.commit.group_sizes if self.kv else {})
+            commit_group_sizes=lambda: self.kv.commit.group_sizes if self.kv else {},
+            commit_sync_latency=lambda: None if self.kv is None else (
+                self.kv.commit.sync_bounds_s, self.kv.commit.sync_counts,
+                self.kv.commit.sync_seconds))
         self._stopping = False
         self.kv: KvNode | None = None
         """The data plane (None until started)."""
