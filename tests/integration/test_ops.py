@@ -94,6 +94,9 @@ def test_metrics_and_cluster_view(processes: Processes) -> None:
             if (sample.name.endswith("_count") and sample.labels["operation"] == "put"
                     and sample.labels["consistency"] == "QUORUM"):
                 total_puts += sample.value
+        gossip = {x.labels["kind"]: x.value for x in families["leaderless_gossip_bytes"].samples
+                  if x.name.endswith("_total")}
+        assert gossip["sent"] > 0 and gossip["received"] > 0
         syncs = families["leaderless_commit_sync_duration_seconds"].samples
         assert any(x.name.endswith("_count") and x.value > 0 for x in syncs)
         assert b"/tmp" not in body and b"data_dir" not in body

@@ -16,16 +16,22 @@ class RuntimeCounters:
     ``tcp_connections``, ``watch_slow_reader``, ``tcp_slow_reader``, ``peer_buffer_full``).
     ``send_errors_total``: sends the operating system refused (kinds: ``udp``,
     ``udp_address``, ``push_pull``, ``peer_connect``).
+    ``gossip_packets_total`` / ``gossip_bytes_total``: UDP datagrams (probes, acks and the
+    gossip riding on them) and their bytes (kinds: ``sent``, ``received``).
     """
 
     def __init__(self) -> None:
         self.dropped_malformed_total: Counter[str] = Counter()
         self.dropped_overload_total: Counter[str] = Counter()
         self.send_errors_total: Counter[str] = Counter()
+        self.gossip_packets_total: Counter[str] = Counter()
+        self.gossip_bytes_total: Counter[str] = Counter()
 
     def as_dict(self) -> dict[str, dict[str, int]]:
         return {
             "dropped_malformed_total": dict(self.dropped_malformed_total),
             "dropped_overload_total": dict(self.dropped_overload_total),
             "send_errors_total": dict(self.send_errors_total),
+            "gossip_packets_total": dict(self.gossip_packets_total),
+            "gossip_bytes_total": dict(self.gossip_bytes_total),
         }

@@ -30,6 +30,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def __init__(self, on_packet: Callable[[Packet], None], drops: Drops) -> None:
         self._on_packet = on_packet
         self._drops = drops
+        self._packets = drops.counters.gossip_packets_total
+        self._bytes = drops.counters.gossip_bytes_total
         self._transport: asyncio.DatagramTransport | None = None
         self._queues: dict[Address, list[bytes]] = {}
         self._flush_scheduled = False
@@ -41,6 +43,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        self._packets["received"] += 1
+        self._bytes["received"] += len(data)
         if len(data) > PACKET_BYTES_MAX:
             self._drops.malformed("udp_oversized", _peer(addr), f"{len(data)} bytes")
             return
@@ -91,6 +95,9 @@ class UdpEndpoint(asyncio.DatagramProtocol):
                     transport.sendto(data, (to.host, to.port))
                 except (OSError, ValueError) as exc:
                     self._drops.send_error("udp", to, exc)
+                    continue
+                self._packets["sent"] += 1
+                self._bytes["sent"] += len(data)
 
     def close(self) -> None:
         self.flush()
