@@ -193,3 +193,20 @@ def test_streams_are_bounded_and_freed_when_clients_go(tmp_path: Path,
         second.close()
 
     run(check, FakeNode(tmp_path))
+
+
+def test_failing_alerts_do_not_end_the_stream(tmp_path: Path) -> None:
+    node = FakeNode(tmp_path)
+
+    def broken() -> list[Any]:
+        raise ValueError("a rule is broken")
+
+    node.alerts = broken
+
+    async def check(client: TestClient[Any, Any]) -> None:
+        async with client.get("/api/dashboard/stream") as response:
+            async for _, data in events(response):
+                assert data["alerts"] is None and data["members"]
+                break
+
+    run(check, node)

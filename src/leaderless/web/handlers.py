@@ -59,6 +59,7 @@ class Snapshots:
         self._body = b""
         self._built_at = -SNAPSHOT_AGE_S_MAX
         self._previous: tuple[SystemSample, float] | None = None
+        self._alerts_failed = False
         self._rates = {"disk_read_bps": 0.0, "disk_write_bps": 0.0, "net_in_bps": 0.0,
                        "net_out_bps": 0.0}
 
@@ -134,8 +135,11 @@ class Snapshots:
             # Whatever shape the rules give (dicts, Structs, dataclasses): plain JSON values.
             decoded: Any = msgspec.json.decode(_json.encode(found))
         except Exception:  # an alert rule failing must not end the dashboard
-            _log.exception("alerts() failed")
+            if not self._alerts_failed:  # once, not every second of every stream
+                _log.exception("alerts() failed; the dashboard shows none")
+            self._alerts_failed = True
             return None
+        self._alerts_failed = False
         if isinstance(decoded, dict):
             decoded = decoded.get("alerts", [decoded])
         return decoded if isinstance(decoded, list) else [decoded]

@@ -158,7 +158,10 @@
       $("alert-count").textContent = "";
       return;
     }
-    $("alert-count").textContent = alerts.length ? `${alerts.length} firing` : "";
+    // Rules give {name, severity, state (firing|pending|resolved), message, ...}; any
+    // other shape is shown as it comes.
+    const firing = alerts.filter((a) => !a || typeof a !== "object" || !a.state || a.state === "firing");
+    $("alert-count").textContent = firing.length ? `${firing.length} firing` : "";
     if (!alerts.length) {
       list.replaceChildren(el("li", {class: "muted", text: "no alerts firing"}));
       return;
@@ -166,11 +169,13 @@
     list.replaceChildren(...alerts.map((a) => {
       if (typeof a !== "object" || a === null) return el("li", {text: text(a)});
       const severity = text(a.severity || a.level || "");
+      const state = text(a.state || "firing");
       const name = text(a.name || a.rule || a.alert || "");
       const message = text(a.message || a.summary || a.description || "");
       const body = [name, message].filter(Boolean).join(": ") || JSON.stringify(a);
-      return el("li", {class: "alert"}, [
+      return el("li", {class: "alert alert-" + state, "data-alert": name, "data-state": state}, [
         el("span", {class: "severity severity-" + severity.toLowerCase(), text: severity}),
+        el("span", {class: "alert-state", text: state}),
         el("span", {text: body}),
       ]);
     }));
