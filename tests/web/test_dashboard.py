@@ -9,19 +9,24 @@ package ``playwright`` is missing. Waits are deadlines, never timing assertions.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
 import signal
+import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
+from leaderless.web.handlers import add_web_routes
 from tests.integration.helpers import Processes, wait_until
 from tests.integration.test_ops import get, start
+from tests.web.test_handlers import FakeNode
 
 pytestmark = pytest.mark.integration
 
@@ -136,3 +141,62 @@ def test_dashboard_in_chromium(processes: Processes, tmp_path: Path) -> None:
         finally:
             browser.close()
     print(f"browser part took {time.monotonic() - started:.1f} s")
+
+
+@pytest.mark.timeout(120)
+def test_dashboard_shows_alerts(tmp_path: Path) -> None:
+    """The alerts list in the browser, fed by a fake node whose rules fire (the real
+    cluster above may well have none firing)."""
+    executable = chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    node = FakeNode(tmp_path)
+    node.alerts = lambda: [
+        {"name": "member_dead", "severity": "critical", "state": "firing",
+         "message": "members_dead = 1 > 0 for 12 s"},
+        {"name": "disk_full", "severity": "warning", "state": "resolved",
+         "message": "resolved: disk_pct = 40"}]
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    port: list[int] = []
+
+    async def serve() -> web.AppRunner:
+        app = web.Application()
+        add_web_routes(app, node)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        port.append(runner.addresses[0][1])
+        return runner
+
+    def run_loop() -> None:
+        asyncio.set_event_loop(loop)
+        runner = loop.run_until_complete(serve())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+
+    thread = threading.Thread(target=run_loop, daemon=True)
+    thread.start()
+    assert ready.wait(30)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS,
+                                         headless=True)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(DEADLINE_MS)
+                page.goto(f"http://127.0.0.1:{port[0]}/")
+                page.wait_for_selector("#alerts li[data-alert=member_dead]")
+                firing = page.locator("#alerts li[data-alert=member_dead]")
+                assert firing.get_attribute("data-state") == "firing"
+                assert "members_dead = 1" in (firing.text_content() or "")
+                assert page.locator("#alert-count").text_content() == "1 firing"
+                resolved = page.locator("#alerts li[data-alert=disk_full]")
+                assert resolved.get_attribute("data-state") == "resolved"
+                save_screenshot(page, tmp_path, "dashboard-alerts.png")
+            finally:
+                browser.close()
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(30)
