@@ -5,6 +5,8 @@ Precedence, lowest first: a TOML file (``--config FILE`` or ``LEADERLESS_CONFIG`
 name used everywhere: ``bind`` is the TOML key ``bind``, the variable ``LEADERLESS_BIND``
 and the flag ``--bind``; membership timings live in the TOML table ``[membership]`` and in
 variables ``LEADERLESS_MEMBERSHIP_<FIELD>`` (e.g. ``LEADERLESS_MEMBERSHIP_PROBE_INTERVAL_S``).
+Alerts live in the TOML table ``[alerts]`` (``defaults``, ``interval_s``, and the array of
+tables ``[[alerts.rules]]``, which only a file can give; see ``obs.alerts``).
 
 Validation errors name the setting and say why it is wrong, e.g.
 ``bind: '127.0.0.1:99999' is not HOST:PORT with port 0..65535``.
@@ -30,6 +32,9 @@ from leaderless.core.messages import (
     ZONE_BYTES_MAX,
     Address,
 )
+from leaderless.obs.alerts import INTERVAL_S_DEFAULT as ALERTS_INTERVAL_S_DEFAULT
+from leaderless.obs.alerts import INTERVAL_S_MAX as ALERTS_INTERVAL_S_MAX
+from leaderless.obs.alerts import AlertsConfig, Rule, RuleError, parse_rules
 
 ENV_PREFIX = "LEADERLESS_"
 MEMBERSHIP_ENV_PREFIX = "LEADERLESS_MEMBERSHIP_"
@@ -84,6 +89,8 @@ class NodeConfig:
     hint_window_s: float = 3 * 3600.0
     """A replica down longer than this gets no more hints; anti-entropy catches it up."""
     anti_entropy_interval_s: float = 30.0
+    alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
+    """The ``[alerts]`` table: threshold rules this node evaluates for itself."""
 
 
 # -- parsers: raw value (str from env/flags, or a TOML value) -> typed value -------------
@@ -274,9 +281,14 @@ MEMBERSHIP_FIELDS: dict[str, type] = {
 }
 
 
+ALERTS_SETTINGS = ("alerts.defaults", "alerts.interval_s", "alerts.rules")
+"""``[alerts]`` keys; ``alerts.rules`` is an array of tables, so only a TOML file has it."""
+
+
 def settings() -> list[str]:
     """Every setting's key, as used in TOML (``membership.x`` is ``x`` in ``[membership]``)."""
-    return [*_PARSERS, *(f"membership.{name}" for name in MEMBERSHIP_FIELDS)]
+    return [*_PARSERS, *(f"membership.{name}" for name in MEMBERSHIP_FIELDS),
+            *ALERTS_SETTINGS]
 
 
 def env_var(key: str) -> str:
@@ -302,11 +314,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config: {str(path)!r} is not valid TOML: {exc}") from None
     raw: dict[str, Any] = {}
     for key, value in document.items():
-        if key == "membership":
+        if key in ("membership", "alerts"):
             if not isinstance(value, dict):
-                raise ConfigError(f"config: [membership] in {str(path)!r} must be a table")
+                raise ConfigError(f"config: [{key}] in {str(path)!r} must be a table")
             for sub, sub_value in value.items():
-                raw[f"membership.{sub}"] = sub_value
+                raw[f"{key}.{sub}"] = sub_value
         else:
             raw[key] = value
     for key in raw:
@@ -330,7 +342,8 @@ def read_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _check_known(key: str, where: str) -> None:
-    if key not in _PARSERS and key.removeprefix("membership.") not in MEMBERSHIP_FIELDS:
+    if (key not in _PARSERS and key not in ALERTS_SETTINGS
+            and key.removeprefix("membership.") not in MEMBERSHIP_FIELDS):
         raise ConfigError(f"{key}: unknown setting {where}; known: {', '.join(settings())}")
 
 
@@ -402,6 +415,7 @@ def build_config(raw: Mapping[str, Any]) -> NodeConfig:
         leave_timeout_s=values.get("leave_timeout_s", 2.0),
         io_timeout_s=values.get("io_timeout_s", 5.0),
         membership=_membership_config(raw),
+        alerts=_alerts_config(raw),
         **{key: values[key] for key in _DATA_SETTINGS if key in values},
     )
 
@@ -422,3 +436,37 @@ def _membership_config(raw: Mapping[str, Any]) -> MembershipConfig:
         return MembershipConfig(**fields)
     except ValueError as exc:
         raise ConfigError(f"membership: {exc}") from None
+
+
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(raw, str) and raw.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _parse_alert_rules(raw: Any) -> tuple[Rule, ...]:
+    try:
+        return parse_rules(raw)
+    except RuleError as exc:
+        raise ConfigError(f"alerts.rules: {exc}") from None
+
+
+def _alerts_config(raw: Mapping[str, Any]) -> AlertsConfig:
+    """``[alerts]``: each rule checked on its own (errors name the rule and the field),
+    then the whole (how many rules with the defaults)."""
+    defaults = True
+    if "alerts.defaults" in raw:
+        defaults = _parse("alerts.defaults", raw["alerts.defaults"], _parse_bool)
+    interval_s = ALERTS_INTERVAL_S_DEFAULT
+    if "alerts.interval_s" in raw:
+        interval_s = _parse("alerts.interval_s", raw["alerts.interval_s"],
+                            _parse_float(0, ALERTS_INTERVAL_S_MAX))
+    rules = _parse_alert_rules(raw["alerts.rules"]) if "alerts.rules" in raw else ()
+    try:
+        return AlertsConfig(defaults=defaults, rules=rules, interval_s=interval_s)
+    except RuleError as exc:
+        raise ConfigError(f"alerts.rules: {exc}") from None
