@@ -14,6 +14,12 @@
                        "load": {"cpu_pct", "mem_pct", "disk_pct", "ops_per_s",
                        "p99_ms"} | null}]}``: every member as this node knows it, with
                        the load each gossiped (refreshed every 5 s when it moved).
+``GET /api/alerts``    ``{"node", "alerts": [{"name", "severity", "state", "metric",
+                       "value", "threshold", "op", "since", "message"}], "rules":
+                       [{"name", "metric", "op", "threshold", "for_s", "severity",
+                       "description"}]}``: this node's firing, pending and recently
+                       resolved alerts (``obs.alerts``; ``since`` in unix seconds) and
+                       the rules it evaluates.
 =====================  ============================================================
 """
 
@@ -39,6 +45,12 @@ class OpsSource(Protocol):
     def cluster(self) -> list[dict[str, Any]]:
         """Every known member with its state, ring ownership and gossiped load."""
 
+    def alerts(self) -> list[dict[str, Any]]:
+        """This node's firing, pending and recently resolved alerts."""
+
+    def alert_rules(self) -> list[dict[str, Any]]:
+        """The alert rules this node evaluates."""
+
 
 def add_ops_routes(app: web.Application, ops: OpsSource) -> None:
     async def live(request: web.Request) -> web.StreamResponse:
@@ -62,7 +74,12 @@ def add_ops_routes(app: web.Application, ops: OpsSource) -> None:
     async def cluster(request: web.Request) -> web.StreamResponse:
         return web.json_response({"node": ops.name, "members": ops.cluster()})
 
+    async def alerts(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"node": ops.name, "alerts": ops.alerts(),
+                                  "rules": ops.alert_rules()})
+
     app.router.add_get("/health/live", live)
     app.router.add_get("/api/cluster", cluster)
+    app.router.add_get("/api/alerts", alerts)
     app.router.add_get("/health/ready", ready)
     app.router.add_get("/metrics", metrics)

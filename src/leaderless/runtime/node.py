@@ -52,6 +52,7 @@ from leaderless.core.paxos_messages import PaxosRequest
 from leaderless.core.ring import token_count_for
 from leaderless.core.watch_messages import WatchMessage
 from leaderless.obs import RequestStats, SystemSampler, make_registry, render
+from leaderless.obs.alerts import Alerts, Transition, node_readings
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
 from leaderless.runtime.drops import Drops
@@ -123,6 +124,9 @@ class Node:
             commit_sync_latency=lambda: None if self.kv is None else (
                 self.kv.commit.sync_bounds_s, self.kv.commit.sync_counts,
                 self.kv.commit.sync_seconds))
+        self._alerts = Alerts(config.alerts.effective_rules())
+        """This node's alert rules and their states (``obs.alerts``)."""
+        self._alerts_task: asyncio.Task[None] | None = None
         self._stopping = False
         self.kv: KvNode | None = None
         """The data plane (None until started)."""
@@ -190,6 +194,7 @@ class Node:
         else:
             self.joined.set()
         self._load_task = loop.create_task(self._gossip_load())
+        self._alerts_task = loop.create_task(self._evaluate_alerts())
 
     async def _start_data_plane(self) -> None:
         """Open the store and the client listeners (before the membership, so the member
@@ -271,6 +276,8 @@ class Node:
     async def _close(self) -> None:
         if self._load_task is not None:
             self._load_task.cancel()
+        if self._alerts_task is not None:
+            self._alerts_task.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -416,6 +423,58 @@ class Node:
             last_sent = now
             self._feed(membership.update_meta(now, msgspec.structs.replace(
                 membership.meta, load=new)))
+
+    # -- alerts (obs.alerts): this node's rules, evaluated by this node for itself -------
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Firing, pending and recently resolved alerts (``GET /api/alerts``), with
+        ``since`` in unix seconds."""
+        now = self._now()
+        return self._alerts.alerts(now, wall_offset_s=time.time() - now)
+
+    def alert_rules(self) -> list[dict[str, Any]]:
+        """The rules this node evaluates (defaults kept or replaced, then configured)."""
+        return [rule.as_dict() for rule in self._alerts.rules]
+
+    def _alert_readings(self) -> dict[str, float]:
+        membership = self._require()
+        states = collections.Counter(m.status.name.lower() for m in membership.members())
+        return node_readings(
+            sample=self._system.sample(), states=states, runtime=self.counters.as_dict(),
+            kv=self.kv.counters() if self.kv is not None else None,
+            request_p99_ms=self.requests.p99_ms(),
+            request_ops_per_s=self.requests.ops_per_s(),
+            request_errors_total=sum(e.count for e in self.requests.snapshot().errors),
+            storage_failed=self.fatal_error is not None)
+
+    async def _evaluate_alerts(self) -> None:
+        """Every ``alerts.interval_s``: read this node's inputs and evaluate its rules,
+        logging each alert that fires (warning or error by severity) or resolves."""
+        while not self._stopping:
+            await asyncio.sleep(self.config.alerts.interval_s)
+            if self._membership is None or self._stopping:
+                continue
+            try:
+                transitions = self._alerts.evaluate(self._now(), self._alert_readings())
+            except Exception as exc:  # a bug here must not stop the node it watches
+                self.log.error("alert_evaluation_failed", error=repr(exc))
+                continue
+            for transition in transitions:
+                self._log_alert(transition)
+
+    def _log_alert(self, transition: Transition) -> None:
+        rule = transition.rule
+        fields: dict[str, Any] = {
+            "alert": rule.name, "severity": rule.severity, "metric": rule.metric,
+            "value": transition.value, "op": rule.op, "threshold": rule.threshold,
+            "for_s": rule.for_s}
+        if transition.state == "firing":
+            log = self.log.error if rule.severity == "critical" else self.log.warning
+            log("alert_firing", description=rule.description, **fields)
+        elif transition.state == "resolved":
+            self.log.info("alert_resolved", **fields)
+        else:
+            self.log.debug(f"alert_{transition.state}", **fields)
 
     def _require(self) -> Membership:
         if self._membership is None:
