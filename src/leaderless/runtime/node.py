@@ -117,9 +117,10 @@ class Node:
         self._load_task: asyncio.Task[None] | None = None
         self.requests = RequestStats()
         """Client request latencies and errors (``obs``), for metrics and the load summary."""
-        self._system = SystemSampler(config.data_dir)
+        self.system = SystemSampler(config.data_dir)
+        """This machine's CPU, memory, disk and network (``obs``): metrics, load, dashboard."""
         self._registry = make_registry(
-            lambda: msgspec.structs.asdict(self.status()), self.requests, self._system,
+            lambda: msgspec.structs.asdict(self.status()), self.requests, self.system,
             commit_group_sizes=lambda: self.kv.commit.group_sizes if self.kv else {},
             commit_sync_latency=lambda: None if self.kv is None else (
                 self.kv.commit.sync_bounds_s, self.kv.commit.sync_counts,
@@ -396,7 +397,7 @@ class Node:
         return out
 
     def _load_summary(self) -> LoadSummary:
-        sample = self._system.sample()
+        sample = self.system.sample()
         disk_pct = (100 * sample.disk_used_bytes // sample.disk_total_bytes
                     if sample.disk_total_bytes else 0)
         mem_pct = (100 * sample.memory_used_bytes // sample.memory_total_bytes
@@ -440,7 +441,7 @@ class Node:
         membership = self._require()
         states = collections.Counter(m.status.name.lower() for m in membership.members())
         return node_readings(
-            sample=self._system.sample(), states=states, runtime=self.counters.as_dict(),
+            sample=self.system.sample(), states=states, runtime=self.counters.as_dict(),
             kv=self.kv.counters() if self.kv is not None else None,
             request_p99_ms=self.requests.p99_ms(),
             request_ops_per_s=self.requests.ops_per_s(),

@@ -80,10 +80,9 @@ class Snapshots:
                 "requests": self._requests(), "members": members, "alerts": self._alerts()}
 
     def _system(self) -> dict[str, Any] | None:
-        # Node keeps its SystemSampler (shared with /metrics and the gossiped load, one
-        # pass over /proc per second for all of them) as ``_system``; a public ``system``
-        # is preferred when it exists.
-        sampler = getattr(self._ops, "system", None) or getattr(self._ops, "_system", None)
+        # The node's SystemSampler (``Node.system``), shared with /metrics and the gossiped
+        # load: one pass over /proc per second for all of them.
+        sampler = getattr(self._ops, "system", None)
         if sampler is None or not hasattr(sampler, "sample"):
             return None
         sample: SystemSample = sampler.sample()
