@@ -23,7 +23,7 @@ class FakeNode:
     """What ``runtime.node.Node`` offers the dashboard."""
 
     def __init__(self, data_dir: Path, alerts: bool = True) -> None:
-        self._system = SystemSampler(data_dir)
+        self.system = SystemSampler(data_dir)
         self.requests = RequestStats()
         if alerts:
             self.alerts = lambda: [{"name": "disk_full", "severity": "warning",
