@@ -115,6 +115,7 @@ def test_metrics_and_cluster_view(processes: Processes) -> None:
     assert view["node"] == "m3"
     assert [m["name"] for m in view["members"]] == ["m1", "m2", "m3"]
     assert all(m["state"] == "alive" for m in view["members"])
+    assert sorted(f"http://{m['http']}" for m in view["members"]) == sorted(urls)
     assert abs(sum(m["ownership"] for m in view["members"]) - 1) < 0.01
     assert all(0 <= m["load"]["cpu_pct"] <= 100 for m in view["members"])
 

@@ -105,6 +105,10 @@ def test_dashboard_in_chromium(processes: Processes, tmp_path: Path) -> None:
             assert page.locator("#members tbody tr").count() == 3
             names = page.locator("#members tbody tr td.name").all_text_contents()
             assert names == ["d1", "d2", "d3"]
+            # Every other member links to its own dashboard (its charts).
+            link = page.locator("#members tbody tr[data-member=d2] td.name a")
+            assert (link.get_attribute("href") or "").startswith("http://127.0.0.1:")
+            assert page.locator("#members tbody tr[data-member=d1] td.name a").count() == 0
             page.wait_for_selector("#keyspaces tr[data-keyspace=dash_ks]")
 
             # Charts receive points: every chart is fed, and keeps getting new ones.

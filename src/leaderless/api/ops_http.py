@@ -9,7 +9,7 @@
                        ``"status": "not_ready"`` and each failing check's reason: for
                        a readiness probe / load balancer, send no traffic if not.
 ``GET /metrics``       Prometheus text format (``obs.metrics``).
-``GET /api/cluster``   ``{"node", "members": [{"name", "address", "state",
+``GET /api/cluster``   ``{"node", "members": [{"name", "address", "http", "state",
                        "incarnation", "zone", "version", "weight", "ownership",
                        "load": {"cpu_pct", "mem_pct", "disk_pct", "ops_per_s",
                        "p99_ms"} | null}]}``: every member as this node knows it, with

@@ -391,6 +391,8 @@ class Node:
             load = m.meta.load
             out.append({
                 "name": m.name, "address": str(m.address), "state": m.status.name.lower(),
+                "http": (f"{m.address.host}:{m.meta.http_port}" if m.meta.http_port
+                         else None),
                 "incarnation": m.incarnation, "zone": m.meta.zone, "version": m.meta.version,
                 "weight": m.meta.weight, "ownership": round(ownership.get(m.name, 0.0), 4),
                 "load": None if load is None else msgspec.structs.asdict(load)})
