@@ -146,7 +146,7 @@ def node_readings(*, sample: SystemSample, states: Mapping[str, int],
     readings: dict[str, float] = {
         "cpu_pct": sample.cpu_percent,
         "process_cpu_pct": sample.process_cpu_percent,
-        "memory_used_pct": _pct(sample.memory_used_bytes, sample.memory_total_bytes),
+        "memory_used_pct": sample.memory_used_pct,
         "process_rss_bytes": sample.process_rss_bytes,
         "load_per_cpu": sample.load_1m / max(1, sample.cpu_count),
         "members_alive": states.get("alive", 0),
@@ -157,9 +157,8 @@ def node_readings(*, sample: SystemSample, states: Mapping[str, int],
         "storage_failed": 1.0 if storage_failed else 0.0,
         "request_errors_total": request_errors_total,
     }
-    usable_bytes = sample.disk_used_bytes + sample.disk_free_bytes
-    if sample.disk_usage_available and usable_bytes > 0:
-        readings["disk_used_pct"] = _pct(sample.disk_used_bytes, usable_bytes)
+    if sample.disk_usage_available and sample.disk_used_bytes + sample.disk_free_bytes > 0:
+        readings["disk_used_pct"] = sample.disk_used_pct
         readings["disk_free_bytes"] = sample.disk_free_bytes
     for group in ("dropped_malformed_total", "dropped_overload_total", "send_errors_total"):
         readings[group] = sum(runtime.get(group, {}).values())
@@ -171,10 +170,6 @@ def node_readings(*, sample: SystemSample, states: Mapping[str, int],
                                          + kv.get("proposer_unavailable", 0))
         readings["hints_expired_total"] = kv.get("handoff_expired", 0)
     return readings
-
-
-def _pct(part: float, whole: float) -> float:
-    return round(100.0 * part / whole, 2) if whole > 0 else 0.0
 
 
 # -- rules -------------------------------------------------------------------------------

@@ -66,6 +66,20 @@ class SystemSample:
     load_5m: float
     load_15m: float
 
+    @property
+    def memory_used_pct(self) -> float:
+        return _percent(self.memory_used_bytes, self.memory_total_bytes)
+
+    @property
+    def disk_used_pct(self) -> float:
+        """As ``df`` shows it (Use%): used of what an unprivileged user can use, so a disk
+        whose root-reserved blocks are all that is left reads 100 %."""
+        return _percent(self.disk_used_bytes, self.disk_used_bytes + self.disk_free_bytes)
+
+
+def _percent(part: int, whole: int) -> float:
+    return round(100.0 * part / whole, 2) if whole > 0 else 0.0
+
 
 class SystemSampler:
     """Reads the machine for a node whose data lives in ``data_dir``."""

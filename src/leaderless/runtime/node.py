@@ -400,12 +400,10 @@ class Node:
 
     def _load_summary(self) -> LoadSummary:
         sample = self.system.sample()
-        disk_pct = (100 * sample.disk_used_bytes // sample.disk_total_bytes
-                    if sample.disk_total_bytes else 0)
-        mem_pct = (100 * sample.memory_used_bytes // sample.memory_total_bytes
-                   if sample.memory_total_bytes else 0)
-        return LoadSummary(min(100, round(sample.cpu_percent)), min(100, mem_pct),
-                           min(100, disk_pct), round(self.requests.ops_per_s()),
+        return LoadSummary(min(100, round(sample.cpu_percent)),
+                           min(100, round(sample.memory_used_pct)),
+                           min(100, round(sample.disk_used_pct)),
+                           round(self.requests.ops_per_s()),
                            round(self.requests.p99_ms(), 2))
 
     async def _gossip_load(self) -> None:

@@ -107,10 +107,10 @@ class Snapshots:
         return {
             "cpu_pct": sample.cpu_percent,
             "process_cpu_pct": sample.process_cpu_percent,
-            "mem_pct": _pct(sample.memory_used_bytes, sample.memory_total_bytes),
+            "mem_pct": sample.memory_used_pct,
             "memory_used_bytes": sample.memory_used_bytes,
             "memory_total_bytes": sample.memory_total_bytes,
-            "disk_pct": _pct(sample.disk_used_bytes, sample.disk_total_bytes),
+            "disk_pct": sample.disk_used_pct,
             "disk_used_bytes": sample.disk_used_bytes,
             "disk_total_bytes": sample.disk_total_bytes,
             **self._rates,
@@ -146,10 +146,6 @@ class Snapshots:
 
 def _rate(new: int, old: int, elapsed_s: float) -> float:
     return round(max(0, new - old) / elapsed_s, 1)  # counters reset: 0, not negative
-
-
-def _pct(used: int, total: int) -> float:
-    return round(100.0 * used / total, 1) if total else 0.0
 
 
 def add_web_routes(app: web.Application, ops: OpsSource) -> None:
