@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import msgspec
+
 from leaderless.api.kv_messages import (
     Changed,
     CompareAndSet,
@@ -263,11 +265,10 @@ class KvNode:
         definition = await self._keyspace(keyspace)
         self._check_key(key, sort)
         if definition.mode == "strong":
-            if ttl_s is not None:
-                raise KvError("bad_request", "strong keyspaces do not support TTL yet")
-            self._check_value(value)
-            done = await self._strong(definition, key, sort,
-                                      PutChange(value, await self._fence(fence)), idempotency)
+            change = self._put_change(value, ttl_s)
+            if fence is not None:
+                change = msgspec.structs.replace(change, fence=await self._fence(fence))
+            done = await self._strong(definition, key, sort, change, idempotency)
             return done.version
         cell = self._new_cell(value, ttl_s)
         await self._fence(fence)
@@ -329,13 +330,9 @@ class KvNode:
                   fence: Fence | None = None) -> Changed | Conflict:
         definition = await self._strong_keyspace(keyspace, "compare-and-set")
         self._check_key(key, sort)
-        self._check_value(value)
-        given = (expected_version is not None) + (expected_value is not None) + expected_absent
-        if given != 1:
-            raise KvError("bad_request", "compare-and-set needs exactly one expectation: "
-                          "expected_version, expected_value or expected_absent")
-        change = CasChange(value, expected_version, expected_value, expected_absent,
-                           await self._fence(fence))
+        change = self._cas_change(value, expected_version, expected_value, expected_absent)
+        if fence is not None:
+            change = msgspec.structs.replace(change, fence=await self._fence(fence))
         try:
             done = await self._strong(definition, key, sort, change, idempotency)
         except _ConflictFound as conflict:
@@ -350,6 +347,23 @@ class KvNode:
         done = await self._strong(definition, key, sort, Incr(delta, await self._fence(fence)),
                                   idempotency)
         return Changed(0, done.version, done.value or b"", done.duplicate)
+
+    def _put_change(self, value: bytes, ttl_s: float | None) -> PutChange:
+        """A strong put's change, or ``bad_request`` naming what is wrong."""
+        if ttl_s is not None:
+            raise KvError("bad_request", "strong keyspaces do not support TTL yet")
+        self._check_value(value)
+        return PutChange(value)
+
+    def _cas_change(self, value: bytes, expected_version: int | None,
+                    expected_value: bytes | None, expected_absent: bool) -> CasChange:
+        """A compare-and-set's change, or ``bad_request`` naming what is wrong."""
+        self._check_value(value)
+        given = (expected_version is not None) + (expected_value is not None) + expected_absent
+        if given != 1:
+            raise KvError("bad_request", "compare-and-set needs exactly one expectation: "
+                          "expected_version, expected_value or expected_absent")
+        return CasChange(value, expected_version, expected_value, expected_absent)
 
     async def _strong_keyspace(self, keyspace: str, what: str) -> KeyspaceDef:
         definition = await self._keyspace(keyspace)
@@ -576,24 +590,14 @@ class KvNode:
             if kind is Get:
                 change = Read()
             elif kind is Put:
-                if request.ttl_s is not None:
-                    raise KvError("bad_request", "strong keyspaces do not support TTL yet")
-                self._check_value(request.value)
-                change = PutChange(request.value)
+                change = self._put_change(request.value, request.ttl_s)
             elif kind is Delete:
                 change = DeleteChange()
             elif kind is Increment:
                 change = Incr(request.delta)
             else:
-                self._check_value(request.value)
-                given = ((request.expected_version is not None)
-                         + (request.expected_value is not None) + request.expected_absent)
-                if given != 1:
-                    raise KvError("bad_request", "compare-and-set needs exactly one "
-                                  "expectation: expected_version, expected_value or "
-                                  "expected_absent")
-                change = CasChange(request.value, request.expected_version,
-                                   request.expected_value, request.expected_absent)
+                change = self._cas_change(request.value, request.expected_version,
+                                          request.expected_value, request.expected_absent)
         except KvError as exc:
             reply(Failure(request.id, exc.code, exc.message[:500]))
             return True
