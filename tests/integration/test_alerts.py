@@ -12,8 +12,8 @@ import pytest
 
 from leaderless.runtime.ports import free_port
 from leaderless.runtime.process import EXIT_CONFIG
-from tests.integration.helpers import NodeProcess, Processes, run_cli, wait_until
-from tests.integration.test_ops import get
+from tests.integration.helpers import Processes, run_cli, wait_until
+from tests.integration.test_ops import get, start_ready_cluster
 from tests.unit.test_alerts import exported_names, referenced_names
 
 pytestmark = pytest.mark.integration
@@ -44,15 +44,6 @@ ALERT_FIELDS = {"name", "severity", "state", "metric", "value", "threshold", "op
                 "message"}
 
 
-def start(processes: Processes, name: str, config: Path, join: str | None = None
-          ) -> tuple[NodeProcess, str]:
-    """``test_ops.start`` with a config file."""
-    http = f"127.0.0.1:{free_port()}"
-    node = processes.start_node(name, None, join, None, "--client", f"127.0.0.1:{free_port()}",
-                                "--http", http, "--log-level", "info", "--config", str(config))
-    return node, f"http://{http}"
-
-
 def alerts_of(url: str) -> dict[str, Any]:
     status, body, content_type = get(url + "/api/alerts")
     if status != 200:
@@ -78,11 +69,8 @@ def test_configured_rules_fire_and_a_killed_node_raises_member_dead(
         processes: Processes, tmp_path: Path) -> None:
     config = tmp_path / "alerts.toml"
     config.write_text(CONFIG)
-    first, first_url = start(processes, "a1", config)
-    others = [start(processes, name, config, first.address) for name in ("a2", "a3")]
-    urls = [first_url, *(url for _, url in others)]
-    wait_until(lambda: all(get(url + "/health/ready")[0] == 200 for url in urls),
-               "all three nodes are ready")
+    nodes, urls = start_ready_cluster(processes, ("a1", "a2", "a3"), "--log-level", "info",
+                                      "--config", str(config))
 
     wait_until(lambda: all(firing(url, "always") for url in urls),
                "the always-true rule fires on every node")
@@ -101,7 +89,7 @@ def test_configured_rules_fire_and_a_killed_node_raises_member_dead(
                                   "description": ""}
     assert {"disk_critical", "member_dead", "hints_backlog"} <= set(rules)  # defaults kept
 
-    others[1][0].process.kill()  # a3, without a leave
+    nodes[2].process.kill()  # a3, without a leave
     survivor_url = urls[0]
     wait_until(lambda: firing(survivor_url, "peer_dead"),
                "a survivor's members_dead rule fires for the killed node", timeout_s=60)
@@ -111,7 +99,7 @@ def test_configured_rules_fire_and_a_killed_node_raises_member_dead(
 
     # The transition was logged: a critical rule at error level, with its fields.
     def logged() -> list[dict[str, Any]]:
-        return [line for line in first.log() if line.get("msg") == "alert_firing"]
+        return [line for line in nodes[0].log() if line.get("msg") == "alert_firing"]
     wait_until(lambda: any(line["alert"] == "peer_dead" for line in logged()),
                "the firing is logged")
     line = next(line for line in logged() if line["alert"] == "peer_dead")

@@ -16,9 +16,9 @@ from leaderless.client import (
     LeaseLostError,
     LockHeldError,
 )
-from leaderless.runtime.ports import free_port
-from tests.integration.helpers import Processes, run_cli, wait_until
-from tests.integration.test_kv_cluster import start_cluster, start_kv_node
+from tests.integration.helpers import Processes, run_cli
+from tests.integration.test_kv_cluster import start_cluster
+from tests.integration.test_ops import start_ready_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -147,15 +147,8 @@ def test_locks_from_the_cli(processes: Processes) -> None:
 
 @pytest.mark.timeout(300)
 def test_locks_over_http(processes: Processes) -> None:
-    http_port = free_port()
-    first = processes.start_node("h1", None, None, None, "--client",
-                                 f"127.0.0.1:{free_port()}", "--http",
-                                 f"127.0.0.1:{http_port}", "--log-level", "warning")
-    others = [start_kv_node(processes, name, first.address)[0] for name in ("h2", "h3")]
-    nodes = [first, *others]
-    wait_until(lambda: all(sum(m.state == "alive" for m in n.members().values()) == 3
-                           for n in nodes), "all three nodes see each other alive")
-    base = f"http://127.0.0.1:{http_port}"
+    _, urls = start_ready_cluster(processes, ("h1", "h2", "h3"))
+    base = urls[0]
 
     def call(method: str, path: str, body: bytes = b"") -> tuple[int, dict[str, object]]:
         request = urllib.request.Request(base + path, data=body or None, method=method)

@@ -27,12 +27,28 @@ def get(url: str) -> tuple[int, bytes, str]:
         return 0, b"", ""  # not listening yet
 
 
-def start(processes: Processes, name: str, join: str | None = None
+def start(processes: Processes, name: str, join: str | None = None, *extra: str
           ) -> tuple[NodeProcess, str]:
+    """A node with a client and an HTTP listener (``extra``: more ``node start`` options; a
+    later ``--log-level`` wins); (the node, its HTTP base URL)."""
     http = f"127.0.0.1:{free_port()}"
     node = processes.start_node(name, None, join, None, "--client", f"127.0.0.1:{free_port()}",
-                                "--http", http, "--log-level", "warning")
+                                "--http", http, "--log-level", "warning", *extra)
     return node, f"http://{http}"
+
+
+def start_ready_cluster(processes: Processes, names: tuple[str, ...], *extra: str
+                        ) -> tuple[list[NodeProcess], list[str]]:
+    """``start`` each node, joined to the first; return (nodes, HTTP base URLs) once every
+    node is ready and sees all of them alive."""
+    first, first_url = start(processes, names[0], None, *extra)
+    others = [start(processes, name, first.address, *extra) for name in names[1:]]
+    nodes = [first, *(node for node, _ in others)]
+    urls = [first_url, *(url for _, url in others)]
+    wait_until(lambda: all(get(url + "/health/ready")[0] == 200 for url in urls)
+               and all(sum(m.state == "alive" for m in n.members().values()) == len(names)
+                       for n in nodes), "all nodes are ready and see each other alive")
+    return nodes, urls
 
 
 @pytest.mark.timeout(300)
@@ -47,11 +63,7 @@ def test_health_live_and_ready(processes: Processes) -> None:
     assert ready["checks"]["joined"].startswith("joining")
     assert ready["checks"]["storage"] == "ok"
 
-    first, first_url = start(processes, "n1")
-    others = [start(processes, name, first.address) for name in ("n2", "n3")]
-    urls = [first_url, *(url for _, url in others)]
-    wait_until(lambda: all(get(url + "/health/ready")[0] == 200 for url in urls),
-               "all three nodes are ready")
+    _, urls = start_ready_cluster(processes, ("n1", "n2", "n3"))
     body = json.loads(get(urls[1] + "/health/ready")[1])
     assert body == {"status": "ready", "node": "n2",
                     "checks": {"joined": "ok", "storage": "ok", "ring": "ok"}}
@@ -61,11 +73,7 @@ def test_health_live_and_ready(processes: Processes) -> None:
 
 @pytest.mark.timeout(300)
 def test_metrics_and_cluster_view(processes: Processes) -> None:
-    first, first_url = start(processes, "m1")
-    others = [start(processes, name, first.address) for name in ("m2", "m3")]
-    urls = [first_url, *(url for _, url in others)]
-    wait_until(lambda: all(get(url + "/health/ready")[0] == 200 for url in urls),
-               "all three nodes are ready")
+    nodes, urls = start_ready_cluster(processes, ("m1", "m2", "m3"))
 
     async def traffic() -> None:
         ring = json.loads(get(urls[0] + "/v1/ring")[1])["members"]
@@ -120,11 +128,11 @@ def test_metrics_and_cluster_view(processes: Processes) -> None:
     assert all(0 <= m["load"]["cpu_pct"] <= 100 for m in view["members"])
 
     # The CLI shows the same view, from the cluster port of any node.
-    shown = run_cli("status", "--node", others[1][0].address)
+    shown = run_cli("status", "--node", nodes[2].address)
     assert shown.returncode == 0, shown.stderr
     assert "cluster (load" in shown.stdout
     assert all(name in shown.stdout for name in ("m1", "m2", "m3"))
-    listed = json.loads(run_cli("members", "--node", first.address, "--json").stdout)
+    listed = json.loads(run_cli("members", "--node", nodes[0].address, "--json").stdout)
     assert all(m["load"] is not None and "ops_per_s" in m["load"] for m in listed)
 
 

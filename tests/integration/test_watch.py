@@ -11,9 +11,9 @@ import aiohttp
 import pytest
 
 from leaderless.client import AsyncClient, BadRequestError, KeyChange
-from leaderless.runtime.ports import free_port
-from tests.integration.helpers import Processes, run_cli, wait_until
-from tests.integration.test_kv_cluster import start_cluster, start_kv_node
+from tests.integration.helpers import Processes, run_cli
+from tests.integration.test_kv_cluster import start_cluster
+from tests.integration.test_ops import get, start_ready_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -133,15 +133,10 @@ def test_a_waiting_acquire_is_woken_by_a_release_through_another_node(
 
 @pytest.mark.timeout(300)
 def test_watch_over_http_server_sent_events(processes: Processes) -> None:
-    http_port = free_port()
-    first = processes.start_node("h1", None, None, None, "--client",
-                                 f"127.0.0.1:{free_port()}", "--http",
-                                 f"127.0.0.1:{http_port}", "--log-level", "warning")
-    others = [start_kv_node(processes, name, first.address) for name in ("h2", "h3")]
-    nodes = [first, *(node for node, _ in others)]
-    wait_until(lambda: all(sum(m.state == "alive" for m in n.members().values()) == 3
-                           for n in nodes), "all three nodes see each other alive")
-    base = f"http://127.0.0.1:{http_port}"
+    _, urls = start_ready_cluster(processes, ("h1", "h2", "h3"))
+    base = urls[0]
+    ring = json.loads(get(urls[1] + "/v1/ring")[1])["members"]
+    h2_client = next(m["client_address"] for m in ring if m["name"] == "h2")
 
     async def events(session: aiohttp.ClientSession, url: str, count: int,
                      headers: dict[str, str] | None = None) -> list[dict[str, object]]:
@@ -158,7 +153,7 @@ def test_watch_over_http_server_sent_events(processes: Processes) -> None:
         return found
 
     async def run() -> None:
-        async with AsyncClient([others[0][1]], timeout_s=10) as writer, \
+        async with AsyncClient([h2_client], timeout_s=10) as writer, \
                 aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             await writer.create_keyspace("s", mode="strong")
             await writer.put("s", "k", b"v1")
