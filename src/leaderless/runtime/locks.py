@@ -185,7 +185,7 @@ class LockService:
 
     async def release(self, name: str, owner: str, token: int,
                       idempotency: bytes = b"") -> int:
-        key = _check(name, owner, LEASE_TTL_MS_MIN)
+        key = _check(name, owner)
         outcome = await self._propose(LOCK_KEYSPACE_DEF, key, b"", Release(owner, token),
                                       idempotency)
         if isinstance(outcome, paxos.Done):
@@ -194,7 +194,7 @@ class LockService:
         raise _lost(name, token, decode_lock(outcome.value), "release")
 
     async def status(self, name: str) -> LockInfo:
-        key = _check(name, "-", LEASE_TTL_MS_MIN)
+        key = _lock_key(name)
         outcome = await self._propose(LOCK_KEYSPACE_DEF, key, b"", Read(), b"")
         assert isinstance(outcome, paxos.Done), outcome
         state = decode_lock(outcome.value)
@@ -206,7 +206,7 @@ class LockService:
     async def check_fence(self, lock: str, token: int) -> None:
         """Refuse (``fenced``) a write under ``token`` of ``lock`` if the lock has granted
         a newer token, or never granted this one. A linearizable read of the lock."""
-        key = _check(lock, "-", LEASE_TTL_MS_MIN)
+        key = _lock_key(lock)
         outcome = await self._propose(LOCK_KEYSPACE_DEF, key, b"", Read(), b"")
         assert isinstance(outcome, paxos.Done), outcome
         state = decode_lock(outcome.value)
@@ -225,20 +225,27 @@ class LockService:
                 "lock_fenced_writes": self.fenced, "lock_waiting": self._waiting}
 
 
-def _check(name: str, owner: str, ttl_ms: int) -> bytes:
+def _lock_key(name: str) -> bytes:
+    """The lock's partition key in ``system_locks``, or ``bad_request``."""
     key = name.encode()
     if not name or len(key) > LOCK_NAME_BYTES_MAX:
         raise KvError("bad_request", f"a lock name must have 1..{LOCK_NAME_BYTES_MAX} bytes "
                       f"(got {len(key)})")
-    if not owner or len(owner.encode()) > OWNER_BYTES_MAX:
-        raise KvError("bad_request", f"a lock owner id must have 1..{OWNER_BYTES_MAX} bytes")
-    if not LEASE_TTL_MS_MIN <= ttl_ms <= LEASE_TTL_MS_MAX:
-        raise KvError("bad_request", f"ttl {ttl_ms} ms is out of range "
-                      f"{LEASE_TTL_MS_MIN}..{LEASE_TTL_MS_MAX} ms")
     try:
         check_key(key, b"")
     except KeyError_ as exc:
         raise KvError("bad_request", str(exc)) from None
+    return key
+
+
+def _check(name: str, owner: str, ttl_ms: int | None = None) -> bytes:
+    """``_lock_key`` of a lease's lock, then its owner (and TTL if given) checked."""
+    key = _lock_key(name)
+    if not owner or len(owner.encode()) > OWNER_BYTES_MAX:
+        raise KvError("bad_request", f"a lock owner id must have 1..{OWNER_BYTES_MAX} bytes")
+    if ttl_ms is not None and not LEASE_TTL_MS_MIN <= ttl_ms <= LEASE_TTL_MS_MAX:
+        raise KvError("bad_request", f"ttl {ttl_ms} ms is out of range "
+                      f"{LEASE_TTL_MS_MIN}..{LEASE_TTL_MS_MAX} ms")
     return key
 
 
