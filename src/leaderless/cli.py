@@ -98,6 +98,15 @@ def node() -> None:
     """Run a node."""
 
 
+SECURITY_FLAGS = {
+    "tls_ca": "tls.ca", "tls_cert": "tls.cert", "tls_key": "tls.key",
+    "auth_enabled": "auth.enabled",
+    "admin_password_file": "auth.admin_password_file", "gossip_keyring": "gossip.keyring",
+    "encryption_key_file": "encryption.key_file",
+}
+"""``node start`` flags whose settings live in a TOML table (``--tls-ca`` is ``[tls] ca``)."""
+
+
 @node.command("start")
 @click.option("--config", "config_file", metavar="FILE", help="TOML file with settings "
               "(lowest precedence; also $LEADERLESS_CONFIG).")
@@ -125,12 +134,26 @@ def node() -> None:
 @click.option("--value-bytes-max", type=int, help="Largest value [default: 1048576].")
 @click.option("--log-format", type=click.Choice(LOG_FORMATS), help="[default: json]")
 @click.option("--log-level", type=click.Choice(LOG_LEVELS), help="[default: info]")
+@click.option("--tls-ca", metavar="FILE", help="Cluster CA certificate: TLS on every port "
+              "(with --tls-cert and --tls-key; see `leaderless certs`).")
+@click.option("--tls-cert", metavar="FILE", help="This node's certificate.")
+@click.option("--tls-key", metavar="FILE", help="This node's private key.")
+@click.option("--auth", "auth_enabled", is_flag=True, default=None,
+              help="Require a token from clients and check roles (see `leaderless login`).")
+@click.option("--admin-password-file", metavar="FILE",
+              help="With --auth: the bootstrap admin's password [default: random, printed once].")
+@click.option("--gossip-keyring", metavar="FILE",
+              help="Base64 AES-256 keys, one per line, first primary: gossip is encrypted.")
+@click.option("--encryption-key-file", metavar="FILE",
+              help="Data keys: values are encrypted at rest (or LEADERLESS_ENCRYPTION_KEY).")
 @click.option("--parent-pid", type=int, hidden=True,
               help="Leave when this process is no longer our parent (used by `leaderless up`).")
 def node_start(config_file: str | None, parent_pid: int | None, **flags: Any) -> None:
     """Start a node and serve until SIGTERM or Ctrl-C (then leave gracefully)."""
     flags["join"] = list(flags["join"])
     flags["tags"] = list(flags["tags"])
+    for flag, key in SECURITY_FLAGS.items():
+        flags[key] = flags.pop(flag)
     try:
         config = load_config(flags, config_file=config_file)
     except ConfigError as exc:

@@ -7,6 +7,9 @@ and the flag ``--bind``; membership timings live in the TOML table ``[membership
 variables ``LEADERLESS_MEMBERSHIP_<FIELD>`` (e.g. ``LEADERLESS_MEMBERSHIP_PROBE_INTERVAL_S``).
 Alerts live in the TOML table ``[alerts]`` (``defaults``, ``interval_s``, and the array of
 tables ``[[alerts.rules]]``, which only a file can give; see ``obs.alerts``).
+Security lives in the tables ``[tls]``, ``[auth]``, ``[gossip]`` and ``[encryption]``
+(``SecurityConfig``); each key has its variable (``LEADERLESS_TLS_CA``) and flag
+(``--tls-ca``) like every other setting.
 
 Validation errors name the setting and say why it is wrong, e.g.
 ``bind: '127.0.0.1:99999' is not HOST:PORT with port 0..65535``.
@@ -52,6 +55,37 @@ class ConfigError(ValueError):
     """A setting is missing or invalid; the message names it and says how to fix it."""
 
 
+TOKEN_TTL_S_DEFAULT = 12 * 3600.0
+"""A login's token lives a working day; programs use API tokens with their own TTL."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SecurityConfig:
+    """``[tls]``, ``[auth]``, ``[gossip]``, ``[encryption]``: all off by default (a local
+    cluster on loopback stays two commands away); docs/security.md turns them on."""
+
+    tls_ca: Path | None = None
+    """The cluster CA certificate (``leaderless certs init``). With ``tls_cert`` and
+    ``tls_key``, every TCP listener and link of the node speaks TLS; peers need mutual TLS."""
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth: bool = False
+    """Clients must present a token (``leaderless login``); permissions are checked."""
+    admin_password_file: Path | None = None
+    """The bootstrap admin's password; without it a random one is printed once."""
+    token_ttl_s: float = TOKEN_TTL_S_DEFAULT
+    gossip_keyring: Path | None = None
+    """Base64 AES-256 keys, one per line, the first primary: UDP gossip is sealed."""
+    encryption_key_file: Path | None = None
+    """Data keys for encryption at rest (``security.data_keys`` has the format)."""
+    encryption_key: str | None = None
+    """The same as a value (``LEADERLESS_ENCRYPTION_KEY``), for secrets injected by env."""
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_ca is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeConfig:
     """Everything a node process needs to start, validated."""
@@ -91,6 +125,7 @@ class NodeConfig:
     anti_entropy_interval_s: float = 30.0
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
     """The ``[alerts]`` table: threshold rules this node evaluates for itself."""
+    security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
 
 
 # -- parsers: raw value (str from env/flags, or a TOML value) -> typed value -------------
@@ -236,6 +271,16 @@ def _parse_choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
     return parse
 
 
+def _parse_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(raw, str) and raw.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _parse_path(raw: Any) -> Path:
     if not isinstance(raw, str) or not raw.strip():
         raise ValueError("must be a directory path")
@@ -284,11 +329,26 @@ MEMBERSHIP_FIELDS: dict[str, type] = {
 ALERTS_SETTINGS = ("alerts.defaults", "alerts.interval_s", "alerts.rules")
 """``[alerts]`` keys; ``alerts.rules`` is an array of tables, so only a TOML file has it."""
 
+_SECURITY_PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "tls.ca": ("tls_ca", _parse_path),
+    "tls.cert": ("tls_cert", _parse_path),
+    "tls.key": ("tls_key", _parse_path),
+    "auth.enabled": ("auth", _parse_bool),
+    "auth.admin_password_file": ("admin_password_file", _parse_path),
+    "auth.token_ttl_s": ("token_ttl_s", _parse_float(0, 366 * 86400.0)),
+    "gossip.keyring": ("gossip_keyring", _parse_path),
+    "encryption.key_file": ("encryption_key_file", _parse_path),
+    "encryption.key": ("encryption_key", _parse_text(4096)),
+}
+"""Security settings: TOML key (``[tls] ca``) -> (SecurityConfig field, parser)."""
+_TABLES = ("membership", "alerts", "tls", "auth", "gossip", "encryption")
+"""TOML tables whose keys are flattened to ``table.key``."""
+
 
 def settings() -> list[str]:
     """Every setting's key, as used in TOML (``membership.x`` is ``x`` in ``[membership]``)."""
     return [*_PARSERS, *(f"membership.{name}" for name in MEMBERSHIP_FIELDS),
-            *ALERTS_SETTINGS]
+            *ALERTS_SETTINGS, *_SECURITY_PARSERS]
 
 
 def env_var(key: str) -> str:
@@ -314,7 +374,7 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config: {str(path)!r} is not valid TOML: {exc}") from None
     raw: dict[str, Any] = {}
     for key, value in document.items():
-        if key in ("membership", "alerts"):
+        if key in _TABLES:
             if not isinstance(value, dict):
                 raise ConfigError(f"config: [{key}] in {str(path)!r} must be a table")
             for sub, sub_value in value.items():
@@ -342,7 +402,7 @@ def read_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 
 def _check_known(key: str, where: str) -> None:
-    if (key not in _PARSERS and key not in ALERTS_SETTINGS
+    if (key not in _PARSERS and key not in ALERTS_SETTINGS and key not in _SECURITY_PARSERS
             and key.removeprefix("membership.") not in MEMBERSHIP_FIELDS):
         raise ConfigError(f"{key}: unknown setting {where}; known: {', '.join(settings())}")
 
@@ -416,6 +476,7 @@ def build_config(raw: Mapping[str, Any]) -> NodeConfig:
         io_timeout_s=values.get("io_timeout_s", 5.0),
         membership=_membership_config(raw),
         alerts=_alerts_config(raw),
+        security=_security_config(raw),
         **{key: values[key] for key in _DATA_SETTINGS if key in values},
     )
 
@@ -438,14 +499,28 @@ def _membership_config(raw: Mapping[str, Any]) -> MembershipConfig:
         raise ConfigError(f"membership: {exc}") from None
 
 
-def _parse_bool(raw: Any) -> bool:
-    if isinstance(raw, bool):
-        return raw
-    if isinstance(raw, str) and raw.strip().lower() in ("true", "1", "yes", "on"):
-        return True
-    if isinstance(raw, str) and raw.strip().lower() in ("false", "0", "no", "off"):
-        return False
-    raise ValueError("must be true or false")
+def _security_config(raw: Mapping[str, Any]) -> SecurityConfig:
+    """The security tables; TLS needs its three files together, and each must exist."""
+    fields = {field: _parse(key, raw[key], parser)
+              for key, (field, parser) in _SECURITY_PARSERS.items() if key in raw}
+    config = SecurityConfig(**fields)
+    tls = {"tls.ca": config.tls_ca, "tls.cert": config.tls_cert, "tls.key": config.tls_key}
+    given = [key for key, path in tls.items() if path is not None]
+    if given and len(given) != len(tls):
+        missing = ", ".join(f"--{key.replace('.', '-')}" for key in tls if key not in given)
+        raise ConfigError(f"tls: {', '.join(given)} given without {missing}; TLS needs the "
+                          "CA, the node's certificate and its key (leaderless certs init, "
+                          "leaderless certs issue NODE)")
+    files = {**tls, "auth.admin_password_file": config.admin_password_file,
+             "gossip.keyring": config.gossip_keyring,
+             "encryption.key_file": config.encryption_key_file}
+    for key, path in files.items():
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{key}: {str(path)!r} is not a readable file")
+    if config.encryption_key_file is not None and config.encryption_key is not None:
+        raise ConfigError("encryption: give the data keys as a file (encryption.key_file) or "
+                          "in LEADERLESS_ENCRYPTION_KEY, not both")
+    return config
 
 
 def _parse_alert_rules(raw: Any) -> tuple[Rule, ...]:

@@ -150,3 +150,43 @@ def test_every_setting_has_an_env_var() -> None:
     assert env_var("membership.probe_interval_s") == "LEADERLESS_MEMBERSHIP_PROBE_INTERVAL_S"
     for key in settings():
         assert env_var(key).startswith("LEADERLESS_")
+
+
+def test_security_is_off_by_default() -> None:
+    security = load_config({}, env={}).security
+    assert not security.tls and not security.auth
+    assert security.gossip_keyring is None and security.encryption_key_file is None
+
+
+def test_security_tables_variables_and_flags(tmp_path: Path) -> None:
+    for name in ("ca.crt", "node.crt", "node.key", "keyring", "admin"):
+        (tmp_path / name).write_text("x")
+    path = write(tmp_path, f"""
+[tls]
+ca = "{tmp_path / 'ca.crt'}"
+cert = "{tmp_path / 'node.crt'}"
+key = "{tmp_path / 'node.key'}"
+[auth]
+enabled = true
+token_ttl_s = 600
+[gossip]
+keyring = "{tmp_path / 'keyring'}"
+""")
+    env = {"LEADERLESS_ENCRYPTION_KEY": "k1:AAAA",
+           "LEADERLESS_AUTH_ADMIN_PASSWORD_FILE": str(tmp_path / "admin")}
+    security = load_config({"auth.token_ttl_s": "60"}, env=env, config_file=path).security
+    assert security.tls and security.tls_key == tmp_path / "node.key"
+    assert security.auth and security.token_ttl_s == 60.0
+    assert security.gossip_keyring == tmp_path / "keyring"
+    assert security.encryption_key == "k1:AAAA"
+    assert security.admin_password_file == tmp_path / "admin"
+
+
+def test_tls_needs_all_three_files_and_they_must_exist(tmp_path: Path) -> None:
+    (tmp_path / "ca.crt").write_text("x")
+    with pytest.raises(ConfigError, match=r"tls: tls.ca given without --tls-cert, --tls-key"):
+        load_config({"tls.ca": str(tmp_path / "ca.crt")}, env={})
+    with pytest.raises(ConfigError, match=r"gossip.keyring: .* is not a readable file"):
+        load_config({"gossip.keyring": str(tmp_path / "missing")}, env={})
+    with pytest.raises(ConfigError, match=r"auth.enabled: 'maybe' must be true or false"):
+        load_config({"auth.enabled": "maybe"}, env={})
