@@ -16,13 +16,18 @@
                                    at once per node: beyond, 503 ``overloaded``.
 =================================  ===================================================
 
+With auth on (the node's ``auth.enabled``), the page and its static files stay open (they
+hold the login form, no data) but the stream needs a valid token: the ``leaderless_token``
+cookie the login sets (an ``EventSource`` cannot send headers) or ``Authorization: Bearer``.
+Without one it answers 401 ``unauthenticated``; a stream whose token expires or is revoked
+ends with an ``unauthenticated`` event, so the page returns to its login form. Any
+authenticated user may watch: the stream holds cluster health, no keyspace data.
+
 ``system`` holds ``cpu_pct``, ``mem_pct``, ``memory_used_bytes``, ``memory_total_bytes``,
 ``disk_pct``, ``disk_used_bytes``, ``disk_total_bytes``, ``disk_read_bps``,
 ``disk_write_bps``, ``net_in_bps``, ``net_out_bps`` (bytes per second, from the cumulative
 counters between two samples; 0 for the first), ``load_1m``, ``load_5m``, ``load_15m``,
 ``disk_io_available`` and ``network_io_available`` (False where the OS gives no counters).
-
-Auth does not exist yet: the page and the stream are open to whoever reaches the listener.
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import msgspec
 from aiohttp import web
 
 from leaderless.api.ops_http import OpsSource
+from leaderless.api.service import KvError
 from leaderless.obs.system import SystemSample
 
 STATIC_DIR: Final = Path(__file__).resolve().parent / "static"
@@ -47,8 +53,37 @@ STREAM_INTERVAL_S: Final = 1.0
 SNAPSHOT_AGE_S_MAX: Final = 0.9
 """A snapshot younger than this is sent again, so many streams cost one snapshot."""
 
+TOKEN_COOKIE: Final = "leaderless_token"
+"""The HttpOnly cookie ``POST /v1/auth/login`` sets: the browser's session."""
+
 _log = logging.getLogger(__name__)
 _json = msgspec.json.Encoder()
+
+
+class DashboardAuth(Protocol):
+    """What the dashboard needs of the node's ``AuthService`` (``runtime.auth``)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    async def authenticate(self, token: str, peer: str) -> Any:
+        """The caller's principal; raises a ``KvError`` (``AuthError``) such as
+        ``unauthenticated`` for a missing, invalid, expired or revoked token."""
+
+
+def request_token(request: web.Request) -> str:
+    """The token a request carries: ``Authorization: Bearer`` first, else the login
+    cookie (all an ``EventSource`` can send); "" for none."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.cookies.get(TOKEN_COOKIE, "")
+
+
+def _auth_of(ops: OpsSource) -> DashboardAuth | None:
+    """The node's auth service when auth is on; None when off (or the node has none)."""
+    auth = getattr(ops, "auth", None)
+    return auth if auth is not None and getattr(auth, "enabled", False) else None
 
 
 class Snapshots:
@@ -164,7 +199,29 @@ def add_web_routes(app: web.Application, ops: OpsSource) -> None:
             raise web.HTTPNotFound(text="not found")
         return web.FileResponse(path, headers={"Cache-Control": "no-cache"})
 
+    async def authenticated(request: web.Request) -> KvError | None:
+        """None when the caller may watch (auth off, or a valid token), else why not.
+        Asked on every event: a stream ends when its token expires or is revoked."""
+        auth = _auth_of(ops)
+        if auth is None:
+            return None
+        token = request_token(request)
+        if not token:
+            return KvError("unauthenticated", "log in first: this node requires a token "
+                           f"(the {TOKEN_COOKIE} cookie POST /v1/auth/login sets, or an "
+                           "Authorization: Bearer header)")
+        try:
+            await auth.authenticate(token, request.remote or "")
+        except KvError as exc:
+            return exc
+        return None
+
     async def stream(request: web.Request) -> web.StreamResponse:
+        refused = await authenticated(request)
+        if refused is not None:
+            return web.json_response(
+                {"error": refused.code, "message": refused.message},
+                status=429 if refused.code == "too_many_attempts" else 401)
         if len(streams) >= STREAMS_MAX:
             return web.json_response(
                 {"error": "overloaded",
@@ -185,6 +242,11 @@ def add_web_routes(app: web.Application, ops: OpsSource) -> None:
                 transport = request.transport
                 if transport is None or transport.is_closing():
                     break  # the client went
+                refused = await authenticated(request)
+                if refused is not None:  # expired or revoked meanwhile: back to the login
+                    await response.write(b"event: unauthenticated\ndata: " + _json.encode(
+                        {"error": refused.code, "message": refused.message}) + b"\n\n")
+                    break
                 await response.write(b"event: snapshot\ndata: " + snapshots.body() + b"\n\n")
                 try:
                     await asyncio.wait_for(stopping.wait(), STREAM_INTERVAL_S)
