@@ -62,6 +62,8 @@ from leaderless.runtime.logs import NodeLogger
 from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.tcp import ServerConnection
 from leaderless.runtime.transport import NetTransport, Transport
+from leaderless.security.data_keys import DataKeyError, load_data_keys
+from leaderless.storage.encrypted import at_rest
 from leaderless.storage.memory import MemoryStore
 from leaderless.storage.rocks import RocksStore
 from leaderless.storage.store import StorageError, Store
@@ -209,6 +211,14 @@ class Node:
             # sync, so each write must reach the OS at once to survive a kill -9.
             self._store = RocksStore(config.data_dir / "data",
                                      buffer_writes=config.fsync == "always")
+        # Encryption at rest: values sealed under the data keys, when some are configured;
+        # a store that does not match the setting (encrypted or not) is refused here.
+        try:
+            data_keys = load_data_keys(config.security.encryption_key_file,
+                                       config.security.encryption_key)
+        except DataKeyError as exc:
+            raise StartupError(str(exc)) from None
+        self._store = at_rest(self._store, data_keys, where=str(config.data_dir))
         drops = self._drops
 
         def links(hello: Any, reply_type: Any, on_message: Callable[[str, Any], None]
