@@ -68,6 +68,28 @@ inside a key, ``%00`` for a zero byte); values travel raw in the body.
 Writes (``PUT``/``DELETE /v1/kv``, ``/v1/cas``, ``/v1/incr``) take ``fence=LOCK:TOKEN``: made
 under that lease, refused with 409 ``fenced`` once the lock has granted a newer token.
 
+Authentication (when the node runs with ``--auth``): every route needs a token, sent as
+``Authorization: Bearer TOKEN`` or, on GET, the ``leaderless_token`` cookie, except
+``/health/live``, ``/health/ready``, the dashboard page and its static files, and:
+
+==========================================  ================================================
+``POST   /v1/auth/login``                    JSON ``{"user", "password", "totp"?}``; 200
+                                             ``{"token", "user", "expires_at"}`` and the
+                                             ``leaderless_token`` cookie (HttpOnly,
+                                             SameSite=Strict; Secure over TLS)
+``POST   /v1/auth/logout``                   revokes the caller's token; 200, cookie cleared
+``GET    /v1/auth/whoami``                   ``{"user", "roles", "expires_at", "auth":
+                                             true}``, 401 without a valid token; auth off:
+                                             ``{"user": null, "auth": false}``
+==========================================  ================================================
+
+A request is checked against the caller's roles: reads need ``read`` on the keyspace (and
+key), writes ``write``, creating a keyspace ``admin`` on it, locks ``write`` (status:
+``read``) on ``system_locks``; ``GET /v1/keyspaces`` lists only the keyspaces the caller's
+grants name. Errors: 401 ``unauthenticated`` / ``bad_credentials`` / ``totp_required``, 403
+``permission_denied``, 429 ``too_many_attempts`` (with ``Retry-After`` and
+``retry_after_s``).
+
 Keys and sort keys in JSON answers are given as ``sort`` (text, when valid UTF-8, else null)
 and ``sort_b64`` (always). Errors are JSON ``{"error": code, "message", "received",
 "required"}`` with status 400 ``bad_request``, 404 ``unknown_keyspace`` / ``not_found`` /
@@ -81,10 +103,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import secrets
+import time
 import traceback
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 import msgspec
@@ -94,7 +118,9 @@ from leaderless.api.kv_messages import (
     CLIENT_SCAN_ROWS_MAX,
     CONSISTENCY_LEVELS,
     MODES,
+    PASSWORD_CHARS_MAX,
     REPLICATION_MAX,
+    TOTP_CODE_CHARS_MAX,
     TTL_S_MAX,
     Conflict,
 )
@@ -102,8 +128,23 @@ from leaderless.api.logs_http import add_log_routes
 from leaderless.api.ops_http import OpsSource, add_ops_routes
 from leaderless.api.service import KvError, KvService
 from leaderless.core.cells import VALUE_BYTES_MAX_DEFAULT
+from leaderless.core.locks import LOCK_KEYSPACE
 from leaderless.runtime.logs import NodeLogger
 from leaderless.web.handlers import add_web_routes
+
+if TYPE_CHECKING:
+    from leaderless.runtime.auth import AuthService
+    from leaderless.security.auth import Principal
+
+TOKEN_COOKIE = "leaderless_token"
+"""The HttpOnly cookie ``POST /v1/auth/login`` sets (the dashboard's session)."""
+LOGIN_BODY_BYTES_MAX = 8 * 1024
+"""A login body is a user name, a password and a code: anything larger is refused."""
+PUBLIC_PATHS = frozenset({"/", "/health/live", "/health/ready", "/v1/auth/login",
+                          "/v1/auth/whoami"})
+"""Routes open without a token: the probes, the dashboard page (its login form), login,
+and whoami (which says itself whether the caller is logged in)."""
+PUBLIC_PREFIXES = ("/static/",)
 
 BODY_MARGIN_BYTES = 64 * 1024
 """Bodies may exceed the value limit by this much (a keyspace JSON body is tiny), so a
@@ -128,6 +169,11 @@ STATUS_BY_CODE = {
     "storage": 500,
     "internal": 500,
     "not_supported": 501,
+    "unauthenticated": 401,
+    "bad_credentials": 401,
+    "totp_required": 401,
+    "permission_denied": 403,
+    "too_many_attempts": 429,
 }
 
 _json = msgspec.json.Encoder()
@@ -140,9 +186,15 @@ class HttpError(KvError):
 
 
 def error_response(code: str, message: str, received: int = 0,
-                   required: int = 0) -> web.Response:
-    body = {"error": code, "message": message, "received": received, "required": required}
+                   required: int = 0, retry_after_s: float = 0.0) -> web.Response:
+    body: dict[str, Any] = {"error": code, "message": message, "received": received,
+                            "required": required}
     headers = {"Retry-After": "1"} if code == "overloaded" else None
+    if code == "too_many_attempts":
+        body["retry_after_s"] = retry_after_s
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))}
+    elif STATUS_BY_CODE.get(code) == 401:
+        headers = {"WWW-Authenticate": 'Bearer realm="leaderless"'}
     return web.Response(body=_json.encode(body), status=STATUS_BY_CODE.get(code, 500),
                         content_type="application/json", headers=headers)
 
@@ -154,12 +206,15 @@ def json_response(value: Any, status: int = 200) -> web.Response:
 
 async def serve_http(service: KvService, host: str, port: int, *,
                      value_bytes_max: int = VALUE_BYTES_MAX_DEFAULT,
-                     log: NodeLogger | None = None, ops: OpsSource | None = None
-                     ) -> web.AppRunner:
+                     log: NodeLogger | None = None, ops: OpsSource | None = None,
+                     auth: AuthService | None = None) -> web.AppRunner:
     """Start the HTTP API on ``host:port`` (0: any free port, see ``runner.addresses``),
     with the health and metrics endpoints of ``ops`` (``api.ops_http``). Stop it with
-    ``await runner.cleanup()``."""
-    app = make_app(service, value_bytes_max=value_bytes_max, log=log)
+    ``await runner.cleanup()``. ``auth`` (default: ``ops.auth``): when enabled, every
+    route but the public ones needs a token."""
+    if auth is None:
+        auth = getattr(ops, "auth", None)
+    app = make_app(service, value_bytes_max=value_bytes_max, log=log, auth=auth)
     if ops is not None:
         add_ops_routes(app, ops)
         add_web_routes(app, ops)
@@ -172,10 +227,14 @@ async def serve_http(service: KvService, host: str, port: int, *,
 
 
 def make_app(service: KvService, *, value_bytes_max: int = VALUE_BYTES_MAX_DEFAULT,
-             log: NodeLogger | None = None) -> web.Application:
-    api = HttpApi(service, value_bytes_max, log or NodeLogger("", "http"))
+             log: NodeLogger | None = None, auth: AuthService | None = None
+             ) -> web.Application:
+    api = HttpApi(service, value_bytes_max, log or NodeLogger("", "http"), auth)
     app = web.Application(client_max_size=value_bytes_max + BODY_MARGIN_BYTES,
-                          middlewares=[api.errors])
+                          middlewares=[api.errors, api.authenticate])
+    app.router.add_post("/v1/auth/login", api.login)
+    app.router.add_post("/v1/auth/logout", api.logout)
+    app.router.add_get("/v1/auth/whoami", api.whoami)
     app.router.add_route("*", "/v1/kv/{tail:.*}", api.kv)
     app.router.add_route("GET", "/v1/scan/{tail:.*}", api.scan)
     app.router.add_route("POST", "/v1/cas/{tail:.*}", api.cas)
@@ -189,17 +248,89 @@ def make_app(service: KvService, *, value_bytes_max: int = VALUE_BYTES_MAX_DEFAU
 
 
 class HttpApi:
-    def __init__(self, service: KvService, value_bytes_max: int, log: NodeLogger) -> None:
+    def __init__(self, service: KvService, value_bytes_max: int, log: NodeLogger,
+                 auth: AuthService | None = None) -> None:
         self._service = service
         self._value_bytes_max = value_bytes_max
         self._log = log
+        self._auth = auth if auth is not None and auth.enabled else None
+        """Set when requests must be authenticated and authorized."""
+
+    # -- authentication --------------------------------------------------------------------
+
+    @web.middleware
+    async def authenticate(self, request: web.Request, handler: Handler
+                           ) -> web.StreamResponse:
+        """With auth on, resolve the caller's token to ``request["principal"]`` (401 if
+        none or invalid) before any non-public route runs."""
+        path = request.path
+        if (self._auth is not None and path not in PUBLIC_PATHS
+                and not path.startswith(PUBLIC_PREFIXES)):
+            request["principal"] = await self._principal(request)
+        return await handler(request)
+
+    async def _principal(self, request: web.Request) -> Principal:
+        assert self._auth is not None
+        token = _request_token(request)
+        if not token:
+            raise HttpError("unauthenticated", "this node requires a token: send "
+                            "Authorization: Bearer TOKEN (from POST /v1/auth/login or "
+                            "`leaderless login`)")
+        return await self._auth.authenticate(token, request.remote or "")
+
+    def _check(self, request: web.Request, level: str, keyspace: str, key: bytes | None,
+               operation: str) -> None:
+        """Raise ``permission_denied`` unless the caller may do ``operation``."""
+        if self._auth is not None:
+            self._auth.check(request["principal"], level, keyspace, key,
+                             operation=operation, peer=request.remote or "")
+
+    async def login(self, request: web.Request) -> web.StreamResponse:
+        _query(request, set())
+        if self._auth is None:
+            raise HttpError("bad_request", "authentication is off on this node: there is "
+                            "nothing to log in to (start the nodes with --auth)")
+        raw = await request.content.read(LOGIN_BODY_BYTES_MAX + 1)
+        if len(raw) > LOGIN_BODY_BYTES_MAX:
+            raise HttpError("bad_request", f"the login body is over {LOGIN_BODY_BYTES_MAX} "
+                            "bytes")
+        try:
+            body = msgspec.json.decode(raw, type=LoginBody)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise HttpError("bad_request", f"send JSON {{\"user\", \"password\", "
+                            f"\"totp\"?}}: {exc}") from None
+        issued = await self._auth.login(body.user, body.password, body.totp or None,
+                                        request.remote or "")
+        response = json_response({"token": issued.token, "user": issued.user,
+                                  "expires_at": issued.expires_at})
+        max_age = max(0, int(issued.expires_at - _now()))
+        response.set_cookie(TOKEN_COOKIE, issued.token, max_age=max_age, path="/",
+                            httponly=True, samesite="Strict", secure=request.secure)
+        return response
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        _query(request, set())
+        if self._auth is not None:
+            await self._auth.logout(request["principal"])
+        response = json_response({"logged_out": True})
+        response.del_cookie(TOKEN_COOKIE, path="/")
+        return response
+
+    async def whoami(self, request: web.Request) -> web.StreamResponse:
+        _query(request, set())
+        if self._auth is None:
+            return json_response({"user": None, "auth": False})
+        principal = await self._principal(request)
+        return json_response({"user": principal.user, "roles": list(principal.roles),
+                              "expires_at": principal.expires_at, "auth": True})
 
     @web.middleware
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except KvError as exc:  # HttpError too
-            return error_response(exc.code, exc.message, exc.received, exc.required)
+        except KvError as exc:  # HttpError and AuthError too
+            return error_response(exc.code, exc.message, exc.received, exc.required,
+                                  float(getattr(exc, "retry_after_s", 0.0)))
         except web.HTTPRequestEntityTooLarge:
             return error_response("value_too_large", self._too_large())
         except web.HTTPMethodNotAllowed as exc:
@@ -226,6 +357,11 @@ class HttpApi:
     async def kv(self, request: web.Request) -> web.StreamResponse:
         keyspace, key = _keyspace_and_key(request, "/v1/kv/")
         method = request.method
+        if method in ("PUT", "DELETE"):
+            self._check(request, "write", keyspace, key, method.lower()
+                        if method == "DELETE" else "put")
+        elif method in ("GET", "HEAD"):
+            self._check(request, "read", keyspace, key, "get")
         if method == "PUT":
             query = _query(request, {"sort", "consistency", "ttl", "fence"})
             length = request.content_length
@@ -267,6 +403,7 @@ class HttpApi:
 
     async def scan(self, request: web.Request) -> web.StreamResponse:
         keyspace, key = _keyspace_and_key(request, "/v1/scan/")
+        self._check(request, "read", keyspace, key, "scan")
         query = _query(request, {"start", "end", "limit", "consistency"})
         limit = _int(query, "limit", 1000, 1, CLIENT_SCAN_ROWS_MAX)
         rows, more = await self._service.scan(keyspace, key, query.get("start"),
@@ -285,6 +422,7 @@ class HttpApi:
 
     async def cas(self, request: web.Request) -> web.StreamResponse:
         keyspace, key = _keyspace_and_key(request, "/v1/cas/")
+        self._check(request, "write", keyspace, key, "cas")
         query = _query(request, {"sort", "expected_version", "expected_value",
                                  "expected_absent", "idempotency", "fence"})
         value = await request.read()
@@ -305,6 +443,7 @@ class HttpApi:
 
     async def incr(self, request: web.Request) -> web.StreamResponse:
         keyspace, key = _keyspace_and_key(request, "/v1/incr/")
+        self._check(request, "write", keyspace, key, "incr")
         query = _query(request, {"sort", "delta", "idempotency", "fence"})
         delta = _int(query, "delta", 1, -(2**63), 2**63 - 1)
         changed = await self._service.incr(keyspace, key, delta, query.get("sort", b""),
@@ -316,6 +455,7 @@ class HttpApi:
 
     async def watch(self, request: web.Request) -> web.StreamResponse:
         keyspace, key = _keyspace_and_key(request, "/v1/watch/")
+        self._check(request, "read", keyspace, key, "watch")
         query = _query(request, {"sort", "prefix", "since_version"})
         prefix = query.get("prefix", b"") in (b"1", b"true")
         since = _int(query, "since_version", 0, 0, 2**62)
@@ -351,6 +491,9 @@ class HttpApi:
     async def locks(self, request: web.Request) -> web.StreamResponse:
         name = _lock_name(request)
         method = request.method
+        if method in LOCK_OPERATIONS:
+            self._check(request, "read" if method == "GET" else "write", LOCK_KEYSPACE,
+                        name.encode(), LOCK_OPERATIONS[method])
         if method == "GET":
             _query(request, set())
             info = await self._service.lock_status(name)
@@ -395,6 +538,7 @@ class HttpApi:
             raise HttpError("bad_request", f"mode {spec.mode!r} is not one of {', '.join(MODES)}")
         read = _level(spec.read_consistency, "read_consistency")
         write = _level(spec.write_consistency, "write_consistency")
+        self._check(request, "admin", spec.name, None, "create_keyspace")
         await self._service.create_keyspace(spec.name, spec.replication, mode, read, write,
                                             spec.if_not_exists)
         return json_response({"name": spec.name, "replication": spec.replication, "mode": mode,
@@ -404,12 +548,40 @@ class HttpApi:
     async def list_keyspaces(self, request: web.Request) -> web.StreamResponse:
         _query(request, set())
         spaces = await self._service.list_keyspaces()
+        if self._auth is not None:
+            principal = request["principal"]
+            spaces = [k for k in spaces if principal.sees_keyspace(k.name)]
         return json_response({"keyspaces": [msgspec.structs.asdict(k) for k in spaces]})
 
     async def ring(self, request: web.Request) -> web.StreamResponse:
         _query(request, set())
         members = self._service.ring_members()
         return json_response({"members": [msgspec.structs.asdict(m) for m in members]})
+
+
+LOCK_OPERATIONS = {"GET": "lock_status", "POST": "acquire_lock", "PUT": "renew_lock",
+                   "DELETE": "release_lock"}
+
+
+class LoginBody(msgspec.Struct, forbid_unknown_fields=True):
+    user: Annotated[str, msgspec.Meta(max_length=256)]
+    password: Annotated[str, msgspec.Meta(max_length=PASSWORD_CHARS_MAX)]
+    totp: Annotated[str, msgspec.Meta(max_length=TOTP_CODE_CHARS_MAX)] | None = None
+
+
+def _request_token(request: web.Request) -> str:
+    """``Authorization: Bearer`` on any route; the login cookie on GET only (a cookie is
+    sent by the browser on its own, so it must not authorize a change: CSRF)."""
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    if request.method in ("GET", "HEAD"):
+        return request.cookies.get(TOKEN_COOKIE, "")
+    return ""
+
+
+def _now() -> float:
+    return time.time()
 
 
 class KeyspaceSpec(msgspec.Struct, forbid_unknown_fields=True):

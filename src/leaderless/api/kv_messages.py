@@ -3,7 +3,8 @@
 A connection carries any number of requests in flight (pipelining): each has a client-
 chosen ``id`` and gets exactly one reply with the same id, in whatever order they finish.
 Framing is ``core.codec``'s (4-byte big-endian length, then msgpack). Tags 120-149 are
-this module's and are append-only.
+this module's data messages, 150-179 its authentication messages (requests 150-169,
+replies 170-179); all append-only.
 
 Consistency is one of ONE, TWO, QUORUM, ALL (None: the keyspace's default).
 """
@@ -262,6 +263,8 @@ class Failure(msgspec.Struct, frozen=True, array_like=True, tag=133):
     """For ``unavailable``/``timeout``: replicas that answered..."""
     required: int = 0
     """...of how many the consistency level needed."""
+    retry_after_s: float = 0.0
+    """For ``too_many_attempts``: seconds to wait before the next login attempt."""
 
 
 class RingMember(msgspec.Struct, frozen=True, array_like=True):
@@ -348,11 +351,218 @@ class WatchEvent(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tru
     sort: AnyKey = b""
 
 
+# -- authentication and administration (tags 150-179) ----------------------------------
+
+TOKEN_CHARS_MAX = 2048
+"""A token's text (the auth service's signed tokens are far shorter; this only bounds the
+frame field)."""
+PASSWORD_CHARS_MAX = 1024
+"""A password's length on the wire (the auth service applies its own policy within it)."""
+TOTP_CODE_CHARS_MAX = 16
+"""A TOTP code (RFC 6238 codes are 6-8 digits)."""
+AUTH_LIST_MAX = 10_000
+"""Users, roles or grants in one listing."""
+
+TokenText = Annotated[str, msgspec.Meta(max_length=TOKEN_CHARS_MAX)]
+Password = Annotated[str, msgspec.Meta(max_length=PASSWORD_CHARS_MAX)]
+TotpCode = Annotated[str, msgspec.Meta(max_length=TOTP_CODE_CHARS_MAX)]
+NameList = Annotated[list[Text], msgspec.Meta(max_length=AUTH_LIST_MAX)]
+
+
+class Authenticate(msgspec.Struct, frozen=True, array_like=True, tag=150):
+    """Make this connection act as the token's user (a login token or an API token):
+    ``Authenticated``, or ``Failure(unauthenticated)``. With auth on, a connection must
+    do this (or ``Login``) before any other request."""
+
+    id: RequestId
+    token: TokenText
+
+
+class Login(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=151):
+    """Check a user's password (and TOTP code, when the user has TOTP on): ``Token``, and
+    the connection is authenticated as that user. Failures: ``bad_credentials``,
+    ``totp_required``, ``too_many_attempts``."""
+
+    id: RequestId
+    user: Text
+    password: Password
+    totp: TotpCode = ""
+
+
+class Logout(msgspec.Struct, frozen=True, array_like=True, tag=152):
+    """Revoke the connection's token (everywhere, not only here): ``Done``; the connection
+    is unauthenticated afterwards."""
+
+    id: RequestId
+
+
+class CreateUser(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=153):
+    """Admins: a new user with ``roles``: ``Done``."""
+
+    id: RequestId
+    name: Text
+    password: Password
+    roles: NameList = msgspec.field(default_factory=list)
+
+
+class DeleteUser(msgspec.Struct, frozen=True, array_like=True, tag=154):
+    id: RequestId
+    name: Text
+
+
+class SetPassword(msgspec.Struct, frozen=True, array_like=True, tag=155):
+    """Admins, or the user itself: ``Done``."""
+
+    id: RequestId
+    name: Text
+    password: Password
+
+
+class ListUsers(msgspec.Struct, frozen=True, array_like=True, tag=156):
+    """Admins: ``Users``."""
+
+    id: RequestId
+
+
+class UserRole(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=157):
+    """Admins: give ``user`` the role (``revoke``: take it away): ``Done``."""
+
+    id: RequestId
+    user: Text
+    role: Text
+    revoke: bool = False
+
+
+class CreateRole(msgspec.Struct, frozen=True, array_like=True, tag=158):
+    id: RequestId
+    name: Text
+
+
+class DeleteRole(msgspec.Struct, frozen=True, array_like=True, tag=159):
+    id: RequestId
+    name: Text
+
+
+class RoleGrant(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=160):
+    """Admins: add to role ``role`` the permission ``level`` (read, write, admin) on
+    ``keyspace`` ("*": every keyspace), limited to partition keys starting with ``prefix``
+    (b"": the whole keyspace); ``revoke``: remove that permission. ``Done``."""
+
+    id: RequestId
+    role: Text
+    level: Text
+    keyspace: Text
+    prefix: AnyKey = b""
+    revoke: bool = False
+
+
+class ListRoles(msgspec.Struct, frozen=True, array_like=True, tag=161):
+    """Admins: ``Roles``."""
+
+    id: RequestId
+
+
+class EnableTotp(msgspec.Struct, frozen=True, array_like=True, tag=162):
+    """Admins, or the user itself: turn on TOTP for ``user``: ``TotpProvisioning`` (the
+    otpauth:// URI holds the secret: show it once, as a QR code or text)."""
+
+    id: RequestId
+    user: Text
+
+
+class DisableTotp(msgspec.Struct, frozen=True, array_like=True, tag=163):
+    id: RequestId
+    user: Text
+
+
+class CreateApiToken(msgspec.Struct, frozen=True, array_like=True, tag=164):
+    """Admins, or the user itself: a token for a program, valid ``ttl_s`` seconds (no
+    TOTP): ``Token``. Revocable by its ``token_id``."""
+
+    id: RequestId
+    user: Text
+    name: Text
+    ttl_s: Annotated[float, msgspec.Meta(gt=0, le=TTL_S_MAX)]
+
+
+class RevokeToken(msgspec.Struct, frozen=True, array_like=True, tag=165):
+    """Admins, or the token's user: ``Done``."""
+
+    id: RequestId
+    token_id: Text
+
+
+class Authenticated(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True,
+                    tag=170):
+    """Who the connection now acts as. ``auth`` False: the cluster runs without
+    authentication (the token was not needed, and every request is allowed)."""
+
+    id: RequestId
+    user: Text
+    roles: NameList = msgspec.field(default_factory=list)
+    expires_at: float = 0.0
+    """Unix seconds."""
+    auth: bool = True
+
+
+class Token(msgspec.Struct, frozen=True, array_like=True, tag=171):
+    """A token issued by ``Login`` or ``CreateApiToken``: send it as ``Authenticate`` on
+    each new connection (or as an HTTP ``Authorization: Bearer`` header)."""
+
+    id: RequestId
+    token: TokenText
+    token_id: Text
+    user: Text
+    expires_at: float
+
+
+class UserEntry(msgspec.Struct, frozen=True, array_like=True):
+    name: Text
+    roles: NameList
+    totp: bool
+    created_at: float
+
+
+class Users(msgspec.Struct, frozen=True, array_like=True, tag=172):
+    id: RequestId
+    users: Annotated[list[UserEntry], msgspec.Meta(max_length=AUTH_LIST_MAX)]
+
+
+class GrantEntry(msgspec.Struct, frozen=True, array_like=True):
+    level: Text
+    keyspace: Text
+    prefix: AnyKey = b""
+
+
+class RoleEntry(msgspec.Struct, frozen=True, array_like=True):
+    name: Text
+    grants: Annotated[list[GrantEntry], msgspec.Meta(max_length=AUTH_LIST_MAX)]
+
+
+class Roles(msgspec.Struct, frozen=True, array_like=True, tag=173):
+    id: RequestId
+    roles: Annotated[list[RoleEntry], msgspec.Meta(max_length=AUTH_LIST_MAX)]
+
+
+class TotpProvisioning(msgspec.Struct, frozen=True, array_like=True, tag=174):
+    id: RequestId
+    uri: Annotated[str, msgspec.Meta(max_length=2048)]
+    """otpauth://totp/...?secret=...: give it to an authenticator app."""
+
+
+AuthRequest = (Authenticate | Login | Logout | CreateUser | DeleteUser | SetPassword
+               | ListUsers | UserRole | CreateRole | DeleteRole | RoleGrant | ListRoles
+               | EnableTotp | DisableTotp | CreateApiToken | RevokeToken)
+AUTH_REQUEST_TYPES: frozenset[type] = frozenset(AuthRequest.__args__)
+"""Requests served by the auth service rather than the data plane."""
+
+
 ClientRequest = (Put | Get | Delete | Scan | CreateKeyspace | DescribeRing | ListKeyspaces
                  | CompareAndSet | Increment | AcquireLock | RenewLock | ReleaseLock
-                 | LockStatus | Watch | Unwatch)
+                 | LockStatus | Watch | Unwatch | AuthRequest)
 ClientReply = (Done | Value | Rows | Failure | RingDescription | Keyspaces | Changed
-               | Conflict | Lease | LockInfo | WatchEvent)
+               | Conflict | Lease | LockInfo | WatchEvent | Authenticated | Token | Users
+               | Roles | TotpProvisioning)
 
 ERROR_CODES = {
     "bad_request": "the request breaks a limit or is malformed; the message says which",
@@ -374,5 +584,13 @@ ERROR_CODES = {
     "storage": "the node's storage failed; it did not apply the request",
     "not_supported": "the node does not support this yet",
     "internal": "a bug: please report it with the node's log",
+    "unauthenticated": "no token, or the token is invalid, expired or revoked; log in "
+                       "(`leaderless login`) or pass a valid token",
+    "bad_credentials": "wrong user name, password or TOTP code",
+    "totp_required": "the password is right and the user has TOTP on: send the code too",
+    "too_many_attempts": "too many failed logins from this address or for this user; "
+                         "wait before trying again",
+    "permission_denied": "the caller's roles do not allow this operation on this keyspace "
+                         "(or key prefix)",
 }
 """Every ``Failure.code`` with its meaning (the client library maps each to an exception)."""

@@ -19,6 +19,11 @@ silently: a timed-out write may or may not have applied, and the error says how 
 replicas acknowledged (``received``) of how many were needed (``required``).
 Creating a keyspace is retried only with ``if_not_exists`` (otherwise a retry of a create
 that did apply would report ``keyspace_exists``).
+
+Authentication (clusters started with ``--auth``): give ``token=`` (from ``leaderless
+login`` or ``create_api_token``), or call ``await client.login(user, password)`` before
+anything else. The client sends the token as ``Authenticate`` on every connection it
+opens, before any request; a refused token raises ``UnauthenticatedError``.
 """
 
 from __future__ import annotations
@@ -37,31 +42,54 @@ from typing import Any, TypeVar
 from leaderless.api.kv_messages import (
     CLIENT_SCAN_ROWS_MAX,
     AcquireLock,
+    Authenticate,
+    Authenticated,
     Changed,
     ClientReply,
     CompareAndSet,
     Conflict,
+    CreateApiToken,
     CreateKeyspace,
+    CreateRole,
+    CreateUser,
     Delete,
+    DeleteRole,
+    DeleteUser,
     DescribeRing,
+    DisableTotp,
     Done,
+    EnableTotp,
     Failure,
     Get,
     Increment,
     KeyspaceInfo,
     Keyspaces,
     ListKeyspaces,
+    ListRoles,
+    ListUsers,
     LockInfo,
     LockStatus,
+    Login,
+    Logout,
     Put,
     ReleaseLock,
     RenewLock,
+    RevokeToken,
     RingDescription,
     RingMember,
+    RoleEntry,
+    RoleGrant,
+    Roles,
     Row,
     Rows,
     Scan,
+    SetPassword,
+    Token,
+    TotpProvisioning,
     Unwatch,
+    UserEntry,
+    UserRole,
+    Users,
     Value,
     WatchEvent,
 )
@@ -171,7 +199,7 @@ class AsyncClient:
                  connections_per_node: int = DEFAULT_CONNECTIONS_PER_NODE,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S,
                  ring_refresh_s: float = RING_REFRESH_S, token_aware: bool = True,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None, token: str | None = None) -> None:
         if isinstance(nodes, str):
             nodes = [n for n in nodes.split(",") if n.strip()]
         if not nodes:
@@ -184,6 +212,8 @@ class AsyncClient:
         self.connect_timeout_s = connect_timeout_s
         self.ring_refresh_s = ring_refresh_s
         self.token_aware = token_aware
+        self.token = token or None
+        """Sent as ``Authenticate`` on every new connection (None: none is sent)."""
         self._rng = rng or random.Random()
         self._pools: dict[str, list[NodeConnection]] = {}
         self._connecting: dict[str, asyncio.Future[NodeConnection]] = {}
@@ -486,7 +516,7 @@ class AsyncClient:
                                         item.value if item.found else None)
                         continue
                     if isinstance(item, Failure):
-                        err = error_for(item.code, item.message, item.received, item.required)
+                        err = _failure_error(item)
                         if not isinstance(err, RETRYABLE_WATCH_ERRORS):
                             raise err
                     failed = conn.address
@@ -556,6 +586,121 @@ class AsyncClient:
         self._set_ring(reply.members)
         return list(reply.members)
 
+    # -- authentication and administration ----------------------------------------------
+
+    async def login(self, user: str, password: str, totp: str | None = None) -> str:
+        """Log in as ``user`` (``totp``: the current code, for a user with TOTP on); returns
+        the token, which this client then sends on all its connections (the open ones are
+        re-authenticated). Raises ``BadCredentialsError``, ``TotpRequiredError`` or
+        ``TooManyAttemptsError`` (``retry_after_s``). Call it before ``connect`` on a
+        cluster with auth (``async with`` connects, which needs a token)."""
+        reply = await self._request(None, Login, (user, password, totp or ""), retry=False)
+        assert isinstance(reply, Token)
+        await self.use_token(reply.token)
+        return reply.token
+
+    async def use_token(self, token: str | None) -> None:
+        """Act as ``token``'s user from now on: every open connection is re-authenticated
+        (None: forget the token; open connections are closed)."""
+        self.token = token or None
+        for pool in list(self._pools.values()):
+            for conn in list(pool):
+                if not conn.is_open:
+                    continue
+                if self.token is None:
+                    conn.close()
+                    continue
+                try:
+                    await _authenticate(conn, self.token, self.timeout_s)
+                except ConnectionLostError:
+                    continue
+
+    async def whoami(self) -> Authenticated:
+        """Who the token names (``user``, ``roles``, ``expires_at``); ``auth`` False if
+        the cluster runs without authentication."""
+        if self.token is None:
+            return Authenticated(0, "", [], 0.0, auth=False)
+        conn = await self._any_connection(self._candidates(None, None), set())
+        if conn is None:
+            raise NoNodeAvailableError("no node answers at " + ", ".join(self.seeds))
+        return await _authenticate(conn, self.token, self.timeout_s)
+
+    async def logout(self) -> None:
+        """Revoke this client's token on the cluster and forget it."""
+        if self.token is None:
+            return
+        await self._request(None, Logout, (), retry=False)
+        await self.use_token(None)
+
+    async def create_user(self, name: str, password: str, roles: Sequence[str] = ()
+                          ) -> None:
+        await self._admin(CreateUser, (name, password, list(roles)))
+
+    async def delete_user(self, name: str) -> None:
+        await self._admin(DeleteUser, (name,))
+
+    async def set_password(self, name: str, password: str) -> None:
+        """Admins, or the user itself."""
+        await self._admin(SetPassword, (name, password))
+
+    async def list_users(self) -> list[UserEntry]:
+        reply = await self._admin(ListUsers, (), retry=True)
+        assert isinstance(reply, Users)
+        return list(reply.users)
+
+    async def grant_role(self, user: str, role: str) -> None:
+        """Give ``user`` the role (``leaderless user grant USER ROLE``)."""
+        await self._admin(UserRole, (user, role, False))
+
+    async def revoke_role(self, user: str, role: str) -> None:
+        await self._admin(UserRole, (user, role, True))
+
+    async def create_role(self, name: str) -> None:
+        await self._admin(CreateRole, (name,))
+
+    async def delete_role(self, name: str) -> None:
+        await self._admin(DeleteRole, (name,))
+
+    async def role_grant(self, role: str, level: str, keyspace: str,
+                         prefix: BytesLike = b"") -> None:
+        """Let ``role`` do ``level`` (read, write or admin) on ``keyspace`` ("*": all),
+        limited to partition keys starting with ``prefix``."""
+        await self._admin(RoleGrant, (role, level, keyspace, _b(prefix, "prefix"), False))
+
+    async def role_revoke(self, role: str, level: str, keyspace: str,
+                          prefix: BytesLike = b"") -> None:
+        await self._admin(RoleGrant, (role, level, keyspace, _b(prefix, "prefix"), True))
+
+    async def list_roles(self) -> list[RoleEntry]:
+        reply = await self._admin(ListRoles, (), retry=True)
+        assert isinstance(reply, Roles)
+        return list(reply.roles)
+
+    async def enable_totp(self, user: str) -> str:
+        """Turn TOTP on for ``user``; returns the otpauth:// URI (it holds the secret)."""
+        reply = await self._admin(EnableTotp, (user,))
+        assert isinstance(reply, TotpProvisioning)
+        return reply.uri
+
+    async def disable_totp(self, user: str) -> None:
+        await self._admin(DisableTotp, (user,))
+
+    async def create_api_token(self, user: str, name: str, ttl_s: float) -> Token:
+        """A token for a program (no TOTP), valid ``ttl_s`` seconds: ``Token(token,
+        token_id, user, expires_at)``; revoke it with ``revoke_token(token_id)``."""
+        reply = await self._admin(CreateApiToken, (user, name, float(ttl_s)))
+        assert isinstance(reply, Token)
+        return reply
+
+    async def revoke_token(self, token_id: str) -> None:
+        await self._admin(RevokeToken, (token_id,))
+
+    async def _admin(self, kind: type[Any], args: tuple[Any, ...], *, retry: bool = False
+                     ) -> ClientReply:
+        """Auth administration goes to any node (each serves it through the system
+        keyspace); changes are not retried, so a lost reply is reported, not repeated."""
+        return await self._request(None, kind, args, retry=retry)
+
     # -- routing and retries ---------------------------------------------------------------
 
     def _key(self, keyspace: str, key: BytesLike, sort: BytesLike | None
@@ -624,7 +769,7 @@ class AsyncClient:
                 self._mark_down(conn.address)
                 continue
             if isinstance(reply, Failure):
-                err = error_for(reply.code, reply.message, reply.received, reply.required)
+                err = _failure_error(reply)
                 if isinstance(err, OverloadedError):
                     last, failed = err, conn.address
                     continue
@@ -641,8 +786,7 @@ class AsyncClient:
         for address in candidates:
             if dedicated:
                 try:
-                    host, port = _split(address)
-                    return await NodeConnection.open(host, port, self.connect_timeout_s)
+                    return await self._connect(address)
                 except (OSError, TimeoutError):
                     self._mark_down(address)
                     continue
@@ -690,9 +834,8 @@ class AsyncClient:
         future: asyncio.Future[NodeConnection] = loop.create_future()
         self._connecting[address] = future
         try:
-            host, port = _split(address)
-            conn = await NodeConnection.open(host, port, self.connect_timeout_s)
-        except (OSError, TimeoutError) as exc:
+            conn = await self._connect(address)
+        except (OSError, TimeoutError, LeaderlessError) as exc:
             future.set_exception(exc)
             future.exception()  # retrieved: waiters re-raise it, nobody else must
             raise
@@ -706,9 +849,38 @@ class AsyncClient:
         future.set_result(conn)
         return conn
 
+    async def _connect(self, address: str) -> NodeConnection:
+        """A new connection to ``address``, authenticated with ``self.token`` if set
+        (raises OSError/TimeoutError if unreachable, the node's error if it refuses the
+        token)."""
+        host, port = _split(address)
+        conn = await NodeConnection.open(host, port, self.connect_timeout_s)
+        credential = self.token
+        if credential is not None:
+            try:
+                await _authenticate(conn, credential, self.timeout_s)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
     def _mark_down(self, address: str) -> None:
         self._down_until[address] = asyncio.get_running_loop().time() + NODE_RETRY_AFTER_S
         self._schedule_refresh()
+
+
+async def _authenticate(conn: NodeConnection, credential: str, timeout_s: float
+                        ) -> Authenticated:
+    reply = await conn.call(Authenticate, (credential,), timeout_s)
+    if isinstance(reply, Failure):
+        raise _failure_error(reply)
+    assert isinstance(reply, Authenticated)
+    return reply
+
+
+def _failure_error(reply: Failure) -> LeaderlessError:
+    return error_for(reply.code, reply.message, reply.received, reply.required,
+                     reply.retry_after_s)
 
 
 def _ignore_result(task: asyncio.Task[Any]) -> None:

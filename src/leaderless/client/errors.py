@@ -126,6 +126,43 @@ class FencedError(LeaderlessError):
     code = "fenced"
 
 
+class UnauthenticatedError(LeaderlessError):
+    """The cluster runs with authentication and the request carried no valid token (none,
+    or invalid, expired or revoked): log in (``client.login``, ``leaderless login``) or
+    pass ``token=``."""
+
+    code = "unauthenticated"
+
+
+class BadCredentialsError(LeaderlessError):
+    """A login failed: wrong user name, password or TOTP code (the node never says which)."""
+
+    code = "bad_credentials"
+
+
+class TotpRequiredError(LeaderlessError):
+    """The password was right but the user has TOTP on: log in again with the code."""
+
+    code = "totp_required"
+
+
+class TooManyAttemptsError(LeaderlessError):
+    """Too many failed logins: wait ``retry_after_s`` seconds before the next attempt."""
+
+    code = "too_many_attempts"
+
+    def __init__(self, message: str, *, code: str | None = None, received: int = 0,
+                 required: int = 0, retry_after_s: float = 0.0) -> None:
+        super().__init__(message, code=code, received=received, required=required)
+        self.retry_after_s = retry_after_s
+
+
+class PermissionDeniedError(LeaderlessError):
+    """The user's roles do not allow this operation on this keyspace (or key prefix)."""
+
+    code = "permission_denied"
+
+
 class NoNodeAvailableError(LeaderlessError):
     """No node in the client's list could be reached (or every one failed the request's
     connection). Check the addresses and that the nodes run."""
@@ -145,13 +182,18 @@ ERRORS_BY_CODE: dict[str, type[LeaderlessError]] = {
     for cls in (BadRequestError, UnknownKeyspaceError, KeyspaceExistsError, UnavailableError,
                 RequestTimeoutError, OverloadedError, StorageError, NotSupportedError,
                 InternalError, ContentionError, ConflictError, LockHeldError, LeaseLostError,
-                FencedError)
+                FencedError, UnauthenticatedError, BadCredentialsError, TotpRequiredError,
+                TooManyAttemptsError, PermissionDeniedError)
 }
 assert set(ERRORS_BY_CODE) == set(ERROR_CODES), "every protocol code needs an exception"
 
 
-def error_for(code: str, message: str, received: int = 0, required: int = 0) -> LeaderlessError:
+def error_for(code: str, message: str, received: int = 0, required: int = 0,
+              retry_after_s: float = 0.0) -> LeaderlessError:
     """The exception for a node's ``Failure`` (an unknown code, from a newer node, becomes a
     plain ``LeaderlessError`` that keeps the code)."""
+    if code == TooManyAttemptsError.code:
+        return TooManyAttemptsError(message, received=received, required=required,
+                                    retry_after_s=retry_after_s)
     cls = ERRORS_BY_CODE.get(code, LeaderlessError)
     return cls(message, code=code, received=received, required=required)

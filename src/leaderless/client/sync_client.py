@@ -10,7 +10,16 @@ import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from typing import Any, TypeVar
 
-from leaderless.api.kv_messages import KeyspaceInfo, LockInfo, RingMember, Row
+from leaderless.api.kv_messages import (
+    Authenticated,
+    KeyspaceInfo,
+    LockInfo,
+    RingMember,
+    RoleEntry,
+    Row,
+    Token,
+    UserEntry,
+)
 from leaderless.client.async_client import (
     CONNECT_TIMEOUT_S,
     DEFAULT_CONNECTIONS_PER_NODE,
@@ -36,11 +45,15 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 class Client:
     """``with Client(["127.0.0.1:7400"]) as kv: kv.put("ks", "k", b"v")``. Thread-safe:
-    calls from several threads are pipelined over the same connections."""
+    calls from several threads are pipelined over the same connections.
+
+    With auth on, pass ``token=``, or ``connect=False`` then ``login(user, password)``
+    (connecting first needs a token)."""
 
     def __init__(self, nodes: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connections_per_node: int = DEFAULT_CONNECTIONS_PER_NODE,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S, **options: Any) -> None:
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, connect: bool = True,
+                 **options: Any) -> None:
         self._loop = _new_loop()
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name="leaderless-client", daemon=True)
@@ -54,7 +67,8 @@ class Client:
 
         try:
             self._client = self._run(make())
-            self._run(self._client.connect())
+            if connect:
+                self._run(self._client.connect())
         except BaseException:
             self.close()
             raise
@@ -172,3 +186,60 @@ class Client:
 
     def describe_ring(self) -> list[RingMember]:
         return self._run(self._client.describe_ring())
+
+    # -- authentication and administration (see ``AsyncClient``) ---------------------------
+
+    def login(self, user: str, password: str, totp: str | None = None) -> str:
+        return self._run(self._client.login(user, password, totp))
+
+    def logout(self) -> None:
+        self._run(self._client.logout())
+
+    def whoami(self) -> Authenticated:
+        return self._run(self._client.whoami())
+
+    def create_user(self, name: str, password: str, roles: Sequence[str] = ()) -> None:
+        self._run(self._client.create_user(name, password, roles))
+
+    def delete_user(self, name: str) -> None:
+        self._run(self._client.delete_user(name))
+
+    def set_password(self, name: str, password: str) -> None:
+        self._run(self._client.set_password(name, password))
+
+    def list_users(self) -> list[UserEntry]:
+        return self._run(self._client.list_users())
+
+    def grant_role(self, user: str, role: str) -> None:
+        self._run(self._client.grant_role(user, role))
+
+    def revoke_role(self, user: str, role: str) -> None:
+        self._run(self._client.revoke_role(user, role))
+
+    def create_role(self, name: str) -> None:
+        self._run(self._client.create_role(name))
+
+    def delete_role(self, name: str) -> None:
+        self._run(self._client.delete_role(name))
+
+    def role_grant(self, role: str, level: str, keyspace: str, prefix: BytesLike = b"") -> None:
+        self._run(self._client.role_grant(role, level, keyspace, prefix))
+
+    def role_revoke(self, role: str, level: str, keyspace: str,
+                    prefix: BytesLike = b"") -> None:
+        self._run(self._client.role_revoke(role, level, keyspace, prefix))
+
+    def list_roles(self) -> list[RoleEntry]:
+        return self._run(self._client.list_roles())
+
+    def enable_totp(self, user: str) -> str:
+        return self._run(self._client.enable_totp(user))
+
+    def disable_totp(self, user: str) -> None:
+        self._run(self._client.disable_totp(user))
+
+    def create_api_token(self, user: str, name: str, ttl_s: float) -> Token:
+        return self._run(self._client.create_api_token(user, name, ttl_s))
+
+    def revoke_token(self, token_id: str) -> None:
+        self._run(self._client.revoke_token(token_id))
