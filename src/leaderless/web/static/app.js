@@ -1,11 +1,16 @@
 // The leaderless dashboard: plain JS, no build step. One server-sent event stream
 // (/api/dashboard/stream, at most one snapshot a second) feeds the members table, the ring,
 // the alerts and this node's charts; keyspaces are fetched every 10 s.
+//
+// Auth: GET /v1/auth/whoami says whether the node requires a login ({"auth": false} when
+// off; 401 when on and this browser has no valid session). The session is the HttpOnly
+// cookie POST /v1/auth/login sets; this script never sees or stores the token.
 "use strict";
 
 (function () {
   const POINTS_MAX = 300;
   const KEYSPACES_EVERY_MS = 10000;
+  const RETRY_MS = 5000;  // after a refused stream or an unreachable node
   const STATE_COLOURS = {alive: "#2f9e44", suspect: "#f08c00", dead: "#e03131", left: "#868e96"};
   const PALETTE = ["#1c7ed6", "#7048e8", "#0ca678", "#f76707", "#d6336c", "#1098ad",
                    "#5c940d", "#ae3ec9", "#e67700", "#495057"];
@@ -14,6 +19,7 @@
   const dashboard = window.dashboard = {
     charts: {}, series: {}, events: 0, last: null, ring: null, node: null,
     states: {},  // every state shown for each member, in order: {name: ["alive", ...]}
+    auth: {enabled: null, user: null, roles: [], expires_at: null},  // null: not known yet
     points(name) {
       const chart = dashboard.charts[name];
       return chart ? chart.getOption().series[0].data.length : 0;
@@ -189,6 +195,7 @@
     const tbody = $("keyspaces").querySelector("tbody");
     try {
       const response = await fetch("/v1/keyspaces", {cache: "no-store"});
+      if (response.status === 401) { sessionEnded(); return; }
       if (!response.ok) throw new Error("HTTP " + response.status);
       const body = await response.json();
       const rows = body.keyspaces.map((k) => el("tr", {"data-keyspace": k.name}, [
@@ -229,30 +236,287 @@
     appendPoints(snapshot);
   }
 
+  let retryTimer = null;
+
   function connect() {
+    clearTimeout(retryTimer);
     const source = new EventSource("/api/dashboard/stream");
+    dashboard.source = source;
     source.addEventListener("snapshot", onSnapshot);
+    // The server ends the stream this way when the session expires or is revoked.
+    source.addEventListener("unauthenticated", sessionEnded);
     source.onopen = () => setConnection("live", "live");
-    // EventSource reconnects by itself (the server asks for 2 s); a 503 (too many
-    // dashboards open on this node) closes it for good, so retry later ourselves.
+    // EventSource reconnects by itself (the server asks for 2 s). A refused stream closes
+    // it for good: 401 (the session ended) or 503 (too many dashboards open on this node);
+    // whoami tells the two apart.
     source.onerror = () => {
+      if (dashboard.source !== source) return;  // an old stream, already replaced
       if (source.readyState === EventSource.CLOSED) {
-        setConnection("lost", "disconnected: retrying in 5 s");
-        setTimeout(connect, 5000);
+        setConnection("lost", "disconnected");
+        recheck();
       } else {
         setConnection("lost", "connection lost: reconnecting…");
       }
     };
-    dashboard.source = source;
   }
 
-  CHARTS.forEach(makeChart);
-  makeRing();
-  window.addEventListener("resize", () => {
+  async function recheck() {
+    try {
+      const who = await whoami();
+      if (who.loginNeeded) { sessionEnded(); return; }
+    } catch (err) {
+      // Unreachable: retry the stream below, which ends up here again if still down.
+    }
+    setConnection("lost", `disconnected: retrying in ${RETRY_MS / 1000} s`);
+    retryTimer = setTimeout(connect, RETRY_MS);
+  }
+
+  // -- session -----------------------------------------------------------------------------
+  let chartsMade = false;
+  let keyspacesTimer = null;
+  let lockoutTimer = null;
+
+  // An error's code, message and retry time, whichever shape the node answers in
+  // ({"error": "code", "message"} or {"error": {"code", "message", "retry_after_s"}}).
+  function failure(response, answer) {
+    const error = answer && answer.error;
+    const nested = error && typeof error === "object" ? error : {};
+    const code = typeof error === "string" ? error : text(nested.code);
+    const message = text(nested.message || (answer && answer.message));
+    let retry = Number(nested.retry_after_s ?? (answer && answer.retry_after_s));
+    if (!Number.isFinite(retry) || retry <= 0) retry = Number(response.headers.get("Retry-After")) || 0;
+    return {code, message, retryAfter: Math.ceil(retry)};
+  }
+
+  // {loginNeeded: true} or {enabled, user, roles, expires_at}; throws when unreachable.
+  async function whoami() {
+    const response = await fetch("/v1/auth/whoami", {cache: "no-store", credentials: "same-origin"});
+    if (response.status === 401) return {loginNeeded: true};
+    if (response.status === 404) return {enabled: false, user: null};  // a node without auth routes
+    const answer = await response.json().catch(() => null);
+    if (!response.ok || !answer) {
+      const {code, message} = failure(response, answer);
+      throw new Error(message || code || "HTTP " + response.status);
+    }
+    const enabled = answer.auth !== false && answer.user !== null && answer.user !== undefined;
+    return {enabled, user: enabled ? String(answer.user) : null, roles: answer.roles || [],
+            expires_at: answer.expires_at || null};
+  }
+
+  function showNotice(message) {
+    $("notice").textContent = message;
+    $("notice").hidden = !message;
+  }
+
+  function stopDashboard() {
+    if (dashboard.source) dashboard.source.close();
+    dashboard.source = null;
+    clearTimeout(retryTimer);
+    clearInterval(keyspacesTimer);
+    keyspacesTimer = null;
+  }
+
+  function showDashboard(who) {
+    dashboard.auth = {enabled: who.enabled, user: who.user, roles: who.roles || [],
+                      expires_at: who.expires_at || null};
+    $("login").hidden = true;
+    $("session").hidden = !who.enabled;
+    $("user-name").textContent = who.user || "";
+    $("auth-note").textContent = who.enabled
+      ? "Authentication is on" + (who.expires_at
+        ? `: this session lasts until ${new Date(who.expires_at * 1000).toLocaleString()}.` : ".")
+      : "Authentication is not enabled on this cluster: anyone who reaches this port sees this page.";
+    $("dashboard").hidden = false;
+    // Charts are made once the dashboard is visible: ECharts sizes them on creation.
+    if (!chartsMade) {
+      CHARTS.forEach(makeChart);
+      makeRing();
+      chartsMade = true;
+    } else {
+      resizeCharts();
+    }
+    stopDashboard();
+    refreshKeyspaces();
+    keyspacesTimer = setInterval(refreshKeyspaces, KEYSPACES_EVERY_MS);
+    setConnection("connecting", "connecting…");
+    connect();
+  }
+
+  function showLogin(message) {
+    stopDashboard();
+    dashboard.auth = {enabled: true, user: null, roles: [], expires_at: null};
+    $("dashboard").hidden = true;
+    $("session").hidden = true;
+    $("auth-note").textContent = "";
+    $("node-name").textContent = "…";
+    dashboard.node = null;  // the next snapshot names the node again
+    setConnection("connecting", "not logged in");
+    $("updated").textContent = "";
+    $("login").hidden = false;
+    $("login-password").value = "";
+    $("login-totp").value = "";
+    $("totp-row").hidden = true;
+    loginMessage(message || "", "info");
+    ($("login-user").value ? $("login-password") : $("login-user")).focus();
+  }
+
+  function sessionEnded() {
+    showLogin("Your session has ended (it expired or was revoked). Log in again.");
+  }
+
+  function loginMessage(message, kind) {
+    const box = $("login-error");
+    box.textContent = message;
+    box.className = "login-error " + (kind || "error");
+  }
+
+  function setBusy(busy) {
+    const button = $("login-submit");
+    button.disabled = busy || lockoutTimer !== null;
+    button.textContent = busy ? "Logging in…" : "Log in";
+    $("login-form").setAttribute("aria-busy", busy ? "true" : "false");
+  }
+
+  // Too many failed attempts: the button stays disabled until the node accepts logins again.
+  function lockout(seconds) {
+    clearInterval(lockoutTimer);
+    let left = Math.max(1, seconds || RETRY_MS / 1000);
+    const tick = () => {
+      if (left <= 0) {
+        clearInterval(lockoutTimer);
+        lockoutTimer = null;
+        setBusy(false);
+        loginMessage("You can try again now.", "info");
+        return;
+      }
+      loginMessage(`Too many failed attempts. Try again in ${left} s.`, "error");
+      left -= 1;
+    };
+    lockoutTimer = setInterval(tick, 1000);
+    setBusy(false);
+    tick();
+  }
+
+  async function login(event) {
+    event.preventDefault();
+    if (lockoutTimer !== null) return;
+    const user = $("login-user").value.trim();
+    const password = $("login-password").value;
+    const totpShown = !$("totp-row").hidden;
+    const totp = $("login-totp").value.trim();
+    if (!user || !password) {
+      loginMessage("Enter your user name and your password.", "error");
+      (user ? $("login-password") : $("login-user")).focus();
+      return;
+    }
+    if (totpShown && !totp) {
+      loginMessage("Enter the code from your authenticator app.", "error");
+      $("login-totp").focus();
+      return;
+    }
+    const body = {user, password};
+    if (totpShown) body.totp = totp;
+    setBusy(true);
+    loginMessage("", "info");
+    let response, answer;
+    try {
+      response = await fetch("/v1/auth/login", {
+        method: "POST", cache: "no-store", credentials: "same-origin",
+        headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+      answer = await response.json().catch(() => null);
+    } catch (err) {
+      setBusy(false);
+      loginMessage(`Could not reach this node (${err.message}). Check the connection and try again.`, "error");
+      return;
+    }
+    setBusy(false);
+    if (response.ok) {
+      $("login-password").value = "";
+      $("login-totp").value = "";
+      start(true);
+      return;
+    }
+    const {code, message, retryAfter} = failure(response, answer);
+    if (code === "totp_required") {
+      $("totp-row").hidden = false;
+      loginMessage("Enter the code from your authenticator app to finish logging in.", "info");
+      $("login-totp").focus();
+    } else if (code === "bad_credentials") {
+      // The node never says which part was wrong; neither does the page.
+      loginMessage(totpShown ? "Wrong user name, password or authenticator code."
+                             : "Wrong user name or password.", "error");
+      $("login-password").value = "";
+      $("login-totp").value = "";
+      $("login-password").focus();
+    } else if (code === "too_many_attempts" || response.status === 429) {
+      lockout(retryAfter);
+    } else {
+      loginMessage(`The node refused the login: ${message || code || "HTTP " + response.status}`, "error");
+    }
+  }
+
+  async function logout() {
+    const button = $("logout");
+    button.disabled = true;
+    stopDashboard();
+    setConnection("connecting", "logging out…");
+    let problem = "";
+    try {
+      const response = await fetch("/v1/auth/logout", {method: "POST", cache: "no-store",
+                                                        credentials: "same-origin"});
+      if (!response.ok) {
+        const {code, message} = failure(response, await response.json().catch(() => null));
+        problem = message || code || "HTTP " + response.status;
+      }
+      // Logged out only when the node no longer knows this browser's session: a refused
+      // logout (or one that left the cookie valid) must not look like one that worked.
+      if ((await whoami()).loginNeeded) {
+        showNotice("");
+        showLogin("You are logged out.");
+        return;
+      }
+      problem = problem || "the node still accepts this session";
+    } catch (err) {
+      problem = err.message;
+    } finally {
+      button.disabled = false;
+    }
+    await start();  // back to the dashboard (or the form, had the session ended meanwhile)
+    showNotice(`Could not log out (${problem}): you are still logged in. Try again.`);
+  }
+
+  // Ask the node who we are, then show the dashboard or the login form. afterLogin: the
+  // node has just accepted a login, so a 401 now means the browser refused its cookie.
+  async function start(afterLogin) {
+    clearTimeout(retryTimer);
+    let who;
+    try {
+      who = await whoami();
+    } catch (err) {
+      stopDashboard();
+      showNotice(`Could not reach this node (${err.message}); retrying in ${RETRY_MS / 1000} s.`);
+      setConnection("lost", "unreachable");
+      retryTimer = setTimeout(() => start(afterLogin), RETRY_MS);
+      return;
+    }
+    showNotice("");
+    if (!who.loginNeeded) {
+      showDashboard(who);
+    } else if (afterLogin) {
+      showLogin("The node accepted the login but this browser did not keep its session " +
+                "cookie (are cookies blocked for this site?).");
+    } else {
+      showLogin("");
+    }
+  }
+
+  function resizeCharts() {
     for (const chart of Object.values(dashboard.charts)) chart.resize();
-    dashboard.ring.resize();
-  });
-  refreshKeyspaces();
-  setInterval(refreshKeyspaces, KEYSPACES_EVERY_MS);
-  connect();
+    if (dashboard.ring) dashboard.ring.resize();
+  }
+
+  $("login-form").addEventListener("submit", login);
+  $("logout").addEventListener("click", logout);
+  window.addEventListener("resize", resizeCharts);
+  start(false);
 })();
