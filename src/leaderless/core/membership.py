@@ -135,10 +135,16 @@ class Membership:
         rng: random.Random,
         now: float,
         incarnation: int = 0,
+        datagram_overhead_bytes: int = 0,
     ) -> None:
+        """``datagram_overhead_bytes``: what the transport adds around each encoded packet
+        (gossip encryption: ``security.keyring.SEAL_OVERHEAD_BYTES``), taken off the packet
+        budget so the datagram on the wire still fits ``config.packet_bytes_max``."""
+        assert 0 <= datagram_overhead_bytes < config.packet_bytes_max // 2
         self.name = name
         self.address = address
         self.config = config
+        self._packet_budget_bytes = config.packet_bytes_max - datagram_overhead_bytes
         self._rng = rng
         self._me = Member(name, address, meta, incarnation, MemberStatus.ALIVE, now)
         self._members: dict[str, Member] = {name: self._me}
@@ -732,7 +738,7 @@ class Membership:
     def _packet(self, probes: list[Probe], first: list[Update]) -> Packet:
         """A datagram with ``probes`` and as many pending updates as fit the size limit."""
         base = encoded_size(Packet(self.name, probes, first))
-        budget = self.config.packet_bytes_max - base - ARRAY_HEADER_GROWTH_BYTES
+        budget = self._packet_budget_bytes - base - ARRAY_HEADER_GROWTH_BYTES
         limit = self.config.retransmit_limit(self.live_count())
         room = PACKET_MESSAGES_MAX - len(first)
         updates = first + [u for u in self._broadcasts.take(budget, limit, room)

@@ -10,7 +10,10 @@ class RuntimeCounters:
 
     ``dropped_malformed_total``: input from the network that failed to decode or validate
     (kinds: ``udp_packet``, ``udp_oversized``, ``tcp_frame``, ``tcp_unexpected``,
-    ``peer_frame``).
+    ``peer_frame``; and gossip datagrams refused by the keyring, by reason:
+    ``gossip_unknown_key`` (sealed under a key not installed here), ``gossip_auth_failed``
+    (tampered or forged), ``gossip_not_sealed`` (plaintext while a keyring is set),
+    ``gossip_truncated``, ``gossip_sealed`` (sealed, but this node has no keyring)).
     ``dropped_overload_total``: messages we chose to drop because a bound was reached
     (kinds: ``udp_peer_queue``, ``udp_send_buffer``, ``push_pull_in_flight``,
     ``tcp_connections``, ``watch_slow_reader``, ``tcp_slow_reader``, ``peer_buffer_full``).

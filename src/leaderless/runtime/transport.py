@@ -17,7 +17,7 @@ from leaderless.core.messages import Address, Packet
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.errors import PortInUseError, StartupError
 from leaderless.runtime.tcp import FrameClient, FrameHandler, ServerConnection
-from leaderless.runtime.udp import UdpEndpoint
+from leaderless.runtime.udp import GossipSealer, UdpEndpoint
 
 EPHEMERAL_BIND_ATTEMPTS = 20
 """With port 0, TCP picks a free port and UDP must get the same number; retry if taken."""
@@ -54,13 +54,16 @@ class NetTransport:
 
     @classmethod
     async def bind(cls, address: Address, on_packet: Callable[[Packet], None],
-                   handler: FrameHandler, frame_type: Any, drops: Drops) -> NetTransport:
+                   handler: FrameHandler, frame_type: Any, drops: Drops, *,
+                   keyring: GossipSealer | None = None) -> NetTransport:
         """Listen on ``address`` (UDP and TCP). Raises PortInUseError naming the side that
-        is taken. Port 0 picks a port that is free for both."""
+        is taken. Port 0 picks a port that is free for both. With ``keyring`` every
+        datagram is sealed and opened under it (``runtime.keyring_service``)."""
         attempts = EPHEMERAL_BIND_ATTEMPTS if address.port == 0 else 1
         for attempt in range(attempts):
             try:
-                return await cls._bind_once(address, on_packet, handler, frame_type, drops)
+                return await cls._bind_once(address, on_packet, handler, frame_type, drops,
+                                            keyring)
             except PortInUseError:
                 if attempt + 1 == attempts:
                     raise
@@ -68,7 +71,8 @@ class NetTransport:
 
     @classmethod
     async def _bind_once(cls, address: Address, on_packet: Callable[[Packet], None],
-                         handler: FrameHandler, frame_type: Any, drops: Drops) -> NetTransport:
+                         handler: FrameHandler, frame_type: Any, drops: Drops,
+                         keyring: GossipSealer | None = None) -> NetTransport:
         loop = asyncio.get_running_loop()
         connections: set[ServerConnection] = set()
         try:
@@ -78,7 +82,7 @@ class NetTransport:
         except OSError as exc:
             raise _bind_error(address, "TCP", exc) from None
         port = server.sockets[0].getsockname()[1]
-        udp = UdpEndpoint(on_packet, drops)
+        udp = UdpEndpoint(on_packet, drops, keyring)
         try:
             await loop.create_datagram_endpoint(lambda: udp, local_addr=(address.host, port),
                                                 family=_family(address.host))

@@ -4,18 +4,24 @@ Sends are queued per peer and flushed once per event-loop turn, so a burst of ef
 costs one wake-up; each peer's queue and the socket's buffer have a stated bound, and a
 datagram beyond either is dropped and counted (UDP may lose it anyway; gossip and
 push-pull are built for that).
+
+With a gossip keyring (``security.keyring``) every datagram is sealed on the way out and
+opened on the way in; one that cannot be opened (plaintext, unknown key, failed
+authentication) is dropped and counted as malformed with kind ``gossip_<reason>``, and so is
+a sealed datagram arriving at a node without a keyring (``gossip_sealed``).
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from leaderless.config import is_ip_literal
 from leaderless.core.codec import PACKET_BYTES_MAX, MalformedInput, decode_packet, encode_packet
 from leaderless.core.messages import Address, Packet
 from leaderless.runtime.drops import Drops
+from leaderless.security.keyring import OpenError, is_sealed
 
 PEER_QUEUE_DATAGRAMS_MAX = 64
 """Datagrams queued for one peer within one loop turn. The protocol sends a handful per
@@ -24,12 +30,25 @@ SEND_BUFFER_BYTES_MAX = 1024 * 1024
 """Bytes the event loop may hold for a socket the kernel cannot drain (~750 datagrams)."""
 
 
-class UdpEndpoint(asyncio.DatagramProtocol):
-    """Receives datagrams into ``on_packet`` and sends queued packets once per loop turn."""
+class GossipSealer(Protocol):
+    """Seals and opens datagrams under the current keyring (``runtime.keyring_service``)."""
 
-    def __init__(self, on_packet: Callable[[Packet], None], drops: Drops) -> None:
+    def seal(self, plaintext: bytes) -> bytes: ...
+
+    def open(self, datagram: bytes) -> bytes:
+        """The plaintext; raises ``security.keyring.OpenError`` with the drop reason."""
+        ...
+
+
+class UdpEndpoint(asyncio.DatagramProtocol):
+    """Receives datagrams into ``on_packet`` and sends queued packets once per loop turn;
+    with a ``keyring`` every datagram is sealed and must open under it."""
+
+    def __init__(self, on_packet: Callable[[Packet], None], drops: Drops,
+                 keyring: GossipSealer | None = None) -> None:
         self._on_packet = on_packet
         self._drops = drops
+        self._keyring = keyring
         self._packets = drops.counters.gossip_packets_total
         self._bytes = drops.counters.gossip_bytes_total
         self._transport: asyncio.DatagramTransport | None = None
@@ -47,6 +66,16 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self._bytes["received"] += len(data)
         if len(data) > PACKET_BYTES_MAX:
             self._drops.malformed("udp_oversized", _peer(addr), f"{len(data)} bytes")
+            return
+        if self._keyring is not None:
+            try:
+                data = self._keyring.open(data)
+            except OpenError as exc:
+                self._drops.malformed(f"gossip_{exc.reason}", _peer(addr), exc)
+                return
+        elif is_sealed(data):
+            self._drops.malformed("gossip_sealed", _peer(addr), "a sealed datagram, but this "
+                                  "node has no gossip keyring (start it with --gossip-keyring)")
             return
         try:
             packet = decode_packet(data)
@@ -70,7 +99,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         if len(queue) >= PEER_QUEUE_DATAGRAMS_MAX:
             self._drops.overload("udp_peer_queue", to)
             return
-        queue.append(encode_packet(packet))
+        data = encode_packet(packet)
+        queue.append(data if self._keyring is None else self._keyring.seal(data))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self.flush)
