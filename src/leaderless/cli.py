@@ -374,3 +374,7 @@ from leaderless.cli_kv import keyspace, kv  # noqa: E402  (registered last: see 
 from leaderless.cli_locks import lock  # noqa: E402
 
 main.add_command(keyspace); main.add_command(kv); main.add_command(lock)  # noqa: E702
+from leaderless.cli_auth import COMMANDS as AUTH_COMMANDS  # noqa: E402, I001
+
+for _auth_command in AUTH_COMMANDS:
+    main.add_command(_auth_command)

@@ -12,7 +12,9 @@
     leaderless kv watch config leader [--prefix] [--since-version V]  # strong keyspaces
 
 ``--node HOST:PORT`` (repeatable or comma-separated) names client listeners to contact;
-the default is ``$LEADERLESS_CLIENT_NODE`` or 127.0.0.1:7400. Every command takes ``--json``.
+the default is ``$LEADERLESS_CLIENT_NODE`` or 127.0.0.1:7400. Every command takes ``--json``
+and ``--token`` (a cluster with auth: default ``$LEADERLESS_TOKEN`` or the token
+``leaderless login`` stored, see ``cli_auth``).
 
 Exit codes: 0 ok; 1 no node reachable, connection lost, or the node failed (storage,
 internal); 2 invalid usage or a request the node refused as invalid (bad_request);
@@ -98,9 +100,13 @@ def _call(nodes: tuple[str, ...], timeout_s: float,
           action: Callable[[AsyncClient], Awaitable[T]]) -> T:
     addresses = _nodes(nodes)
 
+    from leaderless.cli_auth import context_token  # cli_auth builds on this module
+
+    credential = context_token()
+
     async def go() -> T:
         async with AsyncClient(addresses, timeout_s=timeout_s, connections_per_node=1,
-                               ring_refresh_s=0) as client:
+                               ring_refresh_s=0, token=credential) as client:
             return await action(client)
 
     try:
@@ -109,7 +115,19 @@ def _call(nodes: tuple[str, ...], timeout_s: float,
         _fail(str(exc), exit_code_for(exc))
 
 
+TOKEN_META = "leaderless_token"
+"""Where ``--token`` leaves its value in the click context (``cli_auth.context_token``)."""
+
+
+def _keep_token(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.meta[TOKEN_META] = value
+
+
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--token", callback=_keep_token, expose_value=False, metavar="TOKEN",
+                      help="Authenticate with this token [default: $LEADERLESS_TOKEN, or "
+                           "the one `leaderless login` stored].")(fn)
     fn = click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")(fn)
     fn = click.option("--timeout", "timeout_s", type=click.FloatRange(min=0.1), default=10.0,
                       show_default=True, help="Seconds to wait for each request.")(fn)
