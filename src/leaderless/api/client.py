@@ -11,6 +11,9 @@ from leaderless.api.messages import (
     EventSendReply,
     EventSendRequest,
     EventWatchRequest,
+    KeyringOperation,
+    KeyringReply,
+    KeyringRequest,
     MemberInfo,
     MembersReply,
     MembersRequest,
@@ -96,6 +99,12 @@ class Client:
                                         f"the limit is {EVENT_PAYLOAD_BYTES_MAX}")
         result: EventSendReply = await self._call(EventSendRequest(name, payload),
                                                   EventSendReply)
+        return result
+
+    async def keyring(self, operation: KeyringOperation, key: str = "") -> KeyringReply:
+        """Apply a gossip keyring operation (list, install, use, remove) on every alive
+        member through this node; each node's result. Raises ApiError if it refuses."""
+        result: KeyringReply = await self._call(KeyringRequest(operation, key), KeyringReply)
         return result
 
     async def watch_events(self) -> AsyncIterator[EventNotification]:

@@ -11,7 +11,7 @@ share the frame decoder. Like those, they are the wire protocol: append-only.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -26,11 +26,14 @@ from leaderless.core.messages import (
     TagKey,
     TagValue,
 )
+from leaderless.security.keyring import KEY_TEXT_BYTES_MAX, KEYS_MAX, SEAL_OVERHEAD_BYTES
 
 MEMBERS_MAX = 20_000
 """A members reply lists at most this many members: the largest cluster we support."""
 TEXT_BYTES_MAX = 1024
 COUNTERS_MAX = 256
+KEYRING_CHANGE_BYTES_MAX = SEAL_OVERHEAD_BYTES + 64
+"""A sealed keyring change: an operation name and a 32-byte key inside the envelope."""
 
 Text = Annotated[str, msgspec.Meta(max_length=TEXT_BYTES_MAX)]
 EventName = Annotated[str, msgspec.Meta(min_length=1, max_length=EVENT_NAME_BYTES_MAX)]
@@ -58,6 +61,21 @@ class EventWatchRequest(msgspec.Struct, frozen=True, array_like=True, tag=104):
 
 class StatusRequest(msgspec.Struct, frozen=True, array_like=True, tag=107):
     """This node's identity, counts and counters."""
+
+
+KEYRING_OPERATIONS = ("list", "install", "use", "remove")
+KeyringOperation = Literal["list", "install", "use", "remove"]
+KeyText = Annotated[str, msgspec.Meta(max_length=KEY_TEXT_BYTES_MAX)]
+
+
+class KeyringRequest(msgspec.Struct, frozen=True, array_like=True, tag=230):
+    """Change (or list) the gossip keyring of every alive member: the node that receives
+    this applies it, sends it on to the others (``KeyringChange``) and answers with each
+    node's result (``KeyringReply``)."""
+
+    operation: KeyringOperation
+    key: KeyText = ""
+    """The base64 key for install, use and remove; empty for list."""
 
 
 # -- replies ----------------------------------------------------------------------------
@@ -120,6 +138,39 @@ class ErrorReply(msgspec.Struct, frozen=True, array_like=True, tag=109):
     message: Text
 
 
-Request = MembersRequest | EventSendRequest | EventWatchRequest | StatusRequest
+class KeyringNodeResult(msgspec.Struct, frozen=True, array_like=True):
+    """One node's answer to a keyring operation."""
+
+    node: Name
+    ok: bool
+    error: Text = ""
+    """Why this node did not apply it (refused, unreachable, timed out)."""
+    key_ids: Annotated[list[Text], msgspec.Meta(max_length=KEYS_MAX)] = []
+    """The node's installed keys by id (never the keys), its primary first."""
+
+
+class KeyringReply(msgspec.Struct, frozen=True, array_like=True, tag=231):
+    operation: KeyringOperation
+    results: Annotated[list[KeyringNodeResult], msgspec.Meta(max_length=MEMBERS_MAX)]
+    """One per alive member, the answering node first."""
+
+
+# -- peer frames (node to node; not client requests) ------------------------------------
+
+
+class KeyringChange(msgspec.Struct, frozen=True, array_like=True, tag=232):
+    """A keyring operation sent on by the node a client asked. ``sealed`` is the operation
+    and key sealed under the sender's primary gossip key: only a holder of a current
+    cluster key can change a node's keyring, and the key never crosses the wire in clear."""
+
+    sealed: Annotated[bytes, msgspec.Meta(max_length=KEYRING_CHANGE_BYTES_MAX)]
+
+
+class KeyringChangeReply(msgspec.Struct, frozen=True, array_like=True, tag=233):
+    result: KeyringNodeResult
+
+
+Request = (MembersRequest | EventSendRequest | EventWatchRequest | StatusRequest
+           | KeyringRequest)
 Reply = (MembersReply | EventSendReply | WatchStarted | EventNotification | StatusReply
-         | ErrorReply)
+         | ErrorReply | KeyringReply)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
@@ -11,6 +12,8 @@ from leaderless.api.messages import (
     EventSendReply,
     EventSendRequest,
     EventWatchRequest,
+    KeyringReply,
+    KeyringRequest,
     MemberInfo,
     MembersReply,
     MembersRequest,
@@ -21,6 +24,7 @@ from leaderless.api.messages import (
 )
 from leaderless.core.membership import Member
 from leaderless.core.messages import UserEvent
+from leaderless.security.keyring import KeyringError
 
 WATCHERS_MAX = 256
 """Concurrent event watchers per node; each costs a subscriber call per delivered event."""
@@ -50,6 +54,8 @@ class NodeApi(Protocol):
 
     def status(self) -> StatusReply: ...
 
+    async def keyring_operation(self, request: KeyringRequest) -> KeyringReply: ...
+
 
 def member_info(member: Member, wall_time: Callable[[float], float]) -> MemberInfo:
     return MemberInfo(
@@ -71,6 +77,7 @@ class ApiHandler:
     def __init__(self, node: NodeApi) -> None:
         self._node = node
         self._watchers = 0
+        self._keyring_tasks: set[asyncio.Task[None]] = set()
 
     def handle(self, request: Request, conn: Connection) -> None:
         if isinstance(request, MembersRequest):
@@ -87,6 +94,23 @@ class ApiHandler:
             self._watch(conn)
         elif isinstance(request, StatusRequest):
             conn.send(self._node.status())
+        elif isinstance(request, KeyringRequest):
+            self._keyring(request, conn)
+
+    def _keyring(self, request: KeyringRequest, conn: Connection) -> None:
+        """Answered once every alive member answered (or timed out), so it runs as a task."""
+
+        async def run() -> None:
+            try:
+                reply = await self._node.keyring_operation(request)
+            except KeyringError as exc:
+                conn.send(ErrorReply(exc.code, str(exc)))
+                return
+            conn.send(reply)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._keyring_tasks.add(task)  # held until done: the loop keeps only weak refs
+        task.add_done_callback(self._keyring_tasks.discard)
 
     def _watch(self, conn: Connection) -> None:
         if conn.streaming:

@@ -24,7 +24,15 @@ import msgspec
 from leaderless import __version__
 from leaderless.api.http import serve_http
 from leaderless.api.kv_server import abort_connections, serve_clients
-from leaderless.api.messages import Request, StatusReply
+from leaderless.api.messages import (
+    KeyringChange,
+    KeyringChangeReply,
+    KeyringNodeResult,
+    KeyringReply,
+    KeyringRequest,
+    Request,
+    StatusReply,
+)
 from leaderless.api.server import ApiHandler
 from leaderless.config import NodeConfig, is_ip_literal
 from leaderless.core.anti_entropy_messages import AntiEntropyMessage
@@ -57,21 +65,24 @@ from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.errors import DataDirError, StartupError
+from leaderless.runtime.keyring_service import KeyringService
 from leaderless.runtime.kv import KvNode
 from leaderless.runtime.logs import NodeLogger
 from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.tcp import ServerConnection
 from leaderless.runtime.transport import NetTransport, Transport
 from leaderless.security.data_keys import DataKeyError, load_data_keys
+from leaderless.security.keyring import SEAL_OVERHEAD_BYTES, KeyringError
 from leaderless.storage.encrypted import at_rest
 from leaderless.storage.memory import MemoryStore
 from leaderless.storage.rocks import RocksStore
 from leaderless.storage.store import StorageError, Store
 
 InboundFrame = (PushPull | Request | ReplicaWrite | ReplicaRead | ReplicaScan | PeerHello
-                | AntiEntropyMessage | PaxosRequest | WatchMessage)
+                | AntiEntropyMessage | PaxosRequest | WatchMessage | KeyringChange)
 """What may arrive on the TCP port: a peer's sync, a CLI request, or the data plane (a
-coordinator's replica request, a proposer's Paxos request, anti-entropy)."""
+coordinator's replica request, a proposer's Paxos request, anti-entropy), or a keyring
+change sent on by a peer."""
 LOAD_REFRESH_S = 5.0
 """How often a node looks at its load to gossip it (``LoadSummary``)."""
 LOAD_MAX_AGE_S = 60.0
@@ -142,6 +153,8 @@ class Node:
         """Set once a seed answered (or at once for a cluster of one)."""
         self.stopped = asyncio.Event()
         self.fatal_error: str | None = None
+        self.keyring: KeyringService | None = None
+        """The gossip keyring (None: gossip in plaintext); loaded at start."""
         """Set when the node had to stop on an operating error (e.g. the disk failed)."""
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -152,8 +165,14 @@ class Node:
         self._data_dir.open()
         try:
             last = self._data_dir.load_incarnation()
+            # The data-dir copy of the gossip keyring (kept by rotations) wins over the
+            # initial file; without either, gossip stays plaintext.
+            self.keyring = KeyringService.load(
+                self.config.name, self.config.data_dir, self.config.security.gossip_keyring,
+                NodeLogger(self.config.name, "keyring"))
+            sealing = {} if self.keyring is None else {"keyring": self.keyring}
             self._transport = await self._transport_factory(
-                self.config.bind, self._on_packet, self, InboundFrame, self._drops)
+                self.config.bind, self._on_packet, self, InboundFrame, self._drops, **sealing)
         except StartupError:
             self._data_dir.close()
             raise
@@ -183,7 +202,9 @@ class Node:
                         http_port=self.http_address.port if self.http_address else 0)
         self._membership = Membership(self.config.name, advertise, meta,
                                       self.config.membership, self._rng, loop.time(),
-                                      incarnation=incarnation)
+                                      incarnation=incarnation,
+                                      datagram_overhead_bytes=SEAL_OVERHEAD_BYTES
+                                      if self.keyring is not None else 0)
         self._arm_timer()
         assert self.kv is not None
         self.kv.start(self._membership.members())
@@ -351,6 +372,20 @@ class Node:
                               ) -> Callable[[], None]:
         """Call ``callback`` for every user event delivered here; returns the unsubscribe."""
         return _subscribe(self._event_subscribers, callback)
+
+    async def keyring_operation(self, request: KeyringRequest) -> KeyringReply:
+        """Apply a keyring operation here and on every other alive member; each node's
+        result. Raises KeyringError if the key is malformed, this node refuses, or gossip
+        encryption is off here."""
+        if self.keyring is None:
+            raise KeyringError("gossip encryption is off on this node; start every node "
+                               "with --gossip-keyring FILE (`leaderless keyring generate`)")
+        membership = self._require()
+        assert self._transport is not None
+        peers = [(m.name, m.address) for m in membership.members()
+                 if m.status is MemberStatus.ALIVE and m.name != membership.name]
+        return await self.keyring.run(request, peers, self._transport.request,
+                                      self.config.io_timeout_s)
 
     def status(self) -> StatusReply:
         membership = self._require()
@@ -521,6 +556,10 @@ class Node:
             conn.send(reply)
         elif isinstance(message, Request):
             self._api.handle(message, conn)
+        elif isinstance(message, KeyringChange):
+            conn.send(KeyringChangeReply(KeyringNodeResult(
+                self.name, False, "gossip encryption is off on this node")) if
+                self.keyring is None else self.keyring.handle_change(message))
         elif self.kv is not None:
             self.kv.handle_request(message, conn)
 
