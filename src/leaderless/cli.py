@@ -378,4 +378,5 @@ from leaderless.cli_auth import COMMANDS as AUTH_COMMANDS  # noqa: E402, I001
 
 for _auth_command in AUTH_COMMANDS:
     main.add_command(_auth_command)
+from leaderless.cli_encryption import encryption; main.add_command(encryption)  # noqa: E402, E702, I001
 from leaderless.cli_keyring import keyring; main.add_command(keyring)  # noqa: E402, E702, I001
