@@ -105,6 +105,7 @@ import asyncio
 import base64
 import math
 import secrets
+import ssl
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -114,6 +115,7 @@ from urllib.parse import quote_from_bytes, unquote_to_bytes
 import msgspec
 from aiohttp import web
 
+from leaderless.api.http_limits import serve_guarded
 from leaderless.api.kv_messages import (
     CLIENT_SCAN_ROWS_MAX,
     CONSISTENCY_LEVELS,
@@ -129,6 +131,8 @@ from leaderless.api.ops_http import OpsSource, add_ops_routes
 from leaderless.api.service import KvError, KvService
 from leaderless.core.cells import VALUE_BYTES_MAX_DEFAULT
 from leaderless.core.locks import LOCK_KEYSPACE
+from leaderless.runtime.counters import RuntimeCounters
+from leaderless.runtime.drops import Drops
 from leaderless.runtime.logs import NodeLogger
 from leaderless.web.handlers import add_web_routes
 
@@ -207,11 +211,15 @@ def json_response(value: Any, status: int = 200) -> web.Response:
 async def serve_http(service: KvService, host: str, port: int, *,
                      value_bytes_max: int = VALUE_BYTES_MAX_DEFAULT,
                      log: NodeLogger | None = None, ops: OpsSource | None = None,
-                     auth: AuthService | None = None) -> web.AppRunner:
+                     auth: AuthService | None = None,
+                     drops: Drops | None = None,
+                     ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
     """Start the HTTP API on ``host:port`` (0: any free port, see ``runner.addresses``),
     with the health and metrics endpoints of ``ops`` (``api.ops_http``). Stop it with
-    ``await runner.cleanup()``. ``auth`` (default: ``ops.auth``): when enabled, every
-    route but the public ones needs a token."""
+    ``await runner.cleanup()``. Connection caps, slow-loris deadlines and size limits:
+    ``api.http_limits`` (refused connections are counted in ``drops``). ``auth``
+    (default: ``ops.auth``): when enabled, every route but the public ones needs a
+    token. With ``ssl_context`` (``security.tls.NodeTls.client_server``) it is HTTPS."""
     if auth is None:
         auth = getattr(ops, "auth", None)
     app = make_app(service, value_bytes_max=value_bytes_max, log=log, auth=auth)
@@ -219,11 +227,8 @@ async def serve_http(service: KvService, host: str, port: int, *,
         add_ops_routes(app, ops)
         add_web_routes(app, ops)
         add_log_routes(app, ops.name)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True)
-    await site.start()
-    return runner
+    refusals = drops or Drops(RuntimeCounters(), log or NodeLogger("", "http"))
+    return await serve_guarded(app, host, port, drops=refusals, ssl_context=ssl_context)
 
 
 def make_app(service: KvService, *, value_bytes_max: int = VALUE_BYTES_MAX_DEFAULT,

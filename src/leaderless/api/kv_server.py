@@ -15,7 +15,16 @@ Limits and what happens at them:
   falls to half. We chose backpressure over ``overloaded`` replies: a pipelining client
   that sends faster than the node serves just sees latency, never spurious errors, and
   memory per connection stays bounded (in-flight requests + one socket read).
-- ``max_connections``: a connection beyond it is closed on accept.
+- ``max_connections`` and ``max_connections_per_client`` (``runtime.connection_limits``):
+  a connection beyond either gets ``Failure(id=0, code="overloaded")`` naming the limit and
+  is closed; the refusal is counted (``dropped_overload_total{kind="client_connections"}``
+  or ``..._per_client``) and logged rate-limited.
+- ``partial_frame_timeout_s``: a frame must arrive whole within this long of its first
+  byte, however slowly its bytes trickle in (time we ourselves stop reading does not
+  count), or the connection gets ``Failure(id=0, code="timeout")`` and is closed: a
+  client that opens connections and sends half a frame cannot pin slots forever.
+- ``idle_timeout_s``: a connection with nothing buffered, running or watched for this long
+  is closed quietly (the client's pool opens a new one when it needs it).
 - A frame that is not a valid request (bad length, bad msgpack, unknown tag, a field over
   its limit) gets ``Failure(id=0, code="bad_request")`` and the connection is closed: we can
   no longer trust where the next frame starts. Other connections are unaffected.
@@ -70,11 +79,24 @@ from leaderless.api.service import Fence, KvError, KvService
 from leaderless.core.codec import FRAME_BYTES_MAX
 from leaderless.core.kv_messages import ERROR_TEXT_MAX
 from leaderless.obs.requests import RequestStats
+from leaderless.runtime.connection_limits import ConnectionCaps, client_address
+from leaderless.runtime.counters import RuntimeCounters
+from leaderless.runtime.drops import Drops
 from leaderless.runtime.logs import NodeLogger
 
 CLIENT_CONNECTIONS_MAX = 1024
 """Client connections served at once. A pooling client opens a few per node; 1,024 covers
 hundreds of application processes, and each idle connection costs only a few KiB."""
+CLIENT_CONNECTIONS_PER_CLIENT_MAX = 256
+"""Of those, the connections one client address may hold (an IPv4 address or an IPv6
+/64): an application host's pools fit, and one host flooding leaves three quarters of the
+slots to everyone else."""
+PARTIAL_FRAME_TIMEOUT_S = 60.0
+"""A frame must arrive whole within this long of its first byte: 8 MiB (the largest
+frame) needs ~140 KB/s, a 1 MiB value ~17 KB/s. Bounds a slow-loris that trickles bytes."""
+CLIENT_IDLE_TIMEOUT_S = 600.0
+"""A connection that does nothing for this long (no bytes, requests, replies or watches)
+is closed: pooled connections stay warm for ten minutes, abandoned ones go."""
 IN_FLIGHT_PER_CONNECTION_MAX = 1024
 """Requests running at once per connection. The DESIGN prototype gained throughput up to
 256 in flight per node; 1,024 leaves room for one connection to carry a whole client's
@@ -108,6 +130,10 @@ its reply, or return False to have it served through the async methods."""
 
 async def serve_clients(service: KvService, host: str, port: int, *,
                         max_connections: int = CLIENT_CONNECTIONS_MAX,
+                        max_connections_per_client: int = CLIENT_CONNECTIONS_PER_CLIENT_MAX,
+                        partial_frame_timeout_s: float = PARTIAL_FRAME_TIMEOUT_S,
+                        idle_timeout_s: float = CLIENT_IDLE_TIMEOUT_S,
+                        drops: Drops | None = None,
                         max_in_flight_per_connection: int = IN_FLIGHT_PER_CONNECTION_MAX,
                         log: NodeLogger | None = None,
                         stats: RequestStats | None = None) -> asyncio.Server:
@@ -116,12 +142,17 @@ async def serve_clients(service: KvService, host: str, port: int, *,
     ``abort_connections(server)`` (open connections outlive ``close`` in Python 3.11)."""
     assert max_connections > 0
     assert max_in_flight_per_connection > 0
+    assert partial_frame_timeout_s > 0 and idle_timeout_s > 0
     registry: set[ClientConnection] = set()
     logger = log or NodeLogger("", "kv_server")
+    caps = ConnectionCaps("client", max_connections, max_connections_per_client)
+    refusals = drops or Drops(RuntimeCounters(), logger)
+    timeouts = (partial_frame_timeout_s, idle_timeout_s)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: ClientConnection(service, registry, max_connections,
-                                 max_in_flight_per_connection, logger, stats),
+                                 max_in_flight_per_connection, logger, stats,
+                                 caps=caps, drops=refusals, timeouts=timeouts),
         host, port)
     _connections[server] = registry
     return server
@@ -142,7 +173,10 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, service: KvService, registry: set[ClientConnection],
                  max_connections: int, max_in_flight: int, log: NodeLogger,
-                 stats: RequestStats | None = None) -> None:
+                 stats: RequestStats | None = None, *,
+                 caps: ConnectionCaps | None = None, drops: Drops | None = None,
+                 timeouts: tuple[float, float] = (PARTIAL_FRAME_TIMEOUT_S,
+                                                  CLIENT_IDLE_TIMEOUT_S)) -> None:
         self._service = service
         self._stats = stats
         self._submit: FastSubmit | None = getattr(service, "try_submit", None)
@@ -163,6 +197,16 @@ class ClientConnection(asyncio.Protocol):
         self._eof = False
         self._bad = False
         self.peer = ""
+        self.client = ""
+        """The address this connection counts against (``runtime.connection_limits``)."""
+        self._caps = caps or ConnectionCaps("client", max_connections,
+                                            CLIENT_CONNECTIONS_PER_CLIENT_MAX)
+        self._drops = drops or Drops(RuntimeCounters(), log)
+        self._partial_frame_timeout_s, self._idle_timeout_s = timeouts
+        self._partial_since: float | None = None
+        """When the incomplete frame at the head of ``_inbuf`` began arriving."""
+        self._last_activity = 0.0
+        self._deadline: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
 
@@ -171,18 +215,25 @@ class ClientConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if len(self._registry) >= self._max_connections:
-            self._log.warning("client_connection_refused", peer=self.peer,
-                              reason=f"{self._max_connections} connections open")
-            self._transport.abort()
+        self.client = client_address(peer)
+        refusal = self._caps.refusal(self.client, self._registry)
+        if refusal is not None:
+            self._drops.overload(refusal.kind, self.peer)
+            self._bad = True
+            self._reply(Failure(0, "overloaded", _text(refusal.reason)))
+            self._flush()
+            self._transport.close()  # after the Failure is written
             self._transport = None
             return
         self._registry.add(self)
         self._transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH_BYTES)
+        self._last_activity = self._loop.time()
+        self._deadline = self._loop.call_later(self._check_interval_s(), self._check_deadlines)
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None or self._transport.is_closing():
             return
+        self._last_activity = self._loop.time()
         self._inbuf += data
         self._process_input()
 
@@ -196,6 +247,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._registry.discard(self)
         self._transport = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
         for task in [*self._tasks, *self._watches.values()]:
             task.cancel()
 
@@ -240,7 +294,47 @@ class ClientConnection(asyncio.Protocol):
                 buf.clear()
             elif at:
                 del buf[:at]
+            if not buf:
+                self._partial_since = None
+            elif at or self._partial_since is None:
+                self._partial_since = self._loop.time()  # a new frame began arriving
         self._update_reading()
+
+    # -- deadlines -------------------------------------------------------------------------
+
+    def _check_interval_s(self) -> float:
+        return min(self._partial_frame_timeout_s, self._idle_timeout_s) / 4
+
+    def _check_deadlines(self) -> None:
+        """Close a connection stuck mid-frame or idle too long. One periodic check per
+        connection (not a timer per frame): a busy connection sends thousands a second."""
+        self._deadline = None
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        now = self._loop.time()
+        if self._reading_paused and self._partial_since is not None:
+            self._partial_since = now  # we stopped reading it: not the client's stall
+        if (self._partial_since is not None
+                and now - self._partial_since >= self._partial_frame_timeout_s):
+            self._drops.overload("client_partial_frame", self.peer)
+            self._bad = True
+            self._inbuf.clear()
+            self._reply(Failure(0, "timeout", _text(
+                f"a frame began arriving {now - self._partial_since:.0f} s ago and is "
+                f"still incomplete (the limit is {self._partial_frame_timeout_s:g} s, "
+                "partial_frame_timeout_s); closing the connection")))
+            self._flush()
+            transport.close()
+            return
+        if (not self._inbuf and not self._in_flight and not self._watches
+                and not self._outbuf
+                and now - self._last_activity >= self._idle_timeout_s):
+            self._log.debug("client_connection_idle", peer=self.peer,
+                            idle_s=round(now - self._last_activity, 1))
+            transport.close()
+            return
+        self._deadline = self._loop.call_later(self._check_interval_s(), self._check_deadlines)
 
     def _update_reading(self) -> None:
         transport = self._transport

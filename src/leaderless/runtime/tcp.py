@@ -15,11 +15,16 @@ from typing import Any, Protocol, cast
 
 from leaderless.core.codec import FRAME_BYTES_MAX, FrameDecoder, MalformedInput, encode_frame
 from leaderless.core.messages import Address
+from leaderless.runtime.connection_limits import ConnectionCaps, client_address
 from leaderless.runtime.drops import Drops
 
 CONNECTIONS_MAX = 512
 """Inbound connections served at once: peers sync one at a time and clients are few; a
 flood beyond this is refused (closed on accept) rather than allowed to exhaust memory."""
+CONNECTIONS_PER_CLIENT_MAX = 128
+"""Of those, the connections one client address (``runtime.connection_limits``) may hold:
+a peer keeps one data link plus a sync or two, so even a loopback cluster of dozens of
+nodes fits, while one flooding host leaves three quarters of the slots to the others."""
 WRITE_BUFFER_BYTES_MAX = 2 * FRAME_BYTES_MAX
 """Bytes queued to a reader that does not read: two of the largest frames, then we give up."""
 IDLE_TIMEOUT_S = 60.0
@@ -42,8 +47,10 @@ class ServerConnection(asyncio.Protocol):
     """One inbound TCP connection: decode frames, hand them to the handler, send replies."""
 
     def __init__(self, handler: FrameHandler, frame_type: Any, drops: Drops,
-                 registry: set[ServerConnection]) -> None:
+                 registry: set[ServerConnection], *,
+                 connections_per_client_max: int = CONNECTIONS_PER_CLIENT_MAX) -> None:
         self._handler = handler
+        self._caps = ConnectionCaps("tcp", CONNECTIONS_MAX, connections_per_client_max)
         self._decoder: FrameDecoder[Any] = FrameDecoder(frame_type)
         self._drops = drops
         self._registry = registry
@@ -54,6 +61,8 @@ class ServerConnection(asyncio.Protocol):
         self._pending_bytes = 0
         self._last_activity = 0.0
         self.peer = ""
+        self.client = ""
+        """The address this connection counts against for ``CONNECTIONS_PER_CLIENT_MAX``."""
         self.peer_name: str | None = None
         """The node name a peer announced (``PeerHello``); None for clients."""
         self.streaming = False
@@ -64,8 +73,10 @@ class ServerConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        if len(self._registry) >= CONNECTIONS_MAX:
-            self._drops.overload("tcp_connections", self.peer)
+        self.client = client_address(peer)
+        refusal = self._caps.refusal(self.client, self._registry)
+        if refusal is not None:
+            self._drops.overload(refusal.kind, self.peer)
             self._transport.abort()
             return
         self._registry.add(self)
