@@ -259,7 +259,7 @@ def user_passwd(name: str, password_stdin: bool, nodes: tuple[str, ...], timeout
 def user_list(nodes: tuple[str, ...], timeout_s: float, as_json: bool) -> None:
     """List users with their roles and whether TOTP is on."""
     users = _with_client(nodes, timeout_s, lambda c: c.list_users())
-    rows = [{"name": u.name, "roles": list(u.roles), "totp": u.totp,
+    rows: list[dict[str, Any]] = [{"name": u.name, "roles": list(u.roles), "totp": u.totp,
              "created_at": u.created_at} for u in sorted(users, key=lambda u: u.name)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -384,7 +384,7 @@ def role_revoke(name: str, level: str, keyspace_name: str, prefix: str,
 def role_list(nodes: tuple[str, ...], timeout_s: float, as_json: bool) -> None:
     """List roles with their permissions."""
     roles = _with_client(nodes, timeout_s, lambda c: c.list_roles())
-    rows = [{"name": r.name, "grants": [
+    rows: list[dict[str, Any]] = [{"name": r.name, "grants": [
         {"level": g.level, "keyspace": g.keyspace, "prefix": os.fsdecode(g.prefix)}
         for g in r.grants]} for r in sorted(roles, key=lambda r: r.name)]
     if as_json:

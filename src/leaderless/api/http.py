@@ -134,11 +134,11 @@ from leaderless.core.locks import LOCK_KEYSPACE
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.logs import NodeLogger
+from leaderless.security.auth import Principal
 from leaderless.web.handlers import add_web_routes
 
 if TYPE_CHECKING:
     from leaderless.runtime.auth import AuthService
-    from leaderless.security.auth import Principal
 
 TOKEN_COOKIE = "leaderless_token"
 """The HttpOnly cookie ``POST /v1/auth/login`` sets (the dashboard's session)."""
@@ -149,6 +149,8 @@ PUBLIC_PATHS = frozenset({"/", "/health/live", "/health/ready", "/v1/auth/login"
 """Routes open without a token: the probes, the dashboard page (its login form), login,
 and whoami (which says itself whether the caller is logged in)."""
 PUBLIC_PREFIXES = ("/static/",)
+PRINCIPAL = web.RequestKey("principal", Principal)
+"""Who is calling (set by the ``authenticate`` middleware when auth is on)."""
 
 BODY_MARGIN_BYTES = 64 * 1024
 """Bodies may exceed the value limit by this much (a keyspace JSON body is tiny), so a
@@ -266,12 +268,12 @@ class HttpApi:
     @web.middleware
     async def authenticate(self, request: web.Request, handler: Handler
                            ) -> web.StreamResponse:
-        """With auth on, resolve the caller's token to ``request["principal"]`` (401 if
+        """With auth on, resolve the caller's token to ``request[PRINCIPAL]`` (401 if
         none or invalid) before any non-public route runs."""
         path = request.path
         if (self._auth is not None and path not in PUBLIC_PATHS
                 and not path.startswith(PUBLIC_PREFIXES)):
-            request["principal"] = await self._principal(request)
+            request[PRINCIPAL] = await self._principal(request)
         return await handler(request)
 
     async def _principal(self, request: web.Request) -> Principal:
@@ -287,7 +289,7 @@ class HttpApi:
                operation: str) -> None:
         """Raise ``permission_denied`` unless the caller may do ``operation``."""
         if self._auth is not None:
-            self._auth.check(request["principal"], level, keyspace, key,
+            self._auth.check(request[PRINCIPAL], level, keyspace, key,
                              operation=operation, peer=request.remote or "")
 
     async def login(self, request: web.Request) -> web.StreamResponse:
@@ -295,7 +297,11 @@ class HttpApi:
         if self._auth is None:
             raise HttpError("bad_request", "authentication is off on this node: there is "
                             "nothing to log in to (start the nodes with --auth)")
-        raw = await request.content.read(LOGIN_BODY_BYTES_MAX + 1)
+        length = request.content_length
+        if length is not None and length > LOGIN_BODY_BYTES_MAX:
+            raise HttpError("bad_request", f"the login body is over {LOGIN_BODY_BYTES_MAX} "
+                            "bytes")
+        raw = await request.read()  # bounded by client_max_size; cached if read already
         if len(raw) > LOGIN_BODY_BYTES_MAX:
             raise HttpError("bad_request", f"the login body is over {LOGIN_BODY_BYTES_MAX} "
                             "bytes")
@@ -316,7 +322,7 @@ class HttpApi:
     async def logout(self, request: web.Request) -> web.StreamResponse:
         _query(request, set())
         if self._auth is not None:
-            await self._auth.logout(request["principal"])
+            await self._auth.logout(request[PRINCIPAL])
         response = json_response({"logged_out": True})
         response.del_cookie(TOKEN_COOKIE, path="/")
         return response
@@ -554,7 +560,7 @@ class HttpApi:
         _query(request, set())
         spaces = await self._service.list_keyspaces()
         if self._auth is not None:
-            principal = request["principal"]
+            principal = request[PRINCIPAL]
             spaces = [k for k in spaces if principal.sees_keyspace(k.name)]
         return json_response({"keyspaces": [msgspec.structs.asdict(k) for k in spaces]})
 

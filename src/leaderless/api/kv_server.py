@@ -33,39 +33,74 @@ Limits and what happens at them:
 
 Errors: ``KvError`` becomes ``Failure(code, message, received, required)``; any other
 exception is a bug: ``Failure(code="internal")`` and an error log line with the traceback.
+
+Authentication (``auth`` given and enabled): a connection starts unauthenticated and acts
+as a user once an ``Authenticate`` (token) or ``Login`` succeeds. Every other request is
+checked against that principal before it starts (``AuthService.check``, synchronous, so
+the fast callback path stays free of tasks); a refused request is answered at once with
+``unauthenticated`` or ``permission_denied``. The principal's expiry is re-read on every
+request, so a token stops working on the first request after it expires; its revocation
+(or its user's deletion, or a change of its roles) reaches an open connection within
+``PRINCIPAL_RECHECK_S`` (one background re-check per connection, never per request).
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+import time
 import traceback
 import weakref
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
 from leaderless.api.kv_messages import (
+    AUTH_REQUEST_TYPES,
     AcquireLock,
+    Authenticate,
+    Authenticated,
     ClientReply,
     ClientRequest,
     CompareAndSet,
+    CreateApiToken,
     CreateKeyspace,
+    CreateRole,
+    CreateUser,
+    DeleteRole,
+    DeleteUser,
     DescribeRing,
+    DisableTotp,
+    EnableTotp,
     Failure,
     Get,
+    GrantEntry,
     Increment,
     Keyspaces,
     ListKeyspaces,
+    ListRoles,
+    ListUsers,
     LockStatus,
+    Login,
+    Logout,
     Put,
     ReleaseLock,
     RenewLock,
+    RevokeToken,
     RingDescription,
+    RoleEntry,
+    RoleGrant,
+    Roles,
     Rows,
     Scan,
+    SetPassword,
+    Token,
+    TotpProvisioning,
     Unwatch,
+    UserEntry,
+    UserRole,
+    Users,
     Watch,
     WatchEvent,
 )
@@ -78,11 +113,16 @@ from leaderless.api.kv_messages import (
 from leaderless.api.service import Fence, KvError, KvService
 from leaderless.core.codec import FRAME_BYTES_MAX
 from leaderless.core.kv_messages import ERROR_TEXT_MAX
+from leaderless.core.locks import LOCK_KEYSPACE
 from leaderless.obs.requests import RequestStats
 from leaderless.runtime.connection_limits import ConnectionCaps, client_address
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.logs import NodeLogger
+from leaderless.security.auth import Grant, Principal
+
+if TYPE_CHECKING:
+    from leaderless.runtime.auth import AuthService
 
 CLIENT_CONNECTIONS_MAX = 1024
 """Client connections served at once. A pooling client opens a few per node; 1,024 covers
@@ -123,6 +163,33 @@ OPERATION_NAMES: dict[type, str] = {
 }
 """The ``operation`` label of request metrics (``obs.requests``)."""
 
+PRINCIPAL_RECHECK_S = 1.0
+"""An authenticated connection in use has its token re-resolved by the auth service this
+often (in the background, one at a time), so a revocation, a deleted user or a role change
+takes effect on open connections within about this long plus the service's own delay
+(``runtime.auth.REVOCATION_DELAY_MAX_S`` at worst)."""
+
+Permission = tuple[str, str, bytes | None]
+"""(level, keyspace, key): what a request needs (key None: the whole keyspace)."""
+PERMISSIONS: dict[type, Callable[[Any], Permission]] = {
+    Get: lambda r: ("read", r.keyspace, r.key),
+    Scan: lambda r: ("read", r.keyspace, r.key),
+    Watch: lambda r: ("read", r.keyspace, r.key),
+    Put: lambda r: ("write", r.keyspace, r.key),
+    DeleteRequest: lambda r: ("write", r.keyspace, r.key),
+    CompareAndSet: lambda r: ("write", r.keyspace, r.key),
+    Increment: lambda r: ("write", r.keyspace, r.key),
+    CreateKeyspace: lambda r: ("admin", r.name, None),
+    AcquireLock: lambda r: ("write", LOCK_KEYSPACE, r.name.encode()),
+    RenewLock: lambda r: ("write", LOCK_KEYSPACE, r.name.encode()),
+    ReleaseLock: lambda r: ("write", LOCK_KEYSPACE, r.name.encode()),
+    LockStatus: lambda r: ("read", LOCK_KEYSPACE, r.name.encode()),
+}
+"""The permission each request needs. A prefix watch's key is its prefix (a grant covers
+it when the grant's prefix starts it). Requests absent here (DescribeRing, ListKeyspaces,
+Unwatch) need only an authenticated connection; ListKeyspaces is filtered to the
+keyspaces the caller can see."""
+
 FastSubmit = Callable[[ClientRequest, Callable[[ClientReply], None]], bool]
 """Optional on a service (``KvNode.try_submit``): start the request and call back with
 its reply, or return False to have it served through the async methods."""
@@ -136,10 +203,12 @@ async def serve_clients(service: KvService, host: str, port: int, *,
                         drops: Drops | None = None,
                         max_in_flight_per_connection: int = IN_FLIGHT_PER_CONNECTION_MAX,
                         log: NodeLogger | None = None,
-                        stats: RequestStats | None = None) -> asyncio.Server:
+                        stats: RequestStats | None = None,
+                        auth: AuthService | None = None) -> asyncio.Server:
     """Listen for native clients on ``host:port`` (port 0: any free port; read it from
     ``server.sockets[0].getsockname()``). Stop with ``server.close()`` then
-    ``abort_connections(server)`` (open connections outlive ``close`` in Python 3.11)."""
+    ``abort_connections(server)`` (open connections outlive ``close`` in Python 3.11).
+    With ``auth`` enabled, every request needs an authenticated connection."""
     assert max_connections > 0
     assert max_in_flight_per_connection > 0
     assert partial_frame_timeout_s > 0 and idle_timeout_s > 0
@@ -151,7 +220,7 @@ async def serve_clients(service: KvService, host: str, port: int, *,
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: ClientConnection(service, registry, max_connections,
-                                 max_in_flight_per_connection, logger, stats,
+                                 max_in_flight_per_connection, logger, stats, auth,
                                  caps=caps, drops=refusals, timeouts=timeouts),
         host, port)
     _connections[server] = registry
@@ -173,11 +242,22 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, service: KvService, registry: set[ClientConnection],
                  max_connections: int, max_in_flight: int, log: NodeLogger,
-                 stats: RequestStats | None = None, *,
+                 stats: RequestStats | None = None, auth: AuthService | None = None, *,
                  caps: ConnectionCaps | None = None, drops: Drops | None = None,
                  timeouts: tuple[float, float] = (PARTIAL_FRAME_TIMEOUT_S,
                                                   CLIENT_IDLE_TIMEOUT_S)) -> None:
         self._service = service
+        self._auth_service = auth
+        self._auth = auth if auth is not None and auth.enabled else None
+        """Set when requests must be authenticated and authorized."""
+        self.principal: Principal | None = None
+        """Who this connection acts as (after Authenticate or Login)."""
+        self._token: str | None = None
+        """The token ``principal`` came from (re-resolved every ``PRINCIPAL_RECHECK_S``)."""
+        self._checked_at = 0.0
+        self._rechecking = False
+        self._refusal = ""
+        """Why the principal was dropped (expired, revoked), for the next request's error."""
         self._stats = stats
         self._submit: FastSubmit | None = getattr(service, "try_submit", None)
         self._registry = registry
@@ -360,6 +440,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _start(self, request: ClientRequest) -> None:
         kind = type(request)
+        if kind in AUTH_REQUEST_TYPES:
+            self._start_auth(request)
+            return
+        auth = self._auth
+        if auth is not None and self._refused(request, kind, auth):
+            return
         if kind is Watch or kind is Unwatch:
             self._start_watch(request)  # type: ignore[arg-type]
             return
@@ -368,6 +454,8 @@ class ClientConnection(asyncio.Protocol):
         stats = self._stats
         if stats is not None:
             on_reply = self._timed(request, stats)
+        if kind is ListKeyspaces and auth is not None:
+            on_reply = self._visible_keyspaces(on_reply)
         # The hot path (get/put/delete on a known keyspace) runs on callbacks: no task,
         # coroutine or future per request, which is most of a request's CPU on a node.
         submit = self._submit
@@ -376,6 +464,133 @@ class ClientConnection(asyncio.Protocol):
         task = self._loop.create_task(self._serve(request, on_reply))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    # -- authentication ----------------------------------------------------------------------
+
+    def _principal(self) -> Principal:
+        """The connection's principal if its token has not expired (raises
+        ``unauthenticated`` otherwise). Revocation is the auth service's to check."""
+        principal = self.principal
+        if principal is None:
+            raise KvError("unauthenticated", self._refusal or "this connection is not "
+                          "authenticated: send Authenticate with a token, or Login, first "
+                          "(`leaderless login`)")
+        if principal.expires_at <= time.time():
+            self._forget(f"the token of user {principal.user!r} has expired; log in again")
+            raise KvError("unauthenticated", self._refusal)
+        if (not self._rechecking and self._token is not None
+                and self._loop.time() - self._checked_at >= PRINCIPAL_RECHECK_S):
+            self._rechecking = True
+            task = self._loop.create_task(self._recheck(self._token))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return principal
+
+    def _authenticated(self, principal: Principal, token: str) -> None:
+        self.principal, self._token, self._refusal = principal, token, ""
+        self._checked_at = self._loop.time()
+
+    def _forget(self, reason: str) -> None:
+        self.principal, self._token, self._refusal = None, None, reason
+
+    async def _recheck(self, token: str) -> None:
+        """Re-resolve the connection's token: a revoked token, a deleted user or changed
+        roles take effect here (a cache hit in the auth service costs little)."""
+        assert self._auth is not None
+        try:
+            principal = await self._auth.authenticate(token, self.peer)
+        except KvError as exc:
+            if exc.code == "unauthenticated" and self._token == token:
+                self._forget(exc.message)
+        else:
+            if self._token == token:
+                self.principal = principal
+        finally:
+            self._rechecking = False
+            self._checked_at = self._loop.time()
+
+    def _refused(self, request: ClientRequest, kind: type, auth: AuthService) -> bool:
+        """Check the request against the connection's principal; if refused, answer it
+        (and count it) here and return True."""
+        permission = PERMISSIONS.get(kind)
+        try:
+            principal = self._principal()
+            if permission is not None:
+                level, keyspace, key = permission(request)
+                auth.check(principal, level, keyspace, key,
+                           operation=OPERATION_NAMES.get(kind, "watch"), peer=self.peer)
+        except KvError as exc:
+            if self._stats is not None:
+                self._stats.error(OPERATION_NAMES.get(kind, "other"), exc.code)
+            self._reply(Failure(request.id, exc.code, _text(exc.message)))
+            return True
+        return False
+
+    def _visible_keyspaces(self, on_reply: Callable[[ClientReply], None]
+                           ) -> Callable[[ClientReply], None]:
+        """Tenants see only the keyspaces their grants name."""
+        principal = self.principal
+        assert principal is not None
+
+        def filtered(reply: ClientReply) -> None:
+            if type(reply) is Keyspaces:
+                reply = Keyspaces(reply.id, [k for k in reply.keyspaces
+                                             if principal.sees_keyspace(k.name)])
+            on_reply(reply)
+
+        return filtered
+
+    def _start_auth(self, request: ClientRequest) -> None:
+        self._in_flight += 1
+        task = self._loop.create_task(self._serve_auth(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_auth(self, request: ClientRequest) -> None:
+        reply: ClientReply
+        try:
+            reply = await self._execute_auth(request)
+        except KvError as exc:
+            reply = Failure(request.id, exc.code, _text(exc.message),
+                            retry_after_s=float(getattr(exc, "retry_after_s", 0.0)))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug in the auth service: tell the client, log it
+            self._log.error("client_request_failed", peer=self.peer,
+                            request=type(request).__name__, error=repr(exc)[:500],
+                            traceback=traceback.format_exc()[-4000:])
+            reply = Failure(request.id, "internal",
+                            _text(f"the node failed on this request ({type(exc).__name__}); "
+                                  "please report it with the node's log"))
+        self._on_fast_reply(reply)
+
+    async def _execute_auth(self, request: ClientRequest) -> ClientReply:
+        auth = self._auth
+        if auth is None:
+            if isinstance(request, Authenticate):
+                # A token sent to a cluster without auth: nothing to check, all allowed.
+                return Authenticated(request.id, "", [], 0.0, auth=False)
+            raise KvError("bad_request", "authentication is off on this cluster: there are "
+                          "no users, roles or tokens (start the nodes with --auth)")
+        if isinstance(request, Authenticate):
+            self._forget("")
+            principal = await auth.authenticate(request.token, self.peer)
+            self._authenticated(principal, request.token)
+            return Authenticated(request.id, principal.user, list(principal.roles),
+                                 principal.expires_at)
+        if isinstance(request, Login):
+            self._forget("")
+            issued = await auth.login(request.user, request.password, request.totp or None,
+                                      self.peer)
+            self._authenticated(await auth.authenticate(issued.token, self.peer),
+                                issued.token)
+            return Token(request.id, issued.token, issued.token_id, issued.user,
+                         issued.expires_at)
+        principal = self._principal()
+        reply = await execute_auth(auth, principal, request)
+        if isinstance(request, Logout):
+            self._forget("this connection logged out; log in again")
+        return reply
 
     # -- watches ---------------------------------------------------------------------------
 
@@ -568,6 +783,56 @@ async def execute(service: KvService, request: ClientRequest) -> ClientReply:
     if kind is DescribeRing:
         return RingDescription(request.id, service.ring_members())
     raise AssertionError(f"unhandled request type {kind.__name__}")
+
+
+async def execute_auth(auth: AuthService, by: Principal, request: ClientRequest
+                       ) -> ClientReply:
+    """Run one user, role or token request as ``by`` (the service checks that ``by`` may;
+    its ``AuthError`` propagates)."""
+    if isinstance(request, Logout):
+        await auth.logout(by)
+    elif isinstance(request, CreateUser):
+        await auth.create_user(by, request.name, request.password, request.roles)
+    elif isinstance(request, DeleteUser):
+        await auth.delete_user(by, request.name)
+    elif isinstance(request, SetPassword):
+        await auth.set_password(by, request.name, request.password)
+    elif isinstance(request, ListUsers):
+        users = await auth.list_users(by)
+        return Users(request.id, [UserEntry(u.name, list(u.roles), u.totp, u.created_at)
+                                  for u in users])
+    elif isinstance(request, UserRole):
+        if request.revoke:
+            await auth.revoke_role(by, request.user, request.role)
+        else:
+            await auth.grant_role(by, request.user, request.role)
+    elif isinstance(request, CreateRole):
+        await auth.create_role(by, request.name)
+    elif isinstance(request, DeleteRole):
+        await auth.delete_role(by, request.name)
+    elif isinstance(request, RoleGrant):
+        grant = Grant(request.level, request.keyspace, request.prefix)
+        if request.revoke:
+            await auth.role_revoke(by, request.role, grant)
+        else:
+            await auth.role_grant(by, request.role, grant)
+    elif isinstance(request, ListRoles):
+        roles = await auth.list_roles(by)
+        return Roles(request.id, [RoleEntry(r.name, [GrantEntry(g.level, g.keyspace, g.prefix)
+                                                     for g in r.grants]) for r in roles])
+    elif isinstance(request, EnableTotp):
+        return TotpProvisioning(request.id, await auth.enable_totp(by, request.user))
+    elif isinstance(request, DisableTotp):
+        await auth.disable_totp(by, request.user)
+    elif isinstance(request, CreateApiToken):
+        issued = await auth.create_api_token(by, request.user, request.name, request.ttl_s)
+        return Token(request.id, issued.token, issued.token_id, issued.user,
+                     issued.expires_at)
+    elif isinstance(request, RevokeToken):
+        await auth.revoke_token(by, request.token_id)
+    else:
+        raise AssertionError(f"unhandled auth request {type(request).__name__}")
+    return DoneReply(request.id)
 
 
 def _fence(lock: str, token: int) -> Fence | None:
