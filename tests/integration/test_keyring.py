@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from leaderless.security.keyring import decode_key, key_id_text
 from tests.integration.helpers import NodeProcess, Processes, run_cli, wait_until
 from tests.integration.test_ops import get, start, start_ready_cluster
 
@@ -26,7 +27,6 @@ def new_key() -> str:
 
 
 def key_id(key: str) -> str:
-    from leaderless.security.keyring import decode_key, key_id_text
     return key_id_text(decode_key(key))
 
 
