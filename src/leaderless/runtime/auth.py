@@ -195,6 +195,9 @@ class AuthService:
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._dummy_hash: str | None = None
         self._bootstrap_users: bytes | None = None
+        self._admin_generated = False
+        self._admin_settled = False
+        """This node's bootstrap of the admin user is decided (made here, or elsewhere)."""
         self._bootstrap_id = secrets.token_bytes(16)
         """The idempotency id of this node's bootstrap change: a retry after a timeout
         learns whether the first attempt was chosen (and so whether to print)."""
@@ -265,28 +268,35 @@ class AuthService:
     async def bootstrap(self) -> bool:
         """Create what a fresh cluster lacks, each by compare-and-set on absence so exactly
         one node's attempt wins: the signing secret, the ``admin`` role, and the ``admin``
-        user. True if this node created the admin user (then, unless its password came
+        user. True if this call created the admin user (then, unless its password came
         from ``admin_password_file``, it printed the generated password)."""
         now = self._clock()
         secret = SigningSecret(secrets.token_bytes(SECRET_BYTES), now)
         await self._create_if_absent(SECRET_KEY, encode_record(secret), b"")
         roles = RoleTable(1, {ADMIN_ROLE: RoleRecord(ADMIN_ROLE, (ADMIN_GRANT,), now)})
         await self._create_if_absent(ROLES_KEY, encode_record(roles), b"")
-        generated = self._admin_password is None
-        if self._bootstrap_users is None:
-            if self._admin_password is None:
-                self._admin_password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
-            admin = UserRecord(ADMIN_USER, _uid(), await self._hash(self._admin_password),
-                               (ADMIN_ROLE,), now)
-            self._bootstrap_users = encode_record(UserTable(1, {ADMIN_USER: admin}))
-        created = await self._create_if_absent(USERS_KEY, self._bootstrap_users,
-                                               self._bootstrap_id)
-        if created:
-            self.audit.info("admin_bootstrapped", user=ADMIN_USER,
-                            password="generated" if generated else "from admin_password_file")
-            if generated:
-                self._print_banner(self._admin_password or "")
-        self._admin_password = None
+        created = False
+        if not self._admin_settled:
+            if self._bootstrap_users is None:
+                # Made once: a retry after a timeout proposes the same change with the same
+                # id, and learns whether the first attempt was chosen.
+                self._admin_generated = self._admin_password is None
+                password = self._admin_password or secrets.token_urlsafe(
+                    GENERATED_PASSWORD_BYTES)
+                self._admin_password = password
+                admin = UserRecord(ADMIN_USER, _uid(), await self._hash(password),
+                                   (ADMIN_ROLE,), now)
+                self._bootstrap_users = encode_record(UserTable(1, {ADMIN_USER: admin}))
+            created = await self._create_if_absent(USERS_KEY, self._bootstrap_users,
+                                                   self._bootstrap_id)
+            self._admin_settled = True
+            if created:
+                self.audit.info("admin_bootstrapped", user=ADMIN_USER, password=(
+                    "generated" if self._admin_generated else "from admin_password_file"))
+                if self._admin_generated:
+                    self._print_banner(self._admin_password or "")
+            self._admin_password = None
+            self._bootstrap_users = None
         await self._refresh_shared()
         self.bootstrapped.set()
         return created

@@ -61,6 +61,7 @@ from leaderless.core.ring import token_count_for
 from leaderless.core.watch_messages import WatchMessage
 from leaderless.obs import RequestStats, SystemSampler, make_registry, render
 from leaderless.obs.alerts import Alerts, Transition, node_readings
+from leaderless.runtime.auth import AuthService
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
 from leaderless.runtime.drops import Drops
@@ -144,6 +145,9 @@ class Node:
         self._stopping = False
         self.kv: KvNode | None = None
         """The data plane (None until started)."""
+        self.auth: AuthService | None = None
+        """Users, tokens and permission checks (None until started; ``enabled`` False
+        unless ``[auth] enabled``)."""
         self._store: Store | None = None
         self._client_server: asyncio.Server | None = None
         self._http_runner: Any = None
@@ -208,6 +212,8 @@ class Node:
         self._arm_timer()
         assert self.kv is not None
         self.kv.start(self._membership.members())
+        assert self.auth is not None
+        self.auth.start(self.joined)  # bootstraps once a seed has answered
         self.log.info("started", address=str(advertise), bind=str(self._transport.address),
                       incarnation=incarnation, data_dir=str(self.config.data_dir),
                       version=__version__,
@@ -252,6 +258,9 @@ class Node:
             tombstone_grace_s=config.tombstone_grace_s, hint_window_s=config.hint_window_s,
             anti_entropy_interval_s=config.anti_entropy_interval_s, peers=links,
             on_fatal=self._fail, rng_seed=self._rng.getrandbits(64))
+        self.auth = AuthService(self.kv, enabled=config.security.auth,
+                                token_ttl_s=config.security.token_ttl_s,
+                                admin_password_file=config.security.admin_password_file)
         log = NodeLogger(config.name, "api")
         if config.client is not None:
             try:
@@ -320,6 +329,8 @@ class Node:
             abort_connections(self._client_server)
         if self._http_runner is not None:
             await self._http_runner.cleanup()
+        if self.auth is not None:
+            await self.auth.close()
         if self.kv is not None:
             await self.kv.close()
         if self._transport is not None:

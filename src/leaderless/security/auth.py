@@ -311,6 +311,9 @@ class TokenError(Exception):
 
 
 _claims_decoder = msgspec.msgpack.Decoder(TokenClaims)
+_B64URL = re.compile(r"[A-Za-z0-9_-]+")
+"""Each part of a token: base64url without padding (anything else is refused, so one token
+has exactly one spelling)."""
 
 
 def _b64(data: bytes) -> str:
@@ -336,7 +339,8 @@ def verify_token(token: str, secret: bytes, now: float) -> TokenClaims:
     if len(token) > TOKEN_CHARS_MAX:
         raise TokenError("too_long")
     parts = token.split(".")
-    if len(parts) != 3 or parts[0] != TOKEN_VERSION:
+    if (len(parts) != 3 or parts[0] != TOKEN_VERSION
+            or not all(_B64URL.fullmatch(part) for part in parts[1:])):
         raise TokenError("malformed")
     signed = f"{parts[0]}.{parts[1]}"
     try:
