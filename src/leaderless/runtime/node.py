@@ -157,9 +157,9 @@ class Node:
         """Set once a seed answered (or at once for a cluster of one)."""
         self.stopped = asyncio.Event()
         self.fatal_error: str | None = None
+        """Set when the node had to stop on an operating error (e.g. the disk failed)."""
         self.keyring: KeyringService | None = None
         """The gossip keyring (None: gossip in plaintext); loaded at start."""
-        """Set when the node had to stop on an operating error (e.g. the disk failed)."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
