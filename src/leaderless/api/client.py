@@ -1,7 +1,12 @@
-"""An asyncio client for the native protocol (used by the CLI, tests and tools)."""
+"""An asyncio client for the native protocol (used by the CLI, tests and tools).
+
+On a cluster with TLS the node port is mutual TLS: give ``ssl_context`` from
+``security.tls.client_context(ca, cert, key)`` with a client (or node) certificate.
+"""
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +28,8 @@ from leaderless.api.messages import (
     WatchStarted,
 )
 from leaderless.core.messages import EVENT_NAME_BYTES_MAX, EVENT_PAYLOAD_BYTES_MAX, Address
-from leaderless.runtime.tcp import FrameClient
+from leaderless.runtime.tcp import ConnectionClosedError, FrameClient
+from leaderless.security.tls import ENV_CA, ENV_CERT, ENV_KEY, tls_failure_reason
 
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -40,12 +46,19 @@ class NodeUnreachableError(ConnectionError):
     """No node answers at the address (not running, wrong address, or firewalled)."""
 
 
+class TlsFailedError(NodeUnreachableError):
+    """TLS with the node failed, or the node closed a plaintext connection at once (it
+    serves TLS); the message says why and which setting to give."""
+
+
 class Client:
     """One connection to one node: ``async with Client(addr) as c: await c.members()``."""
 
-    def __init__(self, address: Address, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, address: Address, timeout_s: float = DEFAULT_TIMEOUT_S, *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
+        self.ssl_context = ssl_context
         self._conn: FrameClient | None = None
 
     async def __aenter__(self) -> Client:
@@ -57,7 +70,10 @@ class Client:
 
     async def connect(self) -> None:
         try:
-            self._conn = await FrameClient.connect(self.address, Reply, self.timeout_s)
+            self._conn = await FrameClient.connect(self.address, Reply, self.timeout_s,
+                                                   self.ssl_context)
+        except ssl.SSLError as exc:
+            raise self._tls_failed(exc) from None
         except (OSError, TimeoutError) as exc:
             raise NodeUnreachableError(
                 f"no node answers at {self.address} ({exc or type(exc).__name__}); "
@@ -72,13 +88,33 @@ class Client:
         if self._conn is None:
             await self.connect()
         assert self._conn is not None
-        self._conn.send(request)
-        reply = await self._conn.recv(self.timeout_s)
+        try:
+            self._conn.send(request)
+            reply = await self._conn.recv(self.timeout_s)
+        except ssl.SSLError as exc:
+            raise self._tls_failed(exc) from None
+        except ConnectionClosedError:
+            if self.ssl_context is not None:
+                raise
+            raise TlsFailedError(
+                f"{self.address} closed the connection without answering; if the cluster "
+                f"uses TLS, set {ENV_CA} (and {ENV_CERT}, {ENV_KEY} to a client "
+                "certificate)") from None
         if isinstance(reply, ErrorReply):
             raise ApiError(reply.code, reply.message)
         if not isinstance(reply, reply_type):
             raise ApiError("unexpected_reply", f"expected {reply_type.__name__}, got {reply!r}")
         return reply
+
+    def _tls_failed(self, exc: ssl.SSLError) -> TlsFailedError:
+        reason = tls_failure_reason(exc)
+        hint = "is the node's certificate from this CA, and does it serve TLS?"
+        if "certificate required" in reason:
+            hint = (f"the node port needs a client certificate: set {ENV_CERT} and {ENV_KEY} "
+                    "(`leaderless certs issue-client NAME --ca DIR`)")
+        elif "unknown ca" in reason or "bad certificate" in reason:
+            hint = "the node does not trust our certificate: is it from the cluster's CA?"
+        return TlsFailedError(f"TLS with {self.address} failed: {reason}; {hint}")
 
     async def members(self) -> list[MemberInfo]:
         """Every member the node knows, itself included."""

@@ -47,6 +47,7 @@ request, so a token stops working on the first request after it expires; its rev
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 import time
 import traceback
@@ -120,6 +121,7 @@ from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.logs import NodeLogger
 from leaderless.security.auth import Grant, Principal
+from leaderless.security.tls import TLS_HANDSHAKE_TIMEOUT_S
 
 if TYPE_CHECKING:
     from leaderless.runtime.auth import AuthService
@@ -204,11 +206,13 @@ async def serve_clients(service: KvService, host: str, port: int, *,
                         max_in_flight_per_connection: int = IN_FLIGHT_PER_CONNECTION_MAX,
                         log: NodeLogger | None = None,
                         stats: RequestStats | None = None,
-                        auth: AuthService | None = None) -> asyncio.Server:
+                        auth: AuthService | None = None,
+                        ssl_context: ssl.SSLContext | None = None) -> asyncio.Server:
     """Listen for native clients on ``host:port`` (port 0: any free port; read it from
     ``server.sockets[0].getsockname()``). Stop with ``server.close()`` then
     ``abort_connections(server)`` (open connections outlive ``close`` in Python 3.11).
-    With ``auth`` enabled, every request needs an authenticated connection."""
+    With ``auth`` enabled, every request needs an authenticated connection. With
+    ``ssl_context`` (``security.tls.NodeTls.client_server``) clients must speak TLS."""
     assert max_connections > 0
     assert max_in_flight_per_connection > 0
     assert partial_frame_timeout_s > 0 and idle_timeout_s > 0
@@ -222,7 +226,8 @@ async def serve_clients(service: KvService, host: str, port: int, *,
         lambda: ClientConnection(service, registry, max_connections,
                                  max_in_flight_per_connection, logger, stats, auth,
                                  caps=caps, drops=refusals, timeouts=timeouts),
-        host, port)
+        host, port, ssl=ssl_context,
+        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT_S if ssl_context is not None else None)
     _connections[server] = registry
     return server
 

@@ -35,6 +35,7 @@ import itertools
 import os
 import random
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any, TypeVar
@@ -115,6 +116,7 @@ from leaderless.core.keys import token
 from leaderless.core.locks import LOCK_KEYSPACE, LOCK_REPLICATION
 from leaderless.core.paxos_messages import LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, LOCK_NAME_BYTES_MAX
 from leaderless.core.ring import Ring, RingNode
+from leaderless.security.tls import ClientTls, client_ssl
 
 DEFAULT_TIMEOUT_S = 10.0
 """Per request, client side. Longer than a node's own replica timeout, so a slow quorum is
@@ -193,13 +195,17 @@ class AsyncClient:
 
     ``nodes`` are client-listener addresses (``HOST:PORT``) of any nodes of the cluster;
     the rest are discovered from the ring. Keys and values are ``bytes`` or ``str`` (UTF-8).
+    A cluster with TLS needs ``tls=ClientTls("certs/ca.crt")`` (``security.tls``; a client
+    certificate is optional here) or a ready ``ssl_context=``.
     """
 
     def __init__(self, nodes: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S,
                  connections_per_node: int = DEFAULT_CONNECTIONS_PER_NODE,
                  connect_timeout_s: float = CONNECT_TIMEOUT_S,
                  ring_refresh_s: float = RING_REFRESH_S, token_aware: bool = True,
-                 rng: random.Random | None = None, token: str | None = None) -> None:
+                 rng: random.Random | None = None, token: str | None = None,
+                 tls: ClientTls | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         if isinstance(nodes, str):
             nodes = [n for n in nodes.split(",") if n.strip()]
         if not nodes:
@@ -207,6 +213,7 @@ class AsyncClient:
         if timeout_s <= 0 or connections_per_node < 1:
             raise ValueError("timeout_s must be > 0 and connections_per_node >= 1")
         self.seeds = [f"{h}:{p}" for h, p in map(_split, nodes)]
+        self.ssl_context = client_ssl(tls, ssl_context)
         self.timeout_s = timeout_s
         self.connections_per_node = connections_per_node
         self.connect_timeout_s = connect_timeout_s
@@ -854,7 +861,7 @@ class AsyncClient:
         (raises OSError/TimeoutError if unreachable, the node's error if it refuses the
         token)."""
         host, port = _split(address)
-        conn = await NodeConnection.open(host, port, self.connect_timeout_s)
+        conn = await NodeConnection.open(host, port, self.connect_timeout_s, self.ssl_context)
         credential = self.token
         if credential is not None:
             try:

@@ -6,19 +6,26 @@ may arrive in any order. Requests issued in the same loop turn go out in one
 one socket cheaply. Per-request timeouts are enforced by one sweep timer per connection
 rather than a timer per request (cheaper on the hot path; a timeout fires up to
 ``SWEEP_INTERVAL_S`` late).
+
+With an ``ssl_context`` (``security.tls.client_context``) the connection is TLS: the node's
+certificate must come from the cluster CA and name the address dialled. A failed handshake
+raises ``TlsHandshakeError`` with OpenSSL's reason; a connection that a node closes before
+any reply, without TLS, says that the node may require TLS.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import struct
 from typing import Any, cast
 
 import msgspec
 
 from leaderless.api.kv_messages import ClientReply, WatchEvent
-from leaderless.client.errors import ConnectionLostError, RequestTimeoutError
+from leaderless.client.errors import ConnectionLostError, LeaderlessError, RequestTimeoutError
 from leaderless.core.codec import FRAME_BYTES_MAX, FrameDecoder, MalformedInput
+from leaderless.security.tls import ENV_CA, TLS_HANDSHAKE_TIMEOUT_S, tls_failure_reason
 
 SWEEP_INTERVAL_S = 0.05
 """How often a connection with requests in flight checks their deadlines."""
@@ -30,11 +37,22 @@ _HEADER = struct.Struct(">I")
 _encoder = msgspec.msgpack.Encoder()
 
 
+class TlsHandshakeError(LeaderlessError):
+    """TLS with the node failed (wrong CA, a certificate that does not name the address,
+    a node without TLS); the message has OpenSSL's reason. A configuration error, so it
+    is raised rather than retried on another node."""
+
+    code = "tls"
+
+
 class NodeConnection(asyncio.Protocol):
     """``conn = await NodeConnection.open(host, port, t)``; ``await conn.call(Get, ...)``."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, tls: bool = False) -> None:
         self.address = address
+        self.tls = tls
+        self._answered = False
+        """A frame came from the node: a close after that is not a TLS mismatch."""
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._decoder: FrameDecoder[ClientReply] = FrameDecoder(ClientReply, FRAME_BYTES_MAX)
@@ -51,12 +69,24 @@ class NodeConnection(asyncio.Protocol):
         self._write_ready.set()
 
     @classmethod
-    async def open(cls, host: str, port: int, timeout_s: float) -> NodeConnection:
-        """Connect within ``timeout_s`` (raises OSError or TimeoutError)."""
+    async def open(cls, host: str, port: int, timeout_s: float,
+                   ssl_context: ssl.SSLContext | None = None) -> NodeConnection:
+        """Connect within ``timeout_s`` (raises OSError or TimeoutError, and
+        ``TlsHandshakeError`` when ``ssl_context`` is given and the handshake fails)."""
         loop = asyncio.get_running_loop()
         address = f"{host}:{port}"
-        async with asyncio.timeout(timeout_s):
-            _, protocol = await loop.create_connection(lambda: cls(address), host, port)
+        tls = ssl_context is not None
+        try:
+            async with asyncio.timeout(timeout_s):
+                _, protocol = await loop.create_connection(
+                    lambda: cls(address, tls), host, port, ssl=ssl_context,
+                    server_hostname=host if tls else None,
+                    ssl_handshake_timeout=min(timeout_s, TLS_HANDSHAKE_TIMEOUT_S)
+                    if tls else None)
+        except ssl.SSLError as exc:
+            raise TlsHandshakeError(
+                f"TLS with {address} failed: {tls_failure_reason(exc)}; is this the "
+                "cluster's CA, and does the node serve TLS?") from None
         return protocol
 
     # -- asyncio.Protocol ------------------------------------------------------------------
@@ -66,6 +96,7 @@ class NodeConnection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        self._answered = True
         try:
             replies = self._decoder.feed(data)
         except MalformedInput as exc:
@@ -95,8 +126,16 @@ class NodeConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
+        if isinstance(exc, ssl.SSLError):  # e.g. the node refused our client certificate
+            self._fail(TlsHandshakeError(f"TLS with {self.address} failed: "
+                                         f"{tls_failure_reason(exc)}"))
+            return
+        hint = ""
+        if not self.tls and not self._answered:
+            hint = (f" before answering; if the node serves TLS, give the client "
+                    f"tls=ClientTls(ca) or set {ENV_CA}")
         self._fail(ConnectionLostError(
-            f"the connection to {self.address} broke" + (f": {exc}" if exc else "")))
+            f"the connection to {self.address} broke" + (f": {exc}" if exc else "") + hint))
 
     def pause_writing(self) -> None:
         self._write_ready.clear()

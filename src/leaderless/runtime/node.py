@@ -74,6 +74,7 @@ from leaderless.runtime.tcp import ServerConnection
 from leaderless.runtime.transport import NetTransport, Transport
 from leaderless.security.data_keys import DataKeyError, load_data_keys
 from leaderless.security.keyring import SEAL_OVERHEAD_BYTES, KeyringError
+from leaderless.security.tls import NodeTls, TlsError, peer_frame_refusal
 from leaderless.storage.encrypted import at_rest
 from leaderless.storage.memory import MemoryStore
 from leaderless.storage.rocks import RocksStore
@@ -160,6 +161,8 @@ class Node:
         """Set when the node had to stop on an operating error (e.g. the disk failed)."""
         self.keyring: KeyringService | None = None
         """The gossip keyring (None: gossip in plaintext); loaded at start."""
+        self.tls: NodeTls | None = None
+        """The TLS contexts from ``[tls]`` (None: plaintext TCP); loaded at start."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -175,8 +178,12 @@ class Node:
                 self.config.name, self.config.data_dir, self.config.security.gossip_keyring,
                 NodeLogger(self.config.name, "keyring"))
             sealing = {} if self.keyring is None else {"keyring": self.keyring}
+            self.tls = _load_tls(self.config)
+            contexts = {} if self.tls is None else {
+                "server_ssl": self.tls.node_server, "client_ssl": self.tls.node_client}
             self._transport = await self._transport_factory(
-                self.config.bind, self._on_packet, self, InboundFrame, self._drops, **sealing)
+                self.config.bind, self._on_packet, self, InboundFrame, self._drops, **sealing,
+                **contexts)
         except StartupError:
             self._data_dir.close()
             raise
@@ -250,7 +257,8 @@ class Node:
 
         def links(hello: Any, reply_type: Any, on_message: Callable[[str, Any], None]
                   ) -> PeerLinks:
-            return PeerLinks(config.name, hello, reply_type, drops, on_message)
+            return PeerLinks(config.name, hello, reply_type, drops, on_message,
+                             ssl_context=self.tls.node_client if self.tls else None)
 
         self.kv = KvNode(
             config.name, self._store, value_bytes_max=config.value_bytes_max,
@@ -266,7 +274,10 @@ class Node:
             try:
                 self._client_server = await serve_clients(self.kv, config.client.host,
                                                           config.client.port, log=log,
-                                                          stats=self.requests)
+                                                          stats=self.requests,
+                                                          auth=self.auth,
+                                                          ssl_context=self.tls.client_server
+                                                          if self.tls else None)
             except OSError as exc:
                 raise StartupError(f"client: cannot listen on {config.client}: "
                                    f"{exc.strerror or exc}; pick another --client port"
@@ -278,7 +289,9 @@ class Node:
                 self._http_runner = await serve_http(self.kv, config.http.host,
                                                      config.http.port,
                                                      value_bytes_max=config.value_bytes_max,
-                                                     log=log, ops=self)
+                                                     log=log, ops=self,
+                                                     ssl_context=self.tls.client_server
+                                                     if self.tls else None)
             except OSError as exc:
                 raise StartupError(f"http: cannot listen on {config.http}: "
                                    f"{exc.strerror or exc}; pick another --http port") from None
@@ -555,6 +568,15 @@ class Node:
         if membership is None or self.stopped.is_set():
             conn.close()
             return
+        identity = conn.peer_identity
+        if identity is not None:  # TLS: only nodes send peer frames, under their own name
+            refusal = peer_frame_refusal(
+                identity, admin_request=isinstance(message, Request),
+                announced_name=message.name if isinstance(message, PeerHello) else None)
+            if refusal is not None:
+                self._drops.malformed("tls_peer", conn.peer, refusal)
+                conn.close()
+                return
         if isinstance(message, PushPull):
             if message.reply:
                 self._drops.malformed("tcp_unexpected", conn.peer, "push-pull reply as request")
@@ -767,6 +789,24 @@ def _notify(subscribers: list[Callable[[T], None]], item: T, log: NodeLogger) ->
             callback(item)
         except Exception as exc:  # a subscriber's bug must not stop the protocol
             log.error("subscriber_failed", error=repr(exc))
+
+
+def _load_tls(config: NodeConfig) -> NodeTls | None:
+    """The node's TLS contexts from ``[tls]`` (None when it is not set); a StartupError
+    names the file that is wrong, or says the certificate is another node's."""
+    security = config.security
+    if security.tls_ca is None or security.tls_cert is None or security.tls_key is None:
+        return None
+    try:
+        tls = NodeTls.load(security.tls_ca, security.tls_cert, security.tls_key)
+    except TlsError as exc:
+        raise StartupError(str(exc)) from None
+    if tls.name != config.name:
+        raise StartupError(f"tls.cert {security.tls_cert}: is the certificate of node "
+                           f"{tls.name!r}, but this node is {config.name!r}; peers check that "
+                           f"a node's name is its certificate's (`leaderless certs issue "
+                           f"{config.name}`)")
+    return tls
 
 
 def _moved(old: LoadSummary, new: LoadSummary) -> bool:

@@ -6,17 +6,24 @@ requests (replica writes and reads, anti-entropy) to the peer; the peer's replie
 on the same connection and go to ``on_message``. A link to a peer that cannot be reached
 drops what it was given (the coordinator's timeout and hints deal with that) and does not
 retry connecting for ``RECONNECT_BACKOFF_S``, so a dead peer costs no connect storm.
+
+With TLS (``ssl_context``, ``security.tls.NodeTls.node_client``) a link verifies the peer's
+certificate against the cluster CA and the address it dialled against the SANs, and the
+certificate must be the node certificate of the member the link is for (its CN is the
+member's name), so data meant for one node never goes to another that took its address.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
 from leaderless.core.codec import FrameDecoder, MalformedInput, encode_frame
 from leaderless.core.messages import Address
 from leaderless.runtime.drops import Drops
+from leaderless.security.tls import NODE_ROLE, PeerIdentity, tls_failure_reason
 
 LINK_BUFFER_BYTES_MAX = 64 << 20
 """Bytes queued to one peer (in our buffer and the socket's) before we drop new frames:
@@ -39,7 +46,15 @@ class PeerLink(asyncio.Protocol):
     # -- asyncio.Protocol --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
+        tcp = cast(asyncio.Transport, transport)
+        if self._links.ssl_context is not None:
+            identity = PeerIdentity.from_ssl_object(tcp.get_extra_info("ssl_object"))
+            if identity is None or identity.role != NODE_ROLE or identity.name != self.name:
+                self._links.refuse(self, f"the certificate is {identity or 'not leaderless'}"
+                                         f", not node {self.name}'s")
+                tcp.abort()
+                return
+        self._transport = tcp
         self._flush()
 
     def data_received(self, data: bytes) -> None:
@@ -53,6 +68,8 @@ class PeerLink(asyncio.Protocol):
             self._links.on_message(self.name, message)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if isinstance(exc, ssl.SSLError):  # e.g. the peer refused our certificate
+            self._links.refuse(self, tls_failure_reason(exc))
         self._transport = None
         self._decoder = FrameDecoder(self._links.reply_type)
         self._links.forget(self)
@@ -90,11 +107,13 @@ class PeerLinks:
     """Every outbound link of this node, by peer name."""
 
     def __init__(self, me: str, hello: Any, reply_type: Any, drops: Drops,
-                 on_message: Callable[[str, Any], None]) -> None:
+                 on_message: Callable[[str, Any], None], *,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.me = me
         self.reply_type = reply_type
         self.drops = drops
         self.on_message = on_message
+        self.ssl_context = ssl_context
         self._hello = hello
         self._links: dict[str, PeerLink] = {}
         self._failed_at: dict[str, float] = {}
@@ -118,14 +137,28 @@ class PeerLinks:
 
     async def _connect(self, link: PeerLink) -> None:
         loop = asyncio.get_running_loop()
+        host, port = link.address.host, link.address.port
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
-                await loop.create_connection(lambda: link, link.address.host,
-                                             link.address.port)
+                if self.ssl_context is None:
+                    await loop.create_connection(lambda: link, host, port)
+                else:
+                    await loop.create_connection(
+                        lambda: link, host, port, ssl=self.ssl_context, server_hostname=host,
+                        ssl_handshake_timeout=CONNECT_TIMEOUT_S)
+        except ssl.SSLError as exc:
+            self.refuse(link, tls_failure_reason(exc))
+            self.forget(link)
         except (OSError, TimeoutError) as exc:
             self._failed_at[link.name] = loop.time()
             self.drops.send_error("peer_connect", link.name, exc or "timed out")
             self.forget(link)
+
+    def refuse(self, link: PeerLink, reason: str) -> None:
+        """TLS failed or the peer is not who the link is for: count and log it
+        (``send_errors_total{kind="peer_tls"}``), and back off as from a failed connect."""
+        self._failed_at[link.name] = asyncio.get_running_loop().time()
+        self.drops.send_error("peer_tls", f"{link.name} at {link.address}", reason)
 
     def forget(self, link: PeerLink) -> None:
         if self._links.get(link.name) is link:

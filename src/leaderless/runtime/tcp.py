@@ -4,12 +4,19 @@
 native requests arrive on the same port and go to a ``FrameHandler``. A peer that sends
 bytes that do not decode gets its connection closed. ``FrameClient`` is the outbound side
 (push-pull, the CLI): send a frame, await reply frames.
+
+With TLS (``security.tls``) a ``ServerConnection`` runs the server side of TLS itself
+(``TlsSession``, over memory buffers) instead of leaving it to the event loop: a failed
+handshake (a certificate from another CA, a plaintext client) is then logged with its
+reason and counted (``dropped_malformed_total{kind="tls_handshake"}``) rather than vanishing
+silently, and the connection knows its peer's verified identity before the first frame.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
@@ -17,6 +24,12 @@ from leaderless.core.codec import FRAME_BYTES_MAX, FrameDecoder, MalformedInput,
 from leaderless.core.messages import Address
 from leaderless.runtime.connection_limits import ConnectionCaps, client_address
 from leaderless.runtime.drops import Drops
+from leaderless.security.tls import (
+    TLS_HANDSHAKE_TIMEOUT_S,
+    PeerIdentity,
+    TlsSession,
+    tls_failure_reason,
+)
 
 CONNECTIONS_MAX = 512
 """Inbound connections served at once: peers sync one at a time and clients are few; a
@@ -48,8 +61,12 @@ class ServerConnection(asyncio.Protocol):
 
     def __init__(self, handler: FrameHandler, frame_type: Any, drops: Drops,
                  registry: set[ServerConnection], *,
-                 connections_per_client_max: int = CONNECTIONS_PER_CLIENT_MAX) -> None:
+                 connections_per_client_max: int = CONNECTIONS_PER_CLIENT_MAX,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._handler = handler
+        self._tls = tls
+        self._session: TlsSession | None = None
+        self._handshake_deadline: asyncio.TimerHandle | None = None
         self._caps = ConnectionCaps("tcp", CONNECTIONS_MAX, connections_per_client_max)
         self._decoder: FrameDecoder[Any] = FrameDecoder(frame_type)
         self._drops = drops
@@ -67,6 +84,8 @@ class ServerConnection(asyncio.Protocol):
         """The node name a peer announced (``PeerHello``); None for clients."""
         self.streaming = False
         """True while the connection carries a stream (a watch): it is not idle."""
+        self.peer_identity: PeerIdentity | None = None
+        """With TLS: the role and name in the peer's verified certificate; None without."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio's, so no isinstance check here.
@@ -80,11 +99,19 @@ class ServerConnection(asyncio.Protocol):
             self._transport.abort()
             return
         self._registry.add(self)
+        if self._tls is not None:
+            self._session = TlsSession(self._tls)
+            self._handshake_deadline = asyncio.get_running_loop().call_later(
+                TLS_HANDSHAKE_TIMEOUT_S, self._handshake_timed_out)
         self._touch()
 
     def data_received(self, data: bytes) -> None:
         if self._transport is None or self._transport.is_closing():
             return
+        if self._session is not None:
+            data = self._decrypt(self._transport, self._session, data)
+            if not data:
+                return
         self._touch()
         try:
             messages = self._decoder.feed(data)
@@ -97,6 +124,43 @@ class ServerConnection(asyncio.Protocol):
                 return
             self._handler.handle_frame(message, self)
 
+    def _decrypt(self, transport: asyncio.Transport, session: TlsSession, data: bytes
+                 ) -> bytes:
+        """The application bytes in ``data``; on the handshake's end, the peer's identity."""
+        handshaking = not session.established
+        try:
+            plain = session.receive(data)
+        except ssl.SSLError as exc:
+            transport.write(session.outgoing())  # the alert tells the peer why
+            kind = "tls_handshake" if handshaking else "tls_record"
+            self._drops.malformed(kind, self.peer, tls_failure_reason(exc))
+            transport.close()
+            return b""
+        out = session.outgoing()
+        if out:
+            transport.write(out)
+        if handshaking and session.established:
+            if self._handshake_deadline is not None:
+                self._handshake_deadline.cancel()
+            self.peer_identity = PeerIdentity.from_ssl_object(session.ssl_object)
+            if self.peer_identity is None:
+                self._drops.malformed("tls_identity", self.peer, "the certificate names no "
+                                      "leaderless role (OU) and name (CN)")
+                transport.close()
+                return b""
+        if session.closed:
+            self.close()
+        return plain
+
+    def _handshake_timed_out(self) -> None:
+        self._handshake_deadline = None
+        session = self._session
+        if self._transport is not None and session is not None and not session.established:
+            session.failed = True
+            self._drops.malformed("tls_handshake", self.peer,
+                                  f"no TLS handshake within {TLS_HANDSHAKE_TIMEOUT_S:g} s")
+            self._transport.abort()
+
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
@@ -105,6 +169,11 @@ class ServerConnection(asyncio.Protocol):
         if self._idle is not None:
             self._idle.cancel()
         self._transport = None
+        if self._handshake_deadline is not None:
+            self._handshake_deadline.cancel()
+        if self._session is not None and self._session.abandoned():
+            self._drops.malformed("tls_handshake", self.peer, "the peer closed the connection "
+                                  "during the handshake (does it trust this node's CA?)")
         callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
             callback()
@@ -158,7 +227,11 @@ class ServerConnection(asyncio.Protocol):
         pending, self._pending, self._pending_bytes = self._pending, [], 0
         transport = self._transport
         if transport is not None and not transport.is_closing() and pending:
-            transport.write(b"".join(pending))
+            data = b"".join(pending)
+            session = self._session
+            if session is not None:  # frames exist only after the handshake
+                data = session.encrypt(data)
+            transport.write(data)
 
     def on_close(self, callback: Callable[[], None]) -> None:
         self._close_callbacks.append(callback)
@@ -185,12 +258,20 @@ class FrameClient(asyncio.Protocol):
         self._paused = False
 
     @classmethod
-    async def connect(cls, address: Address, reply_type: Any, timeout_s: float) -> FrameClient:
-        """Connect within ``timeout_s`` (raises TimeoutError or OSError)."""
+    async def connect(cls, address: Address, reply_type: Any, timeout_s: float,
+                      ssl_context: ssl.SSLContext | None = None) -> FrameClient:
+        """Connect within ``timeout_s`` (raises TimeoutError or OSError, ssl.SSLError when
+        the TLS handshake fails). With ``ssl_context`` the node's certificate must name
+        ``address.host``."""
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(timeout_s):
-            _, protocol = await loop.create_connection(
-                lambda: cls(reply_type), address.host, address.port)
+            if ssl_context is None:
+                _, protocol = await loop.create_connection(
+                    lambda: cls(reply_type), address.host, address.port)
+            else:
+                _, protocol = await loop.create_connection(
+                    lambda: cls(reply_type), address.host, address.port, ssl=ssl_context,
+                    server_hostname=address.host, ssl_handshake_timeout=timeout_s)
         return protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

@@ -1,8 +1,9 @@
 """The boundary between a node and the network.
 
 ``Transport`` is what the node needs: fire-and-forget datagrams and request/reply frames.
-``NetTransport`` implements it with plain UDP and TCP on one address (same port number for
-both); TLS and gossip encryption will be other implementations of the same interface.
+``NetTransport`` implements it with UDP and TCP on one address (same port number for
+both); with TLS contexts (``security.tls``) every TCP connection, inbound and outbound, is
+mutual TLS, and with a keyring every datagram is sealed.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -46,24 +48,30 @@ class NetTransport:
     """UDP datagrams and TCP frames on the same HOST:PORT."""
 
     def __init__(self, address: Address, udp: UdpEndpoint, server: asyncio.Server,
-                 connections: set[ServerConnection]) -> None:
+                 connections: set[ServerConnection],
+                 client_ssl: ssl.SSLContext | None = None) -> None:
         self._address = address
         self._udp = udp
         self._server = server
         self._connections = connections
+        self._client_ssl = client_ssl
 
     @classmethod
     async def bind(cls, address: Address, on_packet: Callable[[Packet], None],
                    handler: FrameHandler, frame_type: Any, drops: Drops, *,
-                   keyring: GossipSealer | None = None) -> NetTransport:
+                   keyring: GossipSealer | None = None,
+                   server_ssl: ssl.SSLContext | None = None,
+                   client_ssl: ssl.SSLContext | None = None) -> NetTransport:
         """Listen on ``address`` (UDP and TCP). Raises PortInUseError naming the side that
         is taken. Port 0 picks a port that is free for both. With ``keyring`` every
-        datagram is sealed and opened under it (``runtime.keyring_service``)."""
+        datagram is sealed and opened under it (``runtime.keyring_service``). With
+        ``server_ssl`` every inbound TCP connection must complete TLS (``security.tls``:
+        ``NodeTls.node_server``), and ``request`` dials peers with ``client_ssl``."""
         attempts = EPHEMERAL_BIND_ATTEMPTS if address.port == 0 else 1
         for attempt in range(attempts):
             try:
                 return await cls._bind_once(address, on_packet, handler, frame_type, drops,
-                                            keyring)
+                                            keyring, server_ssl, client_ssl)
             except PortInUseError:
                 if attempt + 1 == attempts:
                     raise
@@ -72,12 +80,15 @@ class NetTransport:
     @classmethod
     async def _bind_once(cls, address: Address, on_packet: Callable[[Packet], None],
                          handler: FrameHandler, frame_type: Any, drops: Drops,
-                         keyring: GossipSealer | None = None) -> NetTransport:
+                         keyring: GossipSealer | None = None,
+                         server_ssl: ssl.SSLContext | None = None,
+                         client_ssl: ssl.SSLContext | None = None) -> NetTransport:
         loop = asyncio.get_running_loop()
         connections: set[ServerConnection] = set()
         try:
             server = await loop.create_server(
-                lambda: ServerConnection(handler, frame_type, drops, connections),
+                lambda: ServerConnection(handler, frame_type, drops, connections,
+                                         tls=server_ssl),
                 address.host, address.port, reuse_address=True, backlog=256)
         except OSError as exc:
             raise _bind_error(address, "TCP", exc) from None
@@ -90,7 +101,7 @@ class NetTransport:
             server.close()
             await server.wait_closed()
             raise _bind_error(Address(address.host, port), "UDP", exc) from None
-        return cls(Address(address.host, port), udp, server, connections)
+        return cls(Address(address.host, port), udp, server, connections, client_ssl)
 
     @property
     def address(self) -> Address:
@@ -101,7 +112,7 @@ class NetTransport:
 
     async def request(self, to: Address, message: Any, reply_type: Any,
                       timeout_s: float) -> Any:
-        client = await FrameClient.connect(to, reply_type, timeout_s)
+        client = await FrameClient.connect(to, reply_type, timeout_s, self._client_ssl)
         try:
             client.send(message)
             return await client.recv(timeout_s)

@@ -1,0 +1,1 @@
+"""Security: cluster PKI and TLS, authentication and permissions, keys for encryption."""
