@@ -9,7 +9,9 @@
 The asked node applies the change and sends it on to every alive member; the command
 prints on how many nodes it took and which failed. Rotation without downtime: install the
 new key, use it, then remove the old one (each step on every node before the next).
-KEY may be ``-`` to read it from stdin (keeps it out of the shell history).
+KEY may be ``-`` to read it from stdin (keeps it out of the shell history). On a cluster
+with TLS, set ``LEADERLESS_TLS_CA``, ``LEADERLESS_TLS_CERT`` and ``LEADERLESS_TLS_KEY`` (a
+client certificate: the node port is mutual TLS).
 
 Exit codes: 0 every node applied it; 1 the node is unreachable, refused, or some node
 failed (listed on stderr); 2 invalid usage.
@@ -29,6 +31,7 @@ from leaderless.api.messages import KeyringOperation, KeyringReply
 from leaderless.config import DEFAULT_BIND, parse_host_port
 from leaderless.runtime.process import EXIT_CONFIG, EXIT_FATAL, run
 from leaderless.security.keyring import KeyringError, decode_key, generate_key, key_id_text
+from leaderless.security.tls import ClientTls, TlsError
 
 KEYRING_TIMEOUT_S = 30.0
 """The asked node waits up to its io_timeout_s (5 s) for every member at once; 30 s
@@ -55,8 +58,14 @@ def _ask(node: str, timeout_s: float, operation: KeyringOperation, key: str = ""
     except ValueError as exc:
         _fail(f"--node: {node!r} {exc}", EXIT_CONFIG)
 
+    try:  # a TLS cluster: LEADERLESS_TLS_CA, and a client certificate (_CERT, _KEY)
+        tls = ClientTls.from_env()
+        context = None if tls is None else tls.context()
+    except TlsError as exc:
+        _fail(str(exc), EXIT_CONFIG)
+
     async def go() -> KeyringReply:
-        async with Client(address, timeout_s=timeout_s) as client:
+        async with Client(address, timeout_s=timeout_s, ssl_context=context) as client:
             return await client.keyring(operation, key)
 
     try:
