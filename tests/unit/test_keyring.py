@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from leaderless.api.messages import KeyringChange, KeyringChangeReply, KeyringRequest
 from leaderless.core.codec import PACKET_BYTES_MAX, decode_packet, encode_packet
@@ -372,3 +374,17 @@ def test_udp_endpoints_seal_open_and_count_drops_by_reason() -> None:
                                                     "gossip_not_sealed": 1}
     assert out["plain"][1].dropped_malformed_total == {"gossip_sealed": 3}
     assert out["k1k2"][0] == [decode_packet(PLAINTEXT)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=PACKET_BYTES_MAX + 64), st.booleans())
+def test_any_bytes_either_open_or_are_refused_with_a_reason(data: bytes, keyed: bool) -> None:
+    """Hostile input: random bytes, or random bytes behind a real key id, never crash."""
+    keyring = Keyring([K1])
+    if keyed:
+        data = bytes([SEALED_MARKER]) + bytes.fromhex(key_id_text(K1)) + data
+    try:
+        keyring.open(data)
+    except OpenError as exc:
+        assert exc.reason in ("not_sealed", "truncated", "unknown_key", "auth_failed")
+        assert exc.reason != "unknown_key" or not keyed
