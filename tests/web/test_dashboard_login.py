@@ -12,9 +12,11 @@ Waits are deadlines, never timing assertions.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,8 +24,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyotp
 import pytest
 
+from leaderless.client import AsyncClient
 from tests.integration.helpers import NodeProcess, Processes, wait_until
 from tests.integration.test_ops import get, start, start_ready_cluster
 from tests.web.test_dashboard import (
@@ -43,6 +47,9 @@ ADMIN = "admin"
 ADMIN_PASSWORD = "dashboard-admin-secret-7"
 DESKTOP: ViewportSize = {"width": 1280, "height": 800}
 PHONE: ViewportSize = {"width": 390, "height": 844}
+WATCHER = "watcher"
+"""A user with TOTP and no role: logging in is enough to watch the dashboard."""
+WATCHER_PASSWORD = "watching-the-cluster-9"
 LOGIN_ATTEMPTS_MAX = 20
 """Wrong passwords tried before giving up on seeing the back-off (the node allows 5)."""
 
@@ -131,6 +138,33 @@ def browser_page(executable: str, viewport: ViewportSize
             browser.close()
 
 
+def create_totp_user(url: str, token: str) -> pyotp.TOTP:
+    """The watcher, with TOTP on (through the native client, as the admin); its TOTP."""
+    status, ring = request(url + "/v1/ring", token=token)
+    assert status == 200, ring
+    clients = [m["client_address"] for m in ring["members"]]
+
+    async def go() -> str:
+        admin = AsyncClient(clients, timeout_s=10)
+        try:
+            await admin.login(ADMIN, ADMIN_PASSWORD)
+            await admin.create_user(WATCHER, WATCHER_PASSWORD)
+            return await admin.enable_totp(WATCHER)
+        finally:
+            await admin.close()
+
+    totp = pyotp.parse_uri(asyncio.run(go()))
+    assert isinstance(totp, pyotp.TOTP)
+    return totp
+
+
+def wrong_code(totp: pyotp.TOTP) -> str:
+    """A code no step near now accepts."""
+    now = time.time()
+    near = {totp.at(now + steps * totp.interval) for steps in range(-2, 3)}
+    return next(code for code in (f"{n:06d}" for n in range(10**6)) if code not in near)
+
+
 def wait_live(page: Any, node: str, members: int) -> None:
     """The dashboard shows ``node``'s view with ``members`` alive and its charts grow."""
     page.wait_for_function(f"document.getElementById('node-name').textContent === '{node}'")
@@ -183,6 +217,7 @@ def test_dashboard_login_logout_and_session_end(processes: Processes,
     executable = chromium_or_skip()
     nodes, urls, token = start_auth_cluster(processes, tmp_path, ("lg1", "lg2", "lg3"))
     url = urls[0]
+    totp = create_totp_user(url, token)  # before the browser: Playwright runs its own loop
 
     # The stream itself: no token, 401 unauthenticated; a revoked token ends it.
     status, body = request(url + "/api/dashboard/stream")
@@ -267,6 +302,32 @@ def test_dashboard_login_logout_and_session_end(processes: Processes,
         wait_fits_width(page)
         save_screenshot(page, tmp_path, "dashboard-login-phone.png")
         page.set_viewport_size(DESKTOP)
+
+        # A user with TOTP, in a browser of its own: the code is asked only after the
+        # password, a wrong code is refused like a wrong password, the right one logs in.
+        other = page.context.browser.new_context(viewport=DESKTOP).new_page()
+        other.on("pageerror", lambda exc: errors.append(str(exc)))
+        other.set_default_timeout(DEADLINE_MS)
+        other.goto(url + "/")
+        other.get_by_label("User").fill(WATCHER)
+        other.get_by_label("Password").fill(WATCHER_PASSWORD)
+        other.get_by_role("button", name="Log in").click()
+        other.wait_for_selector("#totp-row", state="visible")
+        other.wait_for_function("document.activeElement.id === 'login-totp'")
+        assert "code from your authenticator app" in error_text(other)
+        other.get_by_label("Authenticator code").fill(wrong_code(totp))
+        other.get_by_role("button", name="Log in").click()
+        other.wait_for_function(
+            "document.getElementById('login-error').textContent.startsWith('Wrong')")
+        assert error_text(other) == "Wrong user name, password or authenticator code."
+        assert other.locator("#dashboard").is_hidden()
+        save_screenshot(other, tmp_path, "dashboard-login-totp.png")
+        other.get_by_label("Password").fill(WATCHER_PASSWORD)
+        other.get_by_label("Authenticator code").fill(totp.now())
+        other.get_by_role("button", name="Log in").click()
+        wait_live(other, "lg1", 3)
+        assert other.locator("#user-name").text_content() == WATCHER
+        other.context.close()
 
         # Wrong passwords until the node backs off: the wait is shown, the button waits.
         page.get_by_label("User").fill(ADMIN)

@@ -320,6 +320,7 @@
     dashboard.auth = {enabled: who.enabled, user: who.user, roles: who.roles || [],
                       expires_at: who.expires_at || null};
     $("login").hidden = true;
+    $("served").hidden = false;
     $("session").hidden = !who.enabled;
     $("user-name").textContent = who.user || "";
     $("auth-note").textContent = who.enabled
@@ -346,6 +347,7 @@
     stopDashboard();
     dashboard.auth = {enabled: true, user: null, roles: [], expires_at: null};
     $("dashboard").hidden = true;
+    $("served").hidden = true;  // a node's name is for those logged in
     $("session").hidden = true;
     $("auth-note").textContent = "";
     $("node-name").textContent = "…";
