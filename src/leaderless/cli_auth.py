@@ -34,9 +34,10 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from leaderless.cli_certs import client_ssl_from_env
 from leaderless.cli_kv import TOKEN_META, _common, _fail, _nodes, exit_code_for
 from leaderless.client.async_client import AsyncClient
-from leaderless.client.errors import LeaderlessError, TotpRequiredError
+from leaderless.client.errors import LeaderlessError, TotpRequiredError, UnauthenticatedError
 from leaderless.runtime.process import EXIT_CONFIG, run
 
 T = TypeVar("T")
@@ -109,10 +110,11 @@ def _with_client(nodes: tuple[str, ...], timeout_s: float,
     False, as for ``login``); node errors become the CLI's exit codes."""
     addresses = _nodes(nodes)
     credential = token if token is not None else (context_token() if authenticated else None)
+    context = client_ssl_from_env()  # a TLS cluster: LEADERLESS_TLS_CA
 
     async def go() -> T:
         client = AsyncClient(addresses, timeout_s=timeout_s, connections_per_node=1,
-                             ring_refresh_s=0, token=credential)
+                             ring_refresh_s=0, token=credential, ssl_context=context)
         try:
             return await action(client)
         finally:
@@ -189,9 +191,18 @@ def logout(nodes: tuple[str, ...], timeout_s: float, as_json: bool) -> None:
     token = context_token()
     if token is None:
         _fail("not logged in: no --token, $LEADERLESS_TOKEN or stored token", EXIT_CONFIG)
-    _with_client(nodes, timeout_s, lambda c: c.logout(), token=token)
+
+    async def revoke(client: AsyncClient) -> bool:
+        try:
+            await client.logout()
+        except UnauthenticatedError:
+            return False  # expired or revoked already: nothing left to revoke
+        return True
+
+    revoked = _with_client(nodes, timeout_s, revoke, token=token)
     forget_token()
-    _done(as_json, "logged out (the token is revoked)")
+    _done(as_json, "logged out (the token is revoked)" if revoked
+          else "logged out (the token was no longer valid)", revoked=revoked)
 
 
 @click.command("whoami")

@@ -230,8 +230,10 @@ async def raw(address: str, *requests: Any) -> list[Any]:
 async def setup_tenants(admin: AsyncClient) -> None:
     for name in ("shared", "tenant_a", "tenant_b"):
         await admin.create_keyspace(name, if_not_exists=True)
+    await admin.create_keyspace("feed", mode="strong", if_not_exists=True)
     await admin.create_role("reader")
     await admin.role_grant("reader", "read", "shared")
+    await admin.role_grant("reader", "read", "feed")
     await admin.create_role("tenant-a")
     await admin.role_grant("tenant-a", "write", "tenant_a", b"users/")
     await admin.create_user("reader1", PASSWORD, ["reader"])
@@ -276,7 +278,7 @@ async def check_reader_and_tenant(nodes: list[Node], reader: AsyncClient,
                                   alice: AsyncClient) -> None:
     denials_before = sum(n.auth.denials for n in nodes if n.auth is not None)
     assert await reader.get("shared", "k") == b"shared value"
-    assert [k.name for k in await reader.list_keyspaces()] == ["shared"]
+    assert sorted(k.name for k in await reader.list_keyspaces()) == ["feed", "shared"]
     with pytest.raises(PermissionDeniedError) as denied:
         await reader.put("shared", "k", b"x")
     assert denied.value.message.startswith("put on keyspace 'shared'")
@@ -307,9 +309,22 @@ async def check_token_lifecycle(admin: AsyncClient, clients: list[str]) -> None:
     # stops working too (on a request shortly after).
     issued = await admin.create_api_token("reader1", "ci", 600)
     bot = AsyncClient(clients, timeout_s=10, ring_refresh_s=0, token=issued.token)
+    await admin.put("feed", "k", b"0")
+    changes = bot.watch("feed", "k")
     try:
         assert await bot.get("shared", "k") == b"shared value"
+        assert (await anext(changes)).value == b"0"
         await admin.revoke_token(issued.token_id)
+
+        async def watch_ended() -> bool:
+            await admin.put("feed", "k", b"more")
+            try:
+                await asyncio.wait_for(anext(changes), 5)
+            except UnauthenticatedError:
+                return True
+            return False
+
+        await wait_for(watch_ended, "a watch under the revoked token ends", timeout_s=15)
 
         async def refused() -> bool:
             try:
@@ -321,6 +336,7 @@ async def check_token_lifecycle(admin: AsyncClient, clients: list[str]) -> None:
         await wait_for(refused, "the revoked token stops working on an open connection",
                        timeout_s=15)
     finally:
+        await changes.aclose()
         await bot.close()
 
     # A short-lived token stops working on the first request after it expires.
@@ -395,7 +411,8 @@ def test_http_paths_authenticate_and_authorize(tmp_path: Path) -> None:
                 assert response.status == 403
                 assert "secret" not in await response.text()
             async with http.get(url + "/v1/keyspaces", headers=bearer) as response:
-                assert [k["name"] for k in (await response.json())["keyspaces"]] == ["shared"]
+                listed = (await response.json())["keyspaces"]
+                assert sorted(k["name"] for k in listed) == ["feed", "shared"]
             async with http.post(url + "/v1/keyspaces", json={"name": "mine"},
                                  headers=bearer) as response:
                 assert response.status == 403

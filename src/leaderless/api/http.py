@@ -480,6 +480,11 @@ class HttpApi:
         await response.prepare(request)
         try:
             async for event in watch.events():
+                if self._auth is not None:  # the token may expire or be revoked meanwhile
+                    principal = await self._principal(request)
+                    if not principal.allows("read", keyspace, key):
+                        raise HttpError("permission_denied", f"watch on keyspace {keyspace!r} "
+                                        "is no longer allowed: the caller's roles changed")
                 body = {"key": _utf8(event.partition), "key_b64": _b64(event.partition),
                         "sort": _utf8(event.sort), "sort_b64": _b64(event.sort),
                         "version": event.version, "deleted": event.value is None,

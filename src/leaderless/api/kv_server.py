@@ -531,6 +531,14 @@ class ClientConnection(asyncio.Protocol):
             return True
         return False
 
+    def _still_allowed(self, watch: Watch) -> None:
+        """Before each event of a watch: its token must still be valid (not expired, not
+        revoked) and still allow reading what it watches, else the watch ends."""
+        principal = self._principal()
+        if not principal.allows("read", watch.keyspace, watch.key):
+            raise KvError("permission_denied", f"watch on keyspace {watch.keyspace!r} is no "
+                          f"longer allowed: the roles of user {principal.user!r} changed")
+
     def _visible_keyspaces(self, on_reply: Callable[[ClientReply], None]
                            ) -> Callable[[ClientReply], None]:
         """Tenants see only the keyspaces their grants name."""
@@ -623,6 +631,8 @@ class ClientConnection(asyncio.Protocol):
             watch = await self._service.watch(request.keyspace, request.key, request.sort,
                                               request.prefix, request.since_version)
             async for event in watch.events():
+                if self._auth is not None:
+                    self._still_allowed(request)
                 value = event.value
                 self._reply(WatchEvent(request.id, event.partition, event.version,
                                        value is not None, value or b"", event.sort))

@@ -624,13 +624,12 @@ class AsyncClient:
 
     async def whoami(self) -> Authenticated:
         """Who the token names (``user``, ``roles``, ``expires_at``); ``auth`` False if
-        the cluster runs without authentication."""
-        if self.token is None:
-            return Authenticated(0, "", [], 0.0, auth=False)
+        the cluster runs without authentication. ``UnauthenticatedError`` if it runs with
+        it and this client has no valid token."""
         conn = await self._any_connection(self._candidates(None, None), set())
         if conn is None:
             raise NoNodeAvailableError("no node answers at " + ", ".join(self.seeds))
-        return await _authenticate(conn, self.token, self.timeout_s)
+        return await _authenticate(conn, self.token or "", self.timeout_s)
 
     async def logout(self) -> None:
         """Revoke this client's token on the cluster and forget it."""
