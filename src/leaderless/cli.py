@@ -36,6 +36,7 @@ from rich.table import Table
 from leaderless import __version__
 from leaderless.api.client import ApiError, Client, NodeUnreachableError
 from leaderless.api.messages import EventNotification, MemberInfo
+from leaderless.cli_certs import client_ssl_from_env
 from leaderless.config import DEFAULT_BIND, LOG_FORMATS, LOG_LEVELS, ConfigError, load_config
 from leaderless.config import parse_host_port as _parse_host_port
 from leaderless.core.messages import Address
@@ -64,10 +65,12 @@ def _address(text: str) -> Address:
 
 
 def _call(node: str, action: Callable[[Client], Awaitable[T]]) -> T:
-    """Run one client action against ``node``, turning failures into clear exits."""
+    """Run one client action against ``node``, turning failures into clear exits. A TLS
+    cluster: ``LEADERLESS_TLS_CA``, ``_CERT``, ``_KEY`` (``cli_certs``)."""
+    context = client_ssl_from_env()
 
     async def go() -> T:
-        async with Client(_address(node)) as client:
+        async with Client(_address(node), ssl_context=context) as client:
             return await action(client)
 
     try:
@@ -280,14 +283,16 @@ def logs(node: str, lines: int, level: str | None, component: str | None, follow
     """Show a node's recent log lines (kept in its memory; the full log is its stderr)."""
     since = 0
     limit = lines
+    context = client_ssl_from_env()  # a TLS cluster serves HTTPS
+    scheme = "http" if context is None else "https"
     try:
         while True:
             query = urllib.parse.urlencode(
                 {k: v for k, v in (("since", since), ("limit", limit), ("level", level),
                                    ("component", component)) if v})
             try:
-                with urllib.request.urlopen(f"http://{node}/api/logs?{query}",
-                                            timeout=10) as response:
+                with urllib.request.urlopen(f"{scheme}://{node}/api/logs?{query}",
+                                            timeout=10, context=context) as response:
                     answer = json.loads(response.read())
             except urllib.error.HTTPError as err:
                 _fail(f"{node} refused: {err.read().decode(errors='replace')[:300]}",
@@ -380,3 +385,4 @@ for _auth_command in AUTH_COMMANDS:
     main.add_command(_auth_command)
 from leaderless.cli_encryption import encryption; main.add_command(encryption)  # noqa: E402, E702, I001
 from leaderless.cli_keyring import keyring; main.add_command(keyring)  # noqa: E402, E702, I001
+from leaderless.cli_certs import certs; main.add_command(certs)  # noqa: E402, E702, I001

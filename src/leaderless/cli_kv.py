@@ -39,6 +39,7 @@ from rich.console import Console
 from rich.table import Table
 
 from leaderless.api.kv_messages import CONSISTENCY_LEVELS, MODES, REPLICATION_MAX
+from leaderless.cli_certs import client_ssl_from_env
 from leaderless.client.async_client import AsyncClient
 from leaderless.client.errors import (
     BadRequestError,
@@ -103,10 +104,12 @@ def _call(nodes: tuple[str, ...], timeout_s: float,
     from leaderless.cli_auth import context_token  # cli_auth builds on this module
 
     credential = context_token()
+    context = client_ssl_from_env()  # a TLS cluster: LEADERLESS_TLS_CA
 
     async def go() -> T:
         async with AsyncClient(addresses, timeout_s=timeout_s, connections_per_node=1,
-                               ring_refresh_s=0, token=credential) as client:
+                               ring_refresh_s=0, token=credential,
+                               ssl_context=context) as client:
             return await action(client)
 
     try:
