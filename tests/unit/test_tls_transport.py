@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 
@@ -264,6 +265,14 @@ def test_tls_nodes_join_and_replicate_and_clients_need_the_ca(tmp_path: Path,
                 await kv.put("t", "k", b"v", consistency="ALL")  # over n1<->n2 TLS links
                 item = await kv.get("t", "k", consistency="ALL")
                 assert item == b"v"
+            # HTTP is HTTPS with the node certificate; a client certificate is optional.
+            assert n1.http_address is not None
+            url = f"https://{n1.http_address}/health/live"
+            async with aiohttp.ClientSession() as http:
+                async with http.get(url, ssl=ca.context()) as response:
+                    assert response.status == 200
+                with pytest.raises(aiohttp.ClientError):
+                    await http.get(f"http://{n1.http_address}/health/live")
             # A plaintext client to the TLS client port: a clear refusal, not a hang.
             with pytest.raises((ConnectionLostError, NoNodeAvailableError)) as plain:
                 async with AsyncClient(seed, ring_refresh_s=0, connect_timeout_s=2) as kv:
