@@ -419,6 +419,8 @@ def test_http_paths_authenticate_and_authorize(tmp_path: Path) -> None:
             async with http.get(url + "/metrics", headers=bearer) as response:
                 assert response.status == 200
 
+            await check_http_administration(http, url, bearer)
+
             async with http.post(url + "/v1/auth/logout", headers=bearer) as response:
                 assert response.status == 200
 
@@ -429,6 +431,44 @@ def test_http_paths_authenticate_and_authorize(tmp_path: Path) -> None:
             await wait_for(revoked, "the logged-out token is refused", timeout_s=15)
 
     with_cluster(tmp_path, True, body)
+
+
+async def check_http_administration(http: aiohttp.ClientSession, url: str,
+                                    reader: dict[str, str]) -> None:
+    async with http.post(url + "/v1/auth/login",
+                         json={"user": "admin", "password": ADMIN_PASSWORD}) as response:
+        admin = {"Authorization": f"Bearer {(await response.json())['token']}"}
+    async with http.post(url + "/v1/auth/roles", json={"name": "ops"},
+                         headers=reader) as response:
+        assert response.status == 403, await response.text()
+    calls: list[tuple[str, str, dict[str, Any] | None, int]] = [
+        ("POST", "/v1/auth/roles", {"name": "ops"}, 201),
+        ("POST", "/v1/auth/roles/ops/grants", {"level": "read", "keyspace": "shared",
+                                               "prefix": "p/"}, 201),
+        ("POST", "/v1/auth/users", {"name": "olga", "password": PASSWORD}, 201),
+        ("PUT", "/v1/auth/users/olga/roles/ops", None, 200),
+        ("PUT", "/v1/auth/users/olga/password", {"password": PASSWORD + "!"}, 200),
+        ("POST", "/v1/auth/users", {"name": "x", "pasword": "typo"}, 400),
+    ]
+    for method, path, body, status in calls:
+        async with http.request(method, url + path, json=body, headers=admin) as response:
+            assert response.status == status, (path, await response.text())
+    async with http.get(url + "/v1/auth/users", headers=admin) as response:
+        users = {u["name"]: u for u in (await response.json())["users"]}
+        assert users["olga"]["roles"] == ["ops"] and users["olga"]["totp"] is False
+    async with http.get(url + "/v1/auth/roles", headers=admin) as response:
+        roles = {r["name"]: r for r in (await response.json())["roles"]}
+        assert roles["ops"]["grants"] == [{"level": "read", "keyspace": "shared",
+                                           "prefix": "p/", "prefix_b64": "cC8="}]
+    async with http.post(url + "/v1/auth/tokens", headers=admin,
+                         json={"user": "olga", "name": "job", "ttl_s": 60}) as response:
+        issued = await response.json()
+        assert response.status == 201 and issued["user"] == "olga"
+    async with http.delete(url + f"/v1/auth/tokens/{issued['token_id']}",
+                           headers=admin) as response:
+        assert response.status == 200
+    async with http.delete(url + "/v1/auth/users/olga", headers=admin) as response:
+        assert response.status == 200
 
 
 def test_without_auth_tokens_are_not_needed(tmp_path: Path) -> None:

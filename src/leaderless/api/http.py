@@ -81,7 +81,23 @@ Authentication (when the node runs with ``--auth``): every route needs a token, 
 ``GET    /v1/auth/whoami``                   ``{"user", "roles", "expires_at", "auth":
                                              true}``, 401 without a valid token; auth off:
                                              ``{"user": null, "auth": false}``
+``GET|POST /v1/auth/users``                  list ``{"users": [{"name", "roles", "totp",
+                                             "created_at"}]}`` / create ``{"name",
+                                             "password", "roles"?}``
+``DELETE /v1/auth/users/{name}``             (and ``PUT .../password`` ``{"password"}``,
+                                             ``PUT|DELETE .../roles/{role}``,
+                                             ``POST|DELETE .../totp``: ``{"uri"}``)
+``GET|POST /v1/auth/roles``                  list (grants with ``prefix``, ``prefix_b64``) /
+                                             create ``{"name"}``; ``DELETE .../{name}``;
+                                             ``POST|DELETE .../{name}/grants`` ``{"level",
+                                             "keyspace", "prefix"?}``
+``POST   /v1/auth/tokens``                   ``{"user", "name", "ttl_s"}`` -> ``{"token",
+                                             "token_id", "user", "expires_at"}``;
+                                             ``DELETE /v1/auth/tokens/{token_id}``
 ==========================================  ================================================
+
+The administration routes are the native protocol's requests (``kv_server.execute_auth``):
+admins only, except that users may change their own password, TOTP and API tokens.
 
 A request is checked against the caller's roles: reads need ``read`` on the keyspace (and
 key), writes ``write``, creating a keyspace ``admin`` on it, locks ``write`` (status:
@@ -125,7 +141,25 @@ from leaderless.api.kv_messages import (
     TOTP_CODE_CHARS_MAX,
     TTL_S_MAX,
     Conflict,
+    CreateApiToken,
+    CreateRole,
+    CreateUser,
+    DeleteRole,
+    DeleteUser,
+    DisableTotp,
+    EnableTotp,
+    ListRoles,
+    ListUsers,
+    RevokeToken,
+    RoleGrant,
+    Roles,
+    SetPassword,
+    Token,
+    TotpProvisioning,
+    UserRole,
+    Users,
 )
+from leaderless.api.kv_server import execute_auth
 from leaderless.api.logs_http import add_log_routes
 from leaderless.api.ops_http import OpsSource, add_ops_routes
 from leaderless.api.service import KvError, KvService
@@ -242,6 +276,9 @@ def make_app(service: KvService, *, value_bytes_max: int = VALUE_BYTES_MAX_DEFAU
     app.router.add_post("/v1/auth/login", api.login)
     app.router.add_post("/v1/auth/logout", api.logout)
     app.router.add_get("/v1/auth/whoami", api.whoami)
+    for path, methods in ADMIN_ROUTES.items():
+        for method in methods:
+            app.router.add_route(method, path, api.administer)
     app.router.add_route("*", "/v1/kv/{tail:.*}", api.kv)
     app.router.add_route("GET", "/v1/scan/{tail:.*}", api.scan)
     app.router.add_route("POST", "/v1/cas/{tail:.*}", api.cas)
@@ -334,6 +371,28 @@ class HttpApi:
         principal = await self._principal(request)
         return json_response({"user": principal.user, "roles": list(principal.roles),
                               "expires_at": principal.expires_at, "auth": True})
+
+    async def administer(self, request: web.Request) -> web.StreamResponse:
+        """The user, role and token routes: each becomes the native protocol's request
+        and runs through the same code (``kv_server.execute_auth``)."""
+        _query(request, set())
+        if self._auth is None:
+            raise HttpError("bad_request", "authentication is off on this node: there are "
+                            "no users, roles or tokens (start the nodes with --auth)")
+        route = request.match_info.route.resource
+        path = route.canonical if route is not None else ""
+        build = ADMIN_ROUTES[path][request.method]
+        body = await request.read()  # cached when the limits middleware read it
+        if len(body) > LOGIN_BODY_BYTES_MAX:
+            raise HttpError("bad_request", f"the body is over {LOGIN_BODY_BYTES_MAX} bytes")
+        try:
+            message = build(dict(request.match_info), body)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            raise HttpError("bad_request", f"invalid JSON body for {request.method} {path}: "
+                            f"{exc}") from None
+        reply = await execute_auth(self._auth, request[PRINCIPAL], message)
+        return json_response(_admin_reply(reply), status=201 if request.method == "POST"
+                             else 200)
 
     @web.middleware
     async def errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -573,6 +632,96 @@ class HttpApi:
         _query(request, set())
         members = self._service.ring_members()
         return json_response({"members": [msgspec.structs.asdict(m) for m in members]})
+
+
+class NewUser(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    password: str
+    roles: list[str] = msgspec.field(default_factory=list)
+
+
+class NewPassword(msgspec.Struct, forbid_unknown_fields=True):
+    password: str
+
+
+class NewRole(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+
+
+class GrantSpec(msgspec.Struct, forbid_unknown_fields=True):
+    level: str
+    keyspace: str
+    prefix: str = ""
+    """UTF-8 text (partition keys are bytes: use the native client for other prefixes)."""
+
+
+class NewApiToken(msgspec.Struct, forbid_unknown_fields=True):
+    user: str
+    name: str
+    ttl_s: float
+
+
+def _body(body: bytes, kind: type[Any]) -> Any:
+    return msgspec.json.decode(body or b"{}", type=kind)
+
+
+def _new_user(body: bytes) -> CreateUser:
+    user = _body(body, NewUser)
+    return CreateUser(0, user.name, user.password, user.roles)
+
+
+def _new_api_token(body: bytes) -> CreateApiToken:
+    spec = _body(body, NewApiToken)
+    return CreateApiToken(0, spec.user, spec.name, spec.ttl_s)
+
+
+def _grant(role: str, body: bytes, revoke: bool) -> RoleGrant:
+    spec = _body(body, GrantSpec)
+    return RoleGrant(0, role, spec.level, spec.keyspace, spec.prefix.encode(), revoke)
+
+
+AdminBuilder = Callable[[dict[str, str], bytes], Any]
+ADMIN_ROUTES: dict[str, dict[str, AdminBuilder]] = {
+    "/v1/auth/users": {
+        "GET": lambda m, b: ListUsers(0),
+        "POST": lambda m, b: _new_user(b)},
+    "/v1/auth/users/{name}": {"DELETE": lambda m, b: DeleteUser(0, m["name"])},
+    "/v1/auth/users/{name}/password": {
+        "PUT": lambda m, b: SetPassword(0, m["name"], _body(b, NewPassword).password)},
+    "/v1/auth/users/{name}/roles/{role}": {
+        "PUT": lambda m, b: UserRole(0, m["name"], m["role"]),
+        "DELETE": lambda m, b: UserRole(0, m["name"], m["role"], revoke=True)},
+    "/v1/auth/users/{name}/totp": {
+        "POST": lambda m, b: EnableTotp(0, m["name"]),
+        "DELETE": lambda m, b: DisableTotp(0, m["name"])},
+    "/v1/auth/roles": {
+        "GET": lambda m, b: ListRoles(0),
+        "POST": lambda m, b: CreateRole(0, _body(b, NewRole).name)},
+    "/v1/auth/roles/{name}": {"DELETE": lambda m, b: DeleteRole(0, m["name"])},
+    "/v1/auth/roles/{name}/grants": {
+        "POST": lambda m, b: _grant(m["name"], b, revoke=False),
+        "DELETE": lambda m, b: _grant(m["name"], b, revoke=True)},
+    "/v1/auth/tokens": {
+        "POST": lambda m, b: _new_api_token(b)},
+    "/v1/auth/tokens/{token_id}": {"DELETE": lambda m, b: RevokeToken(0, m["token_id"])},
+}
+"""Administration over HTTP: path -> method -> the native request it becomes."""
+
+
+def _admin_reply(reply: Any) -> Any:
+    if isinstance(reply, Users):
+        return {"users": [{"name": u.name, "roles": u.roles, "totp": u.totp,
+                           "created_at": u.created_at} for u in reply.users]}
+    if isinstance(reply, Roles):
+        return {"roles": [{"name": r.name, "grants": [
+            {"level": g.level, "keyspace": g.keyspace, "prefix": _utf8(g.prefix),
+             "prefix_b64": _b64(g.prefix)} for g in r.grants]} for r in reply.roles]}
+    if isinstance(reply, TotpProvisioning):
+        return {"uri": reply.uri}
+    if isinstance(reply, Token):
+        return {"token": reply.token, "token_id": reply.token_id, "user": reply.user,
+                "expires_at": reply.expires_at}
+    return {"ok": True}
 
 
 LOCK_OPERATIONS = {"GET": "lock_status", "POST": "acquire_lock", "PUT": "renew_lock",
