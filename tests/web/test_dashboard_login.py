@@ -292,9 +292,10 @@ def test_dashboard_login_logout_and_session_end(processes: Processes,
         wait_live(page, "lg1", 3)
         page.get_by_role("button", name="Log out").focus()
         page.keyboard.press("Enter")
-        page.wait_for_selector("#login-form", state="visible")
+        page.wait_for_function("!document.getElementById('login').hidden"
+                               " || !document.getElementById('notice').hidden")
+        assert page.locator("#notice").is_hidden(), page.locator("#notice").text_content()
         assert error_text(page) == "You are logged out."
-        assert page.locator("#notice").is_hidden()
         page.reload()
         page.wait_for_selector("#login-form", state="visible")
         assert page.locator("#dashboard").is_hidden()
