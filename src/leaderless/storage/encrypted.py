@@ -241,9 +241,9 @@ def at_rest(store: Store, keys: DataKeys | None, *, where: str) -> Store:
     if state == "plaintext":
         raise PlaintextStoreError(
             f"the store in {where} holds values written without encryption, and this node "
-            f"has data keys ({keys.source}): stop here and encrypt it first with "
-            "`leaderless encryption rewrap --data-dir DIR --encrypt-plaintext` (with the "
-            "same key setting), or start the node without data keys")
+            f"has data keys ({keys.source}): encrypt it first, with the node stopped: "
+            f"`leaderless encryption rewrap --data-dir {where} --encrypt-plaintext` (with "
+            "the same key setting), or start the node without data keys")
     if state == "empty":
         store.write([(MARKER_KEY, MARKER_VALUE)])
         store.sync()
