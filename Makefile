@@ -34,5 +34,15 @@ bench: $(VENV)/.installed-test
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python bench/membership.py
 
+# Hostile input, longer: the fuzz package with 20x the examples, then each atheris
+# harness for FUZZ_RUNS inputs (a crash stops it with libFuzzer's report and a crash file).
+FUZZ_RUNS ?= 200000
+.PHONY: fuzz
+fuzz: $(VENV)/.installed-test
+	$(BIN)/pip install -q -e '.[test,fuzz]'
+	LEADERLESS_FUZZ_SCALE=20 $(BIN)/python -m pytest -q tests/fuzz
+	$(BIN)/python tests/fuzz/atheris_native.py -runs=$(FUZZ_RUNS) -max_len=4096
+	$(BIN)/python tests/fuzz/atheris_gossip.py -runs=$(FUZZ_RUNS) -max_len=2048
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

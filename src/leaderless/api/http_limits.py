@@ -16,6 +16,10 @@ sound:
 - **Replies**: ``GuardedConnection`` closes a connection whose reader has not taken a
   byte for ``HTTP_WRITE_STALL_TIMEOUT_S`` while we had a reply to write (a slow-read
   attack, or a dashboard tab left on a watch over a dead network).
+- **Log flooding**: aiohttp logs every request it cannot parse at ERROR with a traceback;
+  ``ParseErrorLogFilter`` keeps one warning line per kind of parse error per
+  ``HTTP_PARSE_ERROR_LOG_INTERVAL_S`` (with how many it left out), so garbage sent to the
+  port cannot fill the disk.
 - **Connections**: ``HTTP_CONNECTIONS_MAX`` in all, ``HTTP_CONNECTIONS_PER_CLIENT_MAX``
   per client address (``runtime.connection_limits``); beyond either, a 503 naming the
   limit, the connection closed, the refusal counted and logged rate-limited.
@@ -25,10 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from leaderless.runtime.connection_limits import ConnectionCaps, client_address
 from leaderless.runtime.drops import Drops
@@ -59,7 +65,51 @@ HTTP_LINGER_S = 5.0
 """After a reply, an unread request body is drained (and dropped) for at most this long
 before the connection is closed, so a client that sent a body nobody reads is bounded."""
 
+HTTP_PARSE_ERROR_LOG_INTERVAL_S = 10.0
+"""At most one log line per kind of unparsable request per this many seconds."""
+
+
+class ParseErrorLogFilter(logging.Filter):
+    """Turns aiohttp's ERROR-with-traceback for a request it could not parse (the client's
+    fault: ``HttpProcessingError``) into one warning line per kind per interval, counting
+    those left out. Other records pass unchanged."""
+
+    def __init__(self, interval_s: float = HTTP_PARSE_ERROR_LOG_INTERVAL_S,
+                 kinds_max: int = 256) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._kinds_max = kinds_max
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        kind = type(exc).__name__
+        last = self._last.get(kind)
+        if last is not None and record.created - last < self._interval_s:
+            self._suppressed[kind] = self._suppressed.get(kind, 0) + 1
+            return False
+        if len(self._last) >= self._kinds_max and kind not in self._last:
+            self._last.clear()
+            self._suppressed.clear()
+        self._last[kind] = record.created
+        suppressed = self._suppressed.pop(kind, 0)
+        record.msg = (f"unparsable HTTP request from %s: {kind}: "
+                      f"{str(exc.message)[:200]!r} ({suppressed} more left out)")
+        record.exc_info = None
+        record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+HTTP_SERVER_LOGGER = logging.getLogger("leaderless.http_server")
+"""aiohttp's per-connection logger for our listeners (parse errors, rate-limited)."""
+HTTP_SERVER_LOGGER.addFilter(ParseErrorLogFilter())
+
 RUNNER_OPTIONS: dict[str, Any] = {
+    "logger": HTTP_SERVER_LOGGER,
     "keepalive_timeout": HTTP_IDLE_TIMEOUT_S,
     "max_line_size": HTTP_LINE_BYTES_MAX,
     "max_field_size": HTTP_HEADER_BYTES_MAX,
@@ -103,6 +153,15 @@ def read_body_within(base_s: float = HTTP_BODY_TIMEOUT_BASE_S,
                                      f"{deadline:.1f} s ({base_s:g} s plus its size at "
                                      f"{bytes_per_s_min / 1024:g} KiB/s); closing the "
                                      "connection"))
+                response.force_close()
+                return response
+            except (ConnectionResetError, HttpProcessingError) as exc:
+                # The client closed, or its body broke its own framing (a chunk or the
+                # Content-Length): its fault, answered (if it still listens) with 400.
+                response = web.Response(
+                    status=400, content_type="application/json",
+                    body=_error_body("bad_request", "the request body ended before its "
+                                     f"declared end or was malformed ({type(exc).__name__})"))
                 response.force_close()
                 return response
         return await handler(request)
