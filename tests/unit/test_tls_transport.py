@@ -27,6 +27,7 @@ from leaderless.runtime.errors import StartupError
 from leaderless.runtime.kv import PeerReply
 from leaderless.runtime.logs import NodeLogger
 from leaderless.runtime.node import Node
+from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.process import loop_factory
 from leaderless.runtime.tcp import FrameClient, ServerConnection
 from leaderless.runtime.transport import NetTransport
@@ -207,6 +208,33 @@ def test_a_plaintext_peer_is_refused_by_a_tls_node_port(pkis: dict[str, Path]) -
                              "the plaintext handshake counted")
             assert echo.identities == []
         finally:
+            await a.close()
+
+    run_on("uvloop", main())
+
+
+def test_peer_links_send_only_to_the_node_the_certificate_names(pkis: dict[str, Path]) -> None:
+    """A link for member "b" that reaches a node whose certificate is "a" (say, b's old
+    address taken over) sends nothing and counts why; the link for "a" delivers."""
+
+    async def main() -> None:
+        echo = Echo()
+        counters = RuntimeCounters()
+        a = await bind(node_tls(pkis["cluster"], "a"), echo, drops_for(counters, "a"))
+        replies: list[tuple[str, Any]] = []
+        links = PeerLinks("b", Ping("hello from b"), Pong, drops_for(counters, "b"),
+                          lambda name, message: replies.append((name, message)),
+                          ssl_context=node_tls(pkis["cluster"], "b").node_client)
+        try:
+            links.send("not-a", a.address, Ping("for not-a"))
+            await wait_until(lambda: counters.send_errors_total["peer_tls"] == 1,
+                             "the wrong certificate counted")
+            links.send("a", a.address, Ping("for a"))
+            await wait_until(lambda: len(replies) == 2, "a answered the hello and the ping")
+            assert replies == [("a", Pong("hello from b", "node b")),
+                               ("a", Pong("for a", "node b"))]
+        finally:
+            links.close()
             await a.close()
 
     run_on("uvloop", main())
