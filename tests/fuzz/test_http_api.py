@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import re
 import tracemalloc
 from typing import Any
 from urllib.parse import quote_from_bytes
@@ -167,7 +168,7 @@ async def exchange(port: int, data: bytes) -> bytes:
 def statuses(response: bytes) -> list[tuple[int, bytes]]:
     """(status, body start) of each response on a raw connection (pipelined requests)."""
     found = []
-    for part in response.split(b"HTTP/1.1 ")[1:]:
+    for part in re.split(rb"HTTP/1\.[01] ", response)[1:]:
         status = part[:3]
         if status.isdigit():
             found.append((int(status), part.split(b"\r\n\r\n", 1)[-1][:500]))

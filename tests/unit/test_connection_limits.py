@@ -9,6 +9,7 @@ hanging it. Nothing here asserts how long anything took.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -237,7 +238,7 @@ async def guarded_http(node: Node, refusals: Drops, **limits: Any) -> AsyncItera
 
 
 def status_of(response: bytes) -> int:
-    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else 0
+    return int(response[9:12]) if response[:9] in (b"HTTP/1.1 ", b"HTTP/1.0 ") else 0
 
 
 def test_http_closes_headers_that_trickle_past_the_idle_deadline(tmp_path: Path) -> None:
@@ -313,3 +314,48 @@ def test_http_refuses_a_client_over_its_share(tmp_path: Path) -> None:
 
     run(tmp_path, body)
 
+
+
+def test_http_garbage_is_logged_once_as_a_warning_not_an_error(tmp_path: Path) -> None:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep(logging.DEBUG)
+    server_log = logging.getLogger("leaderless.http_server")
+    server_log.addHandler(keep)
+    old_level = server_log.level
+    server_log.setLevel(logging.DEBUG)
+
+    async def body(node: Node) -> None:
+        async with guarded_http(node, drops()) as port:
+            for _ in range(5):
+                reader, writer = await connect(port)
+                writer.write(b"GET /v1/ring HTTP/1.1\r\nHost: x\r\nBad\x00Header: 1\r\n\r\n")
+                assert status_of(await read_all(reader)) == 400
+                writer.close()
+
+    try:
+        run(tmp_path, body)
+    finally:
+        server_log.removeHandler(keep)
+        server_log.setLevel(old_level)
+    parse_errors = [r for r in records if "unparsable HTTP request" in r.getMessage()]
+    assert len(parse_errors) == 1  # four more within the interval were left out
+    assert parse_errors[0].levelno == logging.WARNING and parse_errors[0].exc_info is None
+    assert not [r for r in records if r.levelno >= logging.ERROR]
+
+
+def test_http_body_that_ends_early_is_not_a_server_error(tmp_path: Path) -> None:
+    async def body(node: Node) -> None:
+        async with guarded_http(node, drops()) as port:
+            reader, writer = await connect(port)
+            writer.write(b"PUT /v1/kv/ks/k HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nab")
+            writer.write_eof()  # the client gives up mid-body
+            answer = await read_all(reader)
+            assert answer == b"" or status_of(answer) == 400
+            writer.close()
+
+    run(tmp_path, body)
