@@ -69,7 +69,7 @@ Writes (``PUT``/``DELETE /v1/kv``, ``/v1/cas``, ``/v1/incr``) take ``fence=LOCK:
 under that lease, refused with 409 ``fenced`` once the lock has granted a newer token.
 
 Authentication (when the node runs with ``--auth``): every route needs a token, sent as
-``Authorization: Bearer TOKEN`` or, on GET, the ``leaderless_token`` cookie, except
+``Authorization: Bearer TOKEN`` or, on GET and logout, the ``leaderless_token`` cookie, except
 ``/health/live``, ``/health/ready``, the dashboard page and its static files, and:
 
 ==========================================  ================================================
@@ -183,6 +183,10 @@ PUBLIC_PATHS = frozenset({"/", "/health/live", "/health/ready", "/v1/auth/login"
 """Routes open without a token: the probes, the dashboard page (its login form), login,
 and whoami (which says itself whether the caller is logged in)."""
 PUBLIC_PREFIXES = ("/static/",)
+COOKIE_CHANGE_PATHS = frozenset({"/v1/auth/logout"})
+"""Changes the login cookie may authorize besides GETs: the dashboard's log out (its script
+cannot read the HttpOnly cookie to send a Bearer header). A forged cross-site logout could
+only log the user out, and SameSite=Strict keeps the browser from sending it anyway."""
 PRINCIPAL = web.RequestKey("principal", Principal)
 """Who is calling (set by the ``authenticate`` middleware when auth is on)."""
 
@@ -735,12 +739,13 @@ class LoginBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def _request_token(request: web.Request) -> str:
-    """``Authorization: Bearer`` on any route; the login cookie on GET only (a cookie is
-    sent by the browser on its own, so it must not authorize a change: CSRF)."""
+    """``Authorization: Bearer`` on any route; the login cookie on GET only, and on
+    logout (a cookie is sent by the browser on its own, so it must not authorize a
+    change: CSRF)."""
     scheme, _, value = request.headers.get("Authorization", "").partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    if request.method in ("GET", "HEAD"):
+    if request.method in ("GET", "HEAD") or request.path in COOKIE_CHANGE_PATHS:
         return request.cookies.get(TOKEN_COOKIE, "")
     return ""
 
