@@ -132,9 +132,10 @@
     const rows = snapshot.members.map((m) => {
       const load = m.load || {};
       const cells = [
-        // Each member serves its own dashboard (its charts) on its HTTP port.
+        // Each member serves its own dashboard (its charts) on its HTTP port, over TLS too
+        // when this one is.
         el("td", {class: "name"}, [m.http && m.name !== snapshot.node
-          ? el("a", {href: "http://" + m.http + "/", title: "this member's dashboard", text: m.name})
+          ? el("a", {href: location.protocol + "//" + m.http + "/", title: "this member's dashboard", text: m.name})
           : el("span", {text: m.name})]),
         el("td", {class: "state state-" + m.state, text: m.state}),
         el("td", {class: "zone", text: m.zone || "–"}),
