@@ -172,8 +172,9 @@ class ServerConnection(asyncio.Protocol):
         if self._handshake_deadline is not None:
             self._handshake_deadline.cancel()
         if self._session is not None and self._session.abandoned():
-            self._drops.malformed("tls_handshake", self.peer, "the peer closed the connection "
-                                  "during the handshake (does it trust this node's CA?)")
+            self._drops.malformed("tls_handshake", self.peer, "the peer hung up during the "
+                                  "handshake: it may not trust this node's certificate "
+                                  "(another cluster's CA?)")
         callbacks, self._close_callbacks = self._close_callbacks, []
         for callback in callbacks:
             callback()

@@ -51,8 +51,10 @@ TLS_HANDSHAKE_TIMEOUT_S = 10.0
 connection slot (the default of asyncio, 60 s, is too generous for a cluster)."""
 NODE_ROLE = "node"
 CLIENT_ROLE = "client"
-TLS_READ_CHUNK_BYTES = 256 * 1024
-"""Application bytes taken from a session per read call (a frame may span several)."""
+TLS_READ_CHUNK_BYTES = 16 * 1024
+"""Application bytes taken from a session per read call: a TLS record carries at most
+16 KiB (RFC 8446, 5.1) and OpenSSL returns one record per read, so a larger buffer would
+only cost a larger allocation per call."""
 ENV_CA = "LEADERLESS_TLS_CA"
 ENV_CERT = "LEADERLESS_TLS_CERT"
 ENV_KEY = "LEADERLESS_TLS_KEY"
@@ -180,6 +182,8 @@ class TlsSession:
             if not chunk:
                 break
             chunks.append(chunk)
+            if not self._incoming.pending and not self.ssl_object.pending():
+                break  # all consumed: spare the read that would only raise WantRead
         return b"".join(chunks)
 
     def abandoned(self) -> bool:
