@@ -21,6 +21,7 @@ from leaderless.client.errors import ConnectionLostError, NoNodeAvailableError
 from leaderless.config import load_config
 from leaderless.core.kv_messages import PeerHello
 from leaderless.core.messages import Address, Packet
+from leaderless.runtime import tcp
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.errors import StartupError
@@ -235,6 +236,25 @@ def test_peer_links_send_only_to_the_node_the_certificate_names(pkis: dict[str, 
                                ("a", Pong("for a", "node b"))]
         finally:
             links.close()
+            await a.close()
+
+    run_on("uvloop", main())
+
+
+def test_a_silent_connection_is_closed_at_the_handshake_deadline(
+        pkis: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tcp, "TLS_HANDSHAKE_TIMEOUT_S", 0.2)
+
+    async def main() -> None:
+        counters = RuntimeCounters()
+        a = await bind(node_tls(pkis["cluster"], "a"), Echo(), drops_for(counters, "a"))
+        try:
+            reader, writer = await asyncio.open_connection(a.address.host, a.address.port)
+            writer.write(b"\x16\x03")  # the start of a ClientHello, then nothing
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the node
+            assert counters.dropped_malformed_total["tls_handshake"] == 1
+            writer.close()
+        finally:
             await a.close()
 
     run_on("uvloop", main())
