@@ -224,6 +224,36 @@ def test_node_port_refuses_a_client_over_its_share(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_node_port_closes_a_frame_that_never_completes(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from leaderless.runtime import tcp
+    monkeypatch.setattr(tcp, "IDLE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(tcp, "PARTIAL_FRAME_TIMEOUT_S", 0.4)
+
+    async def body(node: Node) -> None:
+        refusals = drops()
+        registry: set[ServerConnection] = set()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: ServerConnection(node, InboundFrame, refusals, registry), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await connect(port)
+        frame = struct.pack(">I", 1000) + b"\x00" * 10
+        # One byte every 50 ms: never idle, never whole.
+        async with asyncio.timeout(WAIT_S):
+            for byte in frame:
+                if writer.is_closing() or reader.at_eof():
+                    break
+                writer.write(bytes([byte]))
+                await asyncio.sleep(0.05)
+            assert await read_all(reader) == b""
+        assert refusals.counters.dropped_malformed_total["tcp_partial_frame"] == 1
+        writer.close()
+        server.close()
+
+    run(tmp_path, body)
+
+
 # -- the HTTP port ----------------------------------------------------------------------------
 
 

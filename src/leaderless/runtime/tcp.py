@@ -41,8 +41,11 @@ nodes fits, while one flooding host leaves three quarters of the slots to the ot
 WRITE_BUFFER_BYTES_MAX = 2 * FRAME_BYTES_MAX
 """Bytes queued to a reader that does not read: two of the largest frames, then we give up."""
 IDLE_TIMEOUT_S = 60.0
-"""A connection that sends nothing for this long (and is not watching) is closed, so a
-half-sent frame cannot pin a connection slot forever."""
+"""A connection that sends nothing for this long (and is not watching) is closed."""
+PARTIAL_FRAME_TIMEOUT_S = 60.0
+"""A frame must be whole this long after its first byte arrived (checked with the idle
+timer, so a trickler is cut within twice this): a peer sending one byte a minute would
+otherwise pin a connection slot forever. The largest frame (8 MiB) needs ~140 KB/s."""
 CLIENT_QUEUE_FRAMES_MAX = 1024
 """Frames a client buffers before it stops reading the socket (backpressure to the node)."""
 
@@ -77,6 +80,8 @@ class ServerConnection(asyncio.Protocol):
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._last_activity = 0.0
+        self._partial_since: float | None = None
+        """When the frame now half-received began (None: none is)."""
         self.peer = ""
         self.client = ""
         """The address this connection counts against for ``CONNECTIONS_PER_CLIENT_MAX``."""
@@ -119,6 +124,10 @@ class ServerConnection(asyncio.Protocol):
             self._drops.malformed("tcp_frame", self.peer, exc)
             self.close()
             return
+        if not self._decoder.buffered_bytes:
+            self._partial_since = None
+        elif self._partial_since is None or messages:
+            self._partial_since = self._last_activity
         for message in messages:
             if self._transport.is_closing():
                 return
@@ -198,8 +207,15 @@ class ServerConnection(asyncio.Protocol):
 
     def _on_idle(self) -> None:
         self._idle = None
-        idle_s = asyncio.get_running_loop().time() - self._last_activity
-        if self.streaming or idle_s < IDLE_TIMEOUT_S:
+        now = asyncio.get_running_loop().time()
+        idle_s = now - self._last_activity
+        if (self._partial_since is not None
+                and now - self._partial_since > PARTIAL_FRAME_TIMEOUT_S):
+            self._drops.malformed("tcp_partial_frame", self.peer,
+                                  f"a frame not whole {PARTIAL_FRAME_TIMEOUT_S:g} s after its "
+                                  "first byte")
+            self.close()
+        elif self.streaming or idle_s < IDLE_TIMEOUT_S:
             self._idle = asyncio.get_running_loop().call_later(
                 max(0.1, IDLE_TIMEOUT_S - idle_s), self._on_idle)
         else:
