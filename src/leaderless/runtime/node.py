@@ -275,7 +275,7 @@ class Node:
                 self._client_server = await serve_clients(self.kv, config.client.host,
                                                           config.client.port, log=log,
                                                           stats=self.requests,
-                                                          auth=self.auth,
+                                                          auth=self.auth, drops=self._drops,
                                                           ssl_context=self.tls.client_server
                                                           if self.tls else None)
             except OSError as exc:
@@ -289,7 +289,7 @@ class Node:
                 self._http_runner = await serve_http(self.kv, config.http.host,
                                                      config.http.port,
                                                      value_bytes_max=config.value_bytes_max,
-                                                     log=log, ops=self,
+                                                     log=log, ops=self, drops=self._drops,
                                                      ssl_context=self.tls.client_server
                                                      if self.tls else None)
             except OSError as exc:
