@@ -222,10 +222,11 @@ class AuthService:
         self._task.add_done_callback(self._task_ended)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._task, self._refreshing):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         for let_go in self._let_go:
             let_go()
         self._let_go.clear()
@@ -351,6 +352,10 @@ class AuthService:
         """One refresh at a time; everyone asking meanwhile waits for the same one."""
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.get_running_loop().create_task(self._refresh())
+            # Its waiters may all be gone (cancelled at close): the failure is theirs to
+            # see, so nobody left must not make it "never retrieved".
+            self._refreshing.add_done_callback(
+                lambda task: task.cancelled() or task.exception())
         await asyncio.shield(self._refreshing)
 
     async def _fresh(self) -> None:
