@@ -14,6 +14,7 @@ failure or ``overloaded``; errors are the exceptions below, one per protocol err
 from leaderless.api.kv_messages import KeyspaceInfo, LockInfo, RingMember, Row
 from leaderless.client.async_client import AsyncClient, Item, KeyChange
 from leaderless.client.errors import (
+    BadCredentialsError,
     BadRequestError,
     ConflictError,
     ConnectionLostError,
@@ -27,18 +28,25 @@ from leaderless.client.errors import (
     NoNodeAvailableError,
     NotSupportedError,
     OverloadedError,
+    PermissionDeniedError,
     RequestTimeoutError,
     StorageError,
+    TooManyAttemptsError,
+    TotpRequiredError,
+    UnauthenticatedError,
     UnavailableError,
     UnknownKeyspaceError,
 )
 from leaderless.client.locks import Lease
 from leaderless.client.sync_client import Client
+from leaderless.security.tls import ClientTls
 
 __all__ = [
     "AsyncClient",
+    "BadCredentialsError",
     "BadRequestError",
     "Client",
+    "ClientTls",
     "ConflictError",
     "ConnectionLostError",
     "ContentionError",
@@ -56,10 +64,14 @@ __all__ = [
     "NoNodeAvailableError",
     "NotSupportedError",
     "OverloadedError",
+    "PermissionDeniedError",
     "RequestTimeoutError",
     "RingMember",
     "Row",
     "StorageError",
+    "TooManyAttemptsError",
+    "TotpRequiredError",
+    "UnauthenticatedError",
     "UnavailableError",
     "UnknownKeyspaceError",
 ]
