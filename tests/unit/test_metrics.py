@@ -24,11 +24,14 @@ from leaderless.core.membership import MembershipCounters
 from leaderless.core.paxos import AcceptorCounters, ProposerCounters
 from leaderless.core.replica import ReplicaCounters
 from leaderless.obs import RequestStats, SystemSample, SystemSampler, make_registry, render
-from leaderless.obs.metrics import CONTENT_TYPE, KV_METRICS
+from leaderless.obs.metrics import AUTH_EVENTS, CONTENT_TYPE, KV_METRICS
 from leaderless.obs.requests import BUCKET_BOUNDS_S, OTHER, WINDOW_S
+from leaderless.runtime.auth import AuthError
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.kv import KvNode
+from leaderless.security.auth import Grant, Principal
 from leaderless.storage.memory import MemoryStore
+from tests.unit.test_runtime_node import make_node, run_test
 
 
 class FakeClock:
@@ -465,3 +468,59 @@ def test_process_cpu_shows_work_done_since_the_last_sample(tmp_path: Path) -> No
     sample = sampler.sample()
     assert 0.0 < sample.process_cpu_percent <= 100.0 * sample.cpu_count
     assert 0.0 < sample.cpu_percent <= 100.0
+
+
+def test_auth_events_are_exported_by_event_and_present_at_zero(tmp_path: Path) -> None:
+    # A real node with auth on: a request without a token and a denied write are counted
+    # by its AuthService, and the node's own /metrics body shows them.
+    async def main() -> None:
+        flags: dict[str, Any] = {"auth.enabled": True}
+        node = make_node(tmp_path, "n1", **flags)
+        await node.start()
+        try:
+            auth = node.auth
+            assert auth is not None and auth.enabled
+            with pytest.raises(AuthError) as refused:
+                auth.check(None, "read", "orders", b"k", operation="get", peer="127.0.0.1:1")
+            assert refused.value.code == "unauthenticated"
+            reader = Principal("alice", ("reader",), (Grant("read", "orders"),), "t1",
+                               time.time() + 60, False)
+            auth.check(reader, "read", "orders", b"k", operation="get", peer="127.0.0.1:1")
+            for _ in range(2):
+                with pytest.raises(AuthError) as denied:
+                    auth.check(reader, "write", "orders", b"k", operation="put",
+                               peer="127.0.0.1:1")
+                assert denied.value.code == "permission_denied"
+            scrape = Scrape(node.metrics()[0])
+        finally:
+            await node.stop()
+        assert scrape.type("leaderless_auth_events") == "counter"
+        assert scrape.value("leaderless_auth_events_total", event="unauthenticated") == 1
+        assert scrape.value("leaderless_auth_events_total", event="permission_denied") == 2
+        for event in ("login", "login_failed", "login_throttled"):
+            assert scrape.value("leaderless_auth_events_total", event=event) == 0
+
+    run_test(main())
+
+
+def test_every_auth_counter_has_an_event_and_a_new_one_is_not_dropped(tmp_path: Path) -> None:
+    def scrape_of(counters: dict[str, int]) -> Scrape:
+        registry = make_registry(lambda: _status(_kv_counters()), RequestStats(),
+                                 SystemSampler(tmp_path), auth_events=lambda: counters)
+        return Scrape(render(registry)[0])
+
+    # Before the auth service exists (the node is starting) every event reads 0.
+    empty = scrape_of({})
+    assert {s.labels["event"] for s in empty.samples("leaderless_auth_events")} == set(
+        AUTH_EVENTS.values())
+    scrape = scrape_of({"auth_logins": 5, "auth_failed_logins": 3,
+                        "auth_throttled_logins": 1, "auth_new-thing": 7})
+    assert scrape.value("leaderless_auth_events_total", event="login") == 5
+    assert scrape.value("leaderless_auth_events_total", event="login_failed") == 3
+    assert scrape.value("leaderless_auth_events_total", event="login_throttled") == 1
+    assert scrape.value("leaderless_auth_events_total", event="new_thing") == 7
+    # Without an auth_events source there is no family at all (the collector is generic).
+    bare = make_registry(lambda: _status(_kv_counters()), RequestStats(),
+                         SystemSampler(tmp_path))
+    assert "leaderless_auth_events" not in Scrape(render(bare)[0]).families
+

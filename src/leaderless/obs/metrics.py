@@ -78,6 +78,15 @@ Storage, when ``make_registry`` is given ``commit_group_sizes`` (``GroupCommit.g
 and, given ``commit_sync_latency``::
 
     leaderless_commit_sync_duration_seconds   histogram of storage sync (fsync) durations
+
+Authentication, given ``auth_events`` (``AuthService.counters()``; every event always
+present, 0 with auth off)::
+
+    auth_logins              leaderless_auth_events_total{event="login"}              counter
+    auth_failed_logins       leaderless_auth_events_total{event="login_failed"}
+    auth_throttled_logins    leaderless_auth_events_total{event="login_throttled"}
+    auth_permission_denied   leaderless_auth_events_total{event="permission_denied"}
+    auth_unauthenticated     leaderless_auth_events_total{event="unauthenticated"}
 """
 
 from __future__ import annotations
@@ -207,6 +216,17 @@ KV_METRICS: Final[Mapping[str, KvMetric]] = {
 }
 """The meaning of every key of ``KvNode.counters()``: its metric name and type."""
 
+AUTH_EVENTS: Final[Mapping[str, str]] = {
+    "auth_logins": "login",
+    "auth_failed_logins": "login_failed",
+    "auth_throttled_logins": "login_throttled",
+    "auth_permission_denied": "permission_denied",
+    "auth_unauthenticated": "unauthenticated",
+}
+"""``AuthService.counters()`` key -> the ``event`` label of ``leaderless_auth_events_total``.
+Each event is exported even at 0, so that an alert on failed logins has a series to read;
+a key not listed here is exported under its own name without the ``auth_`` prefix."""
+
 
 class NodeCollector:
     """The custom collector behind ``make_registry``: reads everything at scrape time."""
@@ -214,13 +234,14 @@ class NodeCollector:
     def __init__(self, status: Callable[[], Mapping[str, Any]], requests: RequestStats,
                  system: SystemSampler,
                  commit_group_sizes: Callable[[], Mapping[int, int]] | None = None,
-                 commit_sync_latency: Callable[[], SyncLatency | None] | None = None
-                 ) -> None:
+                 commit_sync_latency: Callable[[], SyncLatency | None] | None = None,
+                 auth_events: Callable[[], Mapping[str, int]] | None = None) -> None:
         self._status = status
         self._requests = requests
         self._system = system
         self._commit_group_sizes = commit_group_sizes
         self._commit_sync_latency = commit_sync_latency
+        self._auth_events = auth_events
 
     def describe(self) -> list[Metric]:
         """Nothing: names vary with the status (unknown kv counters), so the registry does
@@ -241,19 +262,23 @@ class NodeCollector:
         latency = self._commit_sync_latency() if self._commit_sync_latency else None
         if latency is not None:
             yield commit_sync_family(latency)
+        if self._auth_events is not None:
+            yield auth_family(self._auth_events())
 
 
 def make_registry(status: Callable[[], Mapping[str, Any]], requests: RequestStats,
                   system: SystemSampler, *,
                   commit_group_sizes: Callable[[], Mapping[int, int]] | None = None,
                   commit_sync_latency: Callable[[], SyncLatency | None] | None = None,
+                  auth_events: Callable[[], Mapping[str, int]] | None = None,
                   ) -> CollectorRegistry:
     """A fresh registry exposing one node. ``status`` returns the node's ``StatusReply``
     as a plain dict (``msgspec.structs.asdict``); it may raise ``RuntimeError`` while the
-    node is not started, and the scrape then has only the request and machine families."""
+    node is not started, and the scrape then has only the request and machine families.
+    ``auth_events`` returns ``AuthService.counters()`` ({} before the service exists)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(status, requests, system, commit_group_sizes,
-                                    commit_sync_latency))
+                                    commit_sync_latency, auth_events))
     return registry
 
 
@@ -452,4 +477,23 @@ def commit_group_family(group_sizes: Mapping[int, int]) -> HistogramMetricFamily
         buckets.append((_le(bound), running))
     buckets.append(("+Inf", sum(group_sizes.values())))
     family.add_metric([], buckets, None)
+    return family
+
+
+# -- authentication ----------------------------------------------------------------------
+
+
+def auth_family(counters: Mapping[str, int]) -> CounterMetricFamily:
+    """Logins, failed and throttled logins, permission denials and requests refused for a
+    missing or invalid token (``AuthService.counters()``), one series per event."""
+    family = CounterMetricFamily(PREFIX + "auth_events_total", "Authentication and "
+                                 "authorization events since the node started: logins, "
+                                 "failed logins, throttled logins, permission denials, "
+                                 "requests without a valid token.", labels=["event"])
+    events: dict[str, int] = dict.fromkeys(AUTH_EVENTS.values(), 0)
+    for key, n in counters.items():
+        event = AUTH_EVENTS.get(key) or _NAME_CHARS.sub("_", key.removeprefix("auth_"))
+        events[event] = n
+    for event, n in sorted(events.items()):
+        family.add_metric([event], n)
     return family

@@ -139,7 +139,8 @@ class Node:
             commit_group_sizes=lambda: self.kv.commit.group_sizes if self.kv else {},
             commit_sync_latency=lambda: None if self.kv is None else (
                 self.kv.commit.sync_bounds_s, self.kv.commit.sync_counts,
-                self.kv.commit.sync_seconds))
+                self.kv.commit.sync_seconds),
+            auth_events=lambda: self.auth.counters() if self.auth is not None else {})
         self._alerts = Alerts(config.alerts.effective_rules())
         """This node's alert rules and their states (``obs.alerts``)."""
         self._alerts_task: asyncio.Task[None] | None = None
