@@ -60,6 +60,7 @@ from leaderless.core.keys import (
     DATA_PREFIX,
     KeyError_,
     check_key,
+    data_key,
     keyspace_prefix,
     prefix_end,
 )
@@ -675,15 +676,31 @@ class KvNode:
         return definition
 
     async def _read_definition(self, name: str) -> KeyspaceDef | None:
+        """A QUORUM read of the system keyspace (it repairs a stale replica), or this node's
+        own replica when too few members are up for a quorum. Every node holds a replica of
+        every definition (N is the ring size) and a definition never changes once written,
+        so the local copy is the definition: without it, a node that had not used a
+        keyspace yet could not serve even a ONE write to it while a quorum of the ring was
+        down (one of two nodes, say)."""
         op_id = next(self._op_ids)
         ring_size = max(1, len(self._topology.ring))
-        result = await self._run(op_id, lambda: self.coordinator.read(
-            self._now(), op_id, self._topology, SYSTEM_KEYSPACE, ring_size, name.encode(),
-            b"", "QUORUM"))
-        assert isinstance(result, ReadDone)
-        if result.cell is None or not result.cell.visible(_wall_ms()):
+        try:
+            result = await self._run(op_id, lambda: self.coordinator.read(
+                self._now(), op_id, self._topology, SYSTEM_KEYSPACE, ring_size,
+                name.encode(), b"", "QUORUM"))
+        except KvError as exc:
+            local = self.store.get(data_key(SYSTEM_KEYSPACE, name.encode()))
+            if exc.code != "unavailable" or local is None:
+                raise
+            cell = decode_cell(local)
+        else:
+            assert isinstance(result, ReadDone)
+            if result.cell is None:
+                return None
+            cell = result.cell
+        if not cell.visible(_wall_ms()):
             return None
-        return decode_def(result.cell.value)
+        return decode_def(cell.value)
 
     def _check_key(self, key: bytes, sort: bytes) -> None:
         try:
