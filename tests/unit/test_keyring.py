@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import random
 import stat
@@ -16,20 +17,41 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leaderless.api.messages import KeyringChange, KeyringChangeReply, KeyringRequest
-from leaderless.core.codec import PACKET_BYTES_MAX, decode_packet, encode_packet
+from leaderless.config import load_config
+from leaderless.core.codec import (
+    PACKET_BYTES_MAX,
+    FrameDecoder,
+    decode_packet,
+    encode_frame,
+    encode_packet,
+)
 from leaderless.core.effects import SendPacket
 from leaderless.core.membership import Membership
 from leaderless.core.membership_config import MembershipConfig
-from leaderless.core.messages import Address, Alive, NodeMeta, Packet, Ping, Update
+from leaderless.core.messages import (
+    Address,
+    Alive,
+    MemberRecord,
+    MemberStatus,
+    NodeMeta,
+    Packet,
+    Ping,
+    PushPull,
+    SealedPushPull,
+    Update,
+)
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.keyring_service import (
     KEYRING_FILE,
     KeyringService,
     KeyringStartupError,
+    open_sync_frame,
+    sync_frame,
     write_keyring,
 )
 from leaderless.runtime.logs import NodeLogger
+from leaderless.runtime.node import InboundFrame, Node
 from leaderless.runtime.udp import UdpEndpoint
 from leaderless.security.keyring import (
     NONCE_BYTES,
@@ -41,6 +63,7 @@ from leaderless.security.keyring import (
     decode_key,
     generate_key,
     is_sealed,
+    key_id,
     key_id_text,
 )
 
@@ -295,6 +318,126 @@ def test_a_change_sealed_under_a_foreign_key_is_refused(tmp_path: Path) -> None:
     assert ours.keyring.keys == (K1,)
     garbled = KeyringChange(Keyring([K1]).seal(b"install\x00short"))
     assert not ours.handle_change(garbled).result.ok
+
+
+# -- full-state syncs (TCP push-pull) ----------------------------------------------------------
+
+SYNC = PushPull("n1", True, False, [MemberRecord("n1", Address("10.0.0.1", 7000), 3,
+                                                 MemberStatus.ALIVE, NodeMeta(zone="zone-a"))],
+                0, [])
+
+
+def keyed(tmp_path: Path, name: str, *keys: bytes) -> KeyringService:
+    s = service(tmp_path / name, initial_file(tmp_path / f"{name}.keys", *keys), name)
+    assert s is not None
+    return s
+
+
+def sync_refusal(keyring: KeyringService | None, frame: PushPull | SealedPushPull) -> str:
+    with pytest.raises(OpenError) as info:
+        open_sync_frame(keyring, frame)
+    return info.value.reason
+
+
+def test_a_sealed_sync_crosses_the_wire_and_opens_under_any_installed_key(
+        tmp_path: Path) -> None:
+    sender, receiver = keyed(tmp_path, "a", K1), keyed(tmp_path, "b", K2, K1)
+    frame = sync_frame(sender, SYNC)
+    assert isinstance(frame, SealedPushPull) and frame.sealed[1:5] == key_id(K1)
+    assert b"zone-a" not in frame.sealed  # the view is not readable on the wire
+    wire = encode_frame(frame)
+    assert len(wire) - len(encode_frame(SYNC)) <= SEAL_OVERHEAD_BYTES + 8  # 33 + framing
+    decoder: FrameDecoder[Any] = FrameDecoder(InboundFrame)
+    [decoded] = decoder.feed(wire)
+    assert open_sync_frame(receiver, decoded) == SYNC
+    # Without a keyring a node syncs in plaintext, as before.
+    assert sync_frame(None, SYNC) is SYNC and open_sync_frame(None, SYNC) is SYNC
+
+
+def test_a_sync_under_a_wrong_key_or_tampered_or_in_plaintext_is_refused(
+        tmp_path: Path) -> None:
+    ours, theirs = keyed(tmp_path, "ours", K1), keyed(tmp_path, "theirs", K3)
+    assert sync_refusal(ours, sync_frame(theirs, SYNC)) == "unknown_key"
+    sealed = sync_frame(ours, SYNC)
+    assert isinstance(sealed, SealedPushPull)
+    flipped = sealed.sealed[:-1] + bytes([sealed.sealed[-1] ^ 1])
+    assert sync_refusal(ours, SealedPushPull(flipped)) == "auth_failed"
+    assert sync_refusal(ours, SYNC) == "not_sealed"
+    assert sync_refusal(None, sealed) == "sealed"
+    assert sync_refusal(ours, SealedPushPull(Keyring([K1]).seal(b"\x93\x01"))) == "malformed"
+
+
+async def started(tmp_path: Path, name: str, keys: tuple[bytes, ...],
+                  seed: Address | None = None) -> Node:
+    raw: dict[str, Any] = {"name": name, "bind": "127.0.0.1:0", "storage": "memory",
+                           "data_dir": str(tmp_path / name)}
+    if keys:
+        raw["gossip.keyring"] = str(initial_file(tmp_path / f"{name}.keys", *keys))
+    if seed is not None:
+        raw["join"] = [str(seed)]
+    node = Node(load_config(raw, env={}))
+    await node.start()
+    return node
+
+
+async def eventually(predicate: Any, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 20
+    while not predicate():
+        assert loop.time() < deadline, f"timed out waiting until {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_only_holders_of_a_cluster_key_join_through_a_seed(tmp_path: Path) -> None:
+    join_failures: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage() == "join_push_pull_failed":
+                join_failures.append(record)
+
+    keep = Keep(logging.WARNING)
+    node_log = logging.getLogger("leaderless.node")
+    node_log.addHandler(keep)
+
+    async def main() -> None:
+        seed = await started(tmp_path, "seed", (K1,))
+        plain_seed = await started(tmp_path, "plain-seed", ())
+        friend = await started(tmp_path, "friend", (K1, K2), seed.address)
+        outsiders = [await started(tmp_path, "intruder", (K3,), seed.address),
+                     await started(tmp_path, "plain", (), seed.address),
+                     await started(tmp_path, "keyed", (K1,), plain_seed.address)]
+        try:
+            await asyncio.wait_for(friend.joined.wait(), 20)
+            drops = seed.counters.dropped_malformed_total
+            await eventually(lambda: drops["sync_unknown_key"] > 0
+                             and drops["sync_not_sealed"] > 0
+                             and plain_seed.counters.dropped_malformed_total["sync_sealed"] > 0,
+                             "the seeds refuse the outsiders' syncs")
+            # A forged sync under the cluster's key id is closed unanswered.
+            reader, writer = await asyncio.open_connection(seed.address.host,
+                                                           seed.address.port)
+            forged = bytes([SEALED_MARKER]) + key_id(K1) + bytes(NONCE_BYTES + 40)
+            writer.write(encode_frame(SealedPushPull(forged)))
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            writer.close()
+            await eventually(lambda: drops["sync_auth_failed"] == 1, "the forgery is counted")
+            assert {m.name for m in seed.members()} == {"seed", "friend"}
+            assert {m.name for m in plain_seed.members()} == {"plain-seed"}
+            assert not any(o.joined.is_set() for o in outsiders)
+        finally:
+            for node in [*outsiders, friend, plain_seed, seed]:
+                await node.stop()
+
+    try:
+        asyncio.run(asyncio.wait_for(main(), 60))
+    finally:
+        node_log.removeHandler(keep)
+    # The joiner says why: the seed closed the connection, and what to check.
+    failed = {r.node for r in join_failures}  # type: ignore[attr-defined]
+    assert {"intruder", "plain", "keyed"} <= failed and "friend" not in failed
+    hints = [r.fields["hint"] for r in join_failures]  # type: ignore[attr-defined]
+    assert all("--gossip-keyring" in h for h in hints)
 
 
 # -- the datagram budget ---------------------------------------------------------------------

@@ -206,3 +206,12 @@ class PushPull(msgspec.Struct, frozen=True, array_like=True, tag=20):
     members: Annotated[list[MemberRecord], msgspec.Meta(max_length=PUSH_PULL_MEMBERS_MAX)]
     event_ltime: LamportTime
     events: Annotated[list[UserEvent], msgspec.Meta(max_length=PUSH_PULL_EVENTS_MAX)]
+
+
+class SealedPushPull(msgspec.Struct, frozen=True, array_like=True, tag=21):
+    """A ``PushPull`` (request or reply) sealed under the sender's primary gossip key, sent
+    instead of the plain one when the node has a keyring: a node without a current cluster
+    key can then neither join nor sync. ``sealed`` is ``security.keyring.Keyring.seal`` of
+    the encoded push-pull; the frame limit (``core.codec.FRAME_BYTES_MAX``) bounds it."""
+
+    sealed: bytes

@@ -10,6 +10,11 @@ A keyring operation from a client (``api.messages.KeyringRequest``) is applied h
 then sent to every other alive member as a ``KeyringChange`` sealed under this node's
 primary key, and the reply lists every node's result. The UDP endpoint reads the current
 keyring on every datagram (``seal`` / ``open``), so a change applies to the next datagram.
+
+The full-state syncs over TCP (``PushPull``) are sealed the same way (``sync_frame`` /
+``open_sync_frame``), as memberlist seals its push-pull: without that, a node holding no
+current key would still join through a seed's sync and reappear in every view between the
+probes it cannot answer.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from leaderless.api.messages import (
     KeyringChange,
     KeyringChangeReply,
@@ -28,7 +35,7 @@ from leaderless.api.messages import (
     KeyringReply,
     KeyringRequest,
 )
-from leaderless.core.messages import Address
+from leaderless.core.messages import Address, PushPull, SealedPushPull
 from leaderless.runtime.errors import StartupError
 from leaderless.runtime.logs import NodeLogger
 from leaderless.security.keyring import (
@@ -46,6 +53,9 @@ KEYRING_FILE_MODE = 0o600
 FORBIDDEN_MODE_BITS = stat.S_IRWXO
 """An initial keyring file any user of the machine may read is refused: ``chmod 600``."""
 CHANGE_OPERATIONS = ("list", "install", "use", "remove")
+
+SyncFrame = PushPull | SealedPushPull
+"""A full-state sync as it travels: plain without a keyring, sealed with one."""
 
 PeerRequest = Callable[[Address, Any, Any, float], Awaitable[Any]]
 """``Transport.request``: send one frame to a peer, return its reply (or raise)."""
@@ -101,6 +111,20 @@ class KeyringService:
     def open(self, datagram: bytes) -> bytes:
         """Raises ``OpenError`` with the drop reason."""
         return self._keyring.open(datagram)
+
+    # -- the node's full-state syncs (TCP push-pull) ------------------------------------
+
+    def seal_sync(self, sync: PushPull) -> SealedPushPull:
+        return SealedPushPull(self._keyring.seal(_sync_encoder.encode(sync)))
+
+    def open_sync(self, frame: SealedPushPull) -> PushPull:
+        """The push-pull inside ``frame``, opened with any installed key; raises OpenError
+        with the drop reason (``malformed``: it opened, but holds no push-pull)."""
+        try:
+            return _sync_decoder.decode(self._keyring.open(frame.sealed))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise OpenError("malformed", f"a sealed sync that holds no push-pull: {exc}"
+                            ) from None
 
     # -- local changes -------------------------------------------------------------------
 
@@ -186,6 +210,31 @@ class KeyringService:
         # The peer names itself; we report under the member name we asked.
         result: KeyringNodeResult = reply.result
         return KeyringNodeResult(name, result.ok, result.error, result.key_ids)
+
+
+_sync_encoder = msgspec.msgpack.Encoder()
+_sync_decoder = msgspec.msgpack.Decoder(PushPull)
+
+
+def sync_frame(keyring: KeyringService | None, sync: PushPull) -> SyncFrame:
+    """How a node sends a push-pull (request or reply): sealed under its primary key when
+    it has a keyring, plain otherwise."""
+    return sync if keyring is None else keyring.seal_sync(sync)
+
+
+def open_sync_frame(keyring: KeyringService | None, frame: SyncFrame) -> PushPull:
+    """The push-pull a peer sent, if this node may accept it: sealed under one of its keys
+    when it has a keyring, plain when it has none. Raises OpenError with the reason, which
+    the node counts as the drop kind ``sync_<reason>``."""
+    if isinstance(frame, SealedPushPull):
+        if keyring is None:
+            raise OpenError("sealed", "a sealed sync, but this node has no gossip keyring "
+                            "(start it with the cluster's --gossip-keyring)")
+        return keyring.open_sync(frame)
+    if keyring is not None:
+        raise OpenError("not_sealed", "a plaintext sync, but this node's gossip is "
+                        "encrypted (is the sender started without --gossip-keyring?)")
+    return frame
 
 
 def _refusal_code(operation: str) -> str:

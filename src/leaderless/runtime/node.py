@@ -54,6 +54,7 @@ from leaderless.core.messages import (
     NodeMeta,
     Packet,
     PushPull,
+    SealedPushPull,
     UserEvent,
 )
 from leaderless.core.paxos_messages import PaxosRequest
@@ -66,25 +67,30 @@ from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.errors import DataDirError, StartupError
-from leaderless.runtime.keyring_service import KeyringService
+from leaderless.runtime.keyring_service import (
+    KeyringService,
+    SyncFrame,
+    open_sync_frame,
+    sync_frame,
+)
 from leaderless.runtime.kv import KvNode
-from leaderless.runtime.logs import NodeLogger
+from leaderless.runtime.logs import NodeLogger, RateLimitedLog
 from leaderless.runtime.peers import PeerLinks
-from leaderless.runtime.tcp import ServerConnection
+from leaderless.runtime.tcp import ConnectionClosedError, ServerConnection
 from leaderless.runtime.transport import NetTransport, Transport
 from leaderless.security.data_keys import DataKeyError, load_data_keys
-from leaderless.security.keyring import SEAL_OVERHEAD_BYTES, KeyringError
+from leaderless.security.keyring import SEAL_OVERHEAD_BYTES, KeyringError, OpenError
 from leaderless.security.tls import NodeTls, TlsError, peer_frame_refusal
 from leaderless.storage.encrypted import at_rest
 from leaderless.storage.memory import MemoryStore
 from leaderless.storage.rocks import RocksStore
 from leaderless.storage.store import StorageError, Store
 
-InboundFrame = (PushPull | Request | ReplicaWrite | ReplicaRead | ReplicaScan | PeerHello
-                | AntiEntropyMessage | PaxosRequest | WatchMessage | KeyringChange)
-"""What may arrive on the TCP port: a peer's sync, a CLI request, or the data plane (a
-coordinator's replica request, a proposer's Paxos request, anti-entropy), or a keyring
-change sent on by a peer."""
+InboundFrame = (PushPull | SealedPushPull | Request | ReplicaWrite | ReplicaRead | ReplicaScan
+                | PeerHello | AntiEntropyMessage | PaxosRequest | WatchMessage | KeyringChange)
+"""What may arrive on the TCP port: a peer's sync (sealed when the node has a gossip
+keyring), a CLI request, or the data plane (a coordinator's replica request, a proposer's
+Paxos request, anti-entropy), or a keyring change sent on by a peer."""
 LOAD_REFRESH_S = 5.0
 """How often a node looks at its load to gossip it (``LoadSummary``)."""
 LOAD_MAX_AGE_S = 60.0
@@ -126,6 +132,7 @@ class Node:
         self._member_subscribers: list[Callable[[MemberEvent], None]] = []
         self._event_subscribers: list[Callable[[UserEvent], None]] = []
         self._push_pulls: dict[Address, asyncio.Task[bool]] = {}
+        self._join_log = RateLimitedLog(self.log)
         self._join_task: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
         self._started_at = 0.0
@@ -578,16 +585,22 @@ class Node:
                 self._drops.malformed("tls_peer", conn.peer, refusal)
                 conn.close()
                 return
-        if isinstance(message, PushPull):
-            if message.reply:
+        if isinstance(message, PushPull | SealedPushPull):
+            try:  # with a keyring, only a holder of a current key may sync (and so join)
+                sync = open_sync_frame(self.keyring, message)
+            except OpenError as exc:
+                self._drops.malformed(f"sync_{exc.reason}", conn.peer, exc)
+                conn.close()
+                return
+            if sync.reply:
                 self._drops.malformed("tcp_unexpected", conn.peer, "push-pull reply as request")
                 conn.close()
                 return
-            reply, effects = membership.on_push_pull(self._now(), message)
+            reply, effects = membership.on_push_pull(self._now(), sync)
             # Effects first: a refutation's SaveIncarnation must be durable before the
             # reply (which carries the new incarnation) leaves.
             self._feed(effects)
-            conn.send(reply)
+            conn.send(sync_frame(self.keyring, reply))
         elif isinstance(message, Request):
             self._api.handle(message, conn)
         elif isinstance(message, KeyringChange):
@@ -689,13 +702,23 @@ class Node:
         transport = self._transport
         assert transport is not None
         try:
-            reply = await transport.request(effect.to, effect.request, PushPull, timeout_s)
-            if not isinstance(reply, PushPull) or not reply.reply:
+            frame = await transport.request(effect.to, sync_frame(self.keyring, effect.request),
+                                            SyncFrame, timeout_s)
+            reply = open_sync_frame(self.keyring, frame)
+            if not reply.reply:
                 raise MalformedInput("the peer did not answer with a push-pull reply")
-        except (OSError, TimeoutError, ConnectionError, MalformedInput) as exc:
+        except (OSError, TimeoutError, ConnectionError, MalformedInput, OpenError) as exc:
             error = str(exc) or type(exc).__name__
+            if isinstance(exc, OpenError):
+                error = f"cannot open the peer's answer: {error}"
             if join:
-                self.log.warning("join_push_pull_failed", seed=str(effect.to), error=error)
+                # A seed refuses a sync it cannot open by closing the connection unanswered.
+                hint = ("a seed closes a sync it cannot open: check that this node's "
+                        "--gossip-keyring holds a current cluster key, or that neither side "
+                        "has one") if isinstance(exc, ConnectionClosedError) else None
+                self._join_log.warning(f"join:{effect.to}:{type(exc).__name__}",
+                                       "join_push_pull_failed", self._now(),
+                                       seed=str(effect.to), error=error, hint=hint)
             else:
                 self.log.debug("push_pull_failed", peer=str(effect.to), error=error)
             self._push_pull_failed(effect.to)

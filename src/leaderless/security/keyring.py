@@ -1,4 +1,5 @@
-"""The gossip keyring: AES-256-GCM keys that seal every UDP datagram between nodes.
+"""The gossip keyring: AES-256-GCM keys that seal every UDP datagram between nodes, and
+the full-state syncs (push-pull) they exchange over TCP.
 
 Like Serf's and memberlist's keyring, a cluster holds several keys at once and one of them is
 the *primary*: a node seals what it sends with its primary and opens what it receives with
@@ -46,7 +47,9 @@ SEALED_MARKER = 0xC1
 HEADER_BYTES = 1 + KEY_ID_BYTES
 SEAL_OVERHEAD_BYTES = HEADER_BYTES + NONCE_BYTES + TAG_BYTES
 """Bytes sealing adds to a datagram (33): subtracted from the packet budget when a keyring
-is set, so a sealed datagram still fits ``packet_bytes_max``."""
+is set, so a sealed datagram still fits ``packet_bytes_max``. A sealed sync grows by the
+same 33 bytes (and a few of framing); nothing sizes a sync in bytes (its member and event
+counts bound it), so there is no sync budget to shrink."""
 KEYS_MAX = 16
 """Keys installed at once. A rotation needs two; a long list means old keys never leave."""
 KEY_TEXT_BYTES_MAX = 64
@@ -67,9 +70,11 @@ class KeyringError(ValueError):
 
 
 class OpenError(ValueError):
-    """A datagram that this keyring cannot open; ``reason`` is the drop kind:
+    """A datagram or sync that this keyring cannot open; ``reason`` is the drop kind:
     ``not_sealed`` (plaintext while a keyring is set), ``truncated``, ``unknown_key``
-    (sealed under a key not installed here) or ``auth_failed`` (tampered or forged)."""
+    (sealed under a key not installed here) or ``auth_failed`` (tampered or forged); for a
+    sync also ``sealed`` (this node has no keyring) and ``malformed``
+    (``runtime.keyring_service.open_sync_frame``)."""
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
