@@ -1,5 +1,6 @@
 """Encrypted gossip on real processes: a keyed cluster converges, a live rotation keeps it
-whole, the rotated keyring survives a restart, and a node without the key stays out."""
+whole, the rotated keyring survives a restart, and a node without the key (or with none)
+never gets in: its sealed or plaintext syncs are refused by the seed."""
 
 from __future__ import annotations
 
@@ -41,13 +42,18 @@ def keyring_cli(*args: str) -> tuple[int, str, str]:
     return result.returncode, result.stdout, result.stderr
 
 
-def gossip_drops(node: NodeProcess) -> dict[str, int]:
-    """The node's gossip datagram drops by reason (empty while it does not answer yet)."""
+def malformed_drops(node: NodeProcess) -> dict[str, int]:
+    """The node's malformed-input drops by kind (empty while it does not answer yet)."""
     try:
-        malformed = node.status().runtime.get("dropped_malformed_total", {})
+        malformed: dict[str, int] = node.status().runtime.get("dropped_malformed_total", {})
     except (OSError, TimeoutError, ConnectionError):
         return {}
-    return {kind: n for kind, n in malformed.items() if kind.startswith("gossip_")}
+    return malformed
+
+
+def gossip_drops(node: NodeProcess) -> dict[str, int]:
+    """The node's gossip datagram drops by reason."""
+    return {kind: n for kind, n in malformed_drops(node).items() if kind.startswith("gossip_")}
 
 
 def delivered(node: NodeProcess, event: str) -> bool:
@@ -85,8 +91,9 @@ def test_keyed_cluster_rotates_keys_without_losing_a_member(processes: Processes
     nodes, _ = start_ready_cluster(processes, ("k1", "k2", "k3"), "--gossip-keyring",
                                    initial, *INFO)
     names = {n.name for n in nodes}
-    assert all(n.status().runtime["gossip_packets_total"].get("received", 0) > 0
-               for n in nodes)
+    # Ready can come from the join syncs alone, before the first probe: wait for gossip.
+    wait_until(lambda: all(n.status().runtime["gossip_packets_total"].get("received", 0) > 0
+                           for n in nodes), "every node received sealed gossip")
     assert all(gossip_drops(n) == {} for n in nodes)
     for node in nodes:
         copy = node.data_dir / "keyring"
@@ -145,34 +152,44 @@ def test_a_node_with_another_key_cannot_join(processes: Processes, tmp_path: Pat
     ours = keyring_file(tmp_path / "ours", new_key())
     nodes, urls = start_ready_cluster(processes, ("c1", "c2", "c3"), "--gossip-keyring", ours,
                                       *INFO)
-    intruder, _ = start(processes, "intruder", nodes[0].address, "--gossip-keyring",
+    seed = nodes[0]
+    intruder, _ = start(processes, "intruder", seed.address, "--gossip-keyring",
                         keyring_file(tmp_path / "theirs", new_key()), *INFO)
-    plain, _ = start(processes, "plain", nodes[0].address, *INFO)
-
-    wait_until(lambda: gossip_drops(intruder).get("gossip_unknown_key", 0) > 0
-               and gossip_drops(plain).get("gossip_sealed", 0) > 0,
-               "the outsiders drop the cluster's datagrams")
-    wait_until(lambda: all(gossip_drops(n).get("gossip_unknown_key", 0) > 0
-                           and gossip_drops(n).get("gossip_not_sealed", 0) > 0 for n in nodes),
-               "every member drops the outsiders' datagrams")
-
-    # Every member suspects (then declares dead) each outsider, and each outsider every
-    # member: their probes get no answer they can open. The keyring covers UDP only:
-    # without TLS an outsider's TCP syncs still reach members, so it may reappear between
-    # failed probes; with TLS (docs/security.md) it cannot connect at all.
-    def suspected(by: NodeProcess, members: set[str]) -> bool:
-        seen = {line.get("member") for line in by.log() if line.get("msg") == "member"
-                and line.get("kind") in ("suspect", "dead")}
-        return members <= seen
-
+    plain, _ = start(processes, "plain", seed.address, *INFO)
     outsiders = {"intruder", "plain"}
-    wait_until(lambda: all(suspected(n, outsiders) for n in nodes)
-               and all(suspected(o, {n.name for n in nodes}) for o in (intruder, plain)),
-               "members and outsiders suspect each other")
-    assert all_alive(nodes)
 
-    # The drops are counted by reason in the metrics and logged with the reason.
+    # The syncs are sealed too, so the seed refuses each join attempt before the membership
+    # sees it: an outsider never enters a member's view, not even for a moment. Every
+    # member's view is sampled on every poll while the outsiders keep retrying.
+    listed: set[str] = set()
+
+    def refused_twice() -> bool:
+        for node in nodes:
+            listed.update(outsiders & set(node.members()))
+        drops = malformed_drops(seed)
+        return drops.get("sync_unknown_key", 0) >= 2 and drops.get("sync_not_sealed", 0) >= 2
+
+    wait_until(refused_twice, "the seed refused two join attempts of each outsider")
+    for _ in range(10):
+        refused_twice()
+    assert listed == set(), f"members listed the outsiders {sorted(listed)}"
+    assert not any(line.get("msg") == "member" and line.get("member") in outsiders
+                   for node in nodes for line in node.log())
+    assert all_alive(nodes)
+    assert all(dead_events(n, {m.name for m in nodes}) == [] for n in nodes)
+
+    # Each outsider is alone, and its log says why its join failed and what to check.
+    for outsider in (intruder, plain):
+        assert set(outsider.members()) == {outsider.name}
+        failures = [line for line in outsider.log()
+                    if line.get("msg") == "join_push_pull_failed"]
+        assert failures and all(line["seed"] == seed.address for line in failures)
+        assert "closed the connection" in failures[0]["error"]
+        assert "--gossip-keyring" in failures[0]["hint"]
+
+    # The refusals are counted by reason in the metrics and logged with the reason.
     metrics = get(urls[0] + "/metrics")[1].decode()
-    assert 'leaderless_dropped_malformed_total{kind="gossip_unknown_key"}' in metrics
-    assert any(line.get("msg") == "dropped_malformed"
-               and line.get("kind") == "gossip_unknown_key" for line in nodes[0].log())
+    for kind in ("sync_unknown_key", "sync_not_sealed"):
+        assert f'leaderless_dropped_malformed_total{{kind="{kind}"}}' in metrics
+        assert any(line.get("msg") == "dropped_malformed" and line.get("kind") == kind
+                   for line in seed.log())
