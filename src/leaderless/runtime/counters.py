@@ -13,10 +13,14 @@ class RuntimeCounters:
     ``peer_frame``; and gossip datagrams refused by the keyring, by reason:
     ``gossip_unknown_key`` (sealed under a key not installed here), ``gossip_auth_failed``
     (tampered or forged), ``gossip_not_sealed`` (plaintext while a keyring is set),
-    ``gossip_truncated``, ``gossip_sealed`` (sealed, but this node has no keyring)).
+    ``gossip_truncated``, ``gossip_sealed`` (sealed, but this node has no keyring); the
+    same reasons for membership syncs as ``sync_*``; TLS refusals ``tls_handshake``,
+    ``tls_record``, ``tls_identity``, ``tls_peer``; ``tcp_partial_frame``: a frame trickled
+    past its deadline).
     ``dropped_overload_total``: messages we chose to drop because a bound was reached
     (kinds: ``udp_peer_queue``, ``udp_send_buffer``, ``push_pull_in_flight``,
-    ``tcp_connections``, ``watch_slow_reader``, ``tcp_slow_reader``, ``peer_buffer_full``).
+    ``tcp_connections``, ``watch_slow_reader``, ``tcp_slow_reader``, ``peer_buffer_full``,
+    and per-address caps ``*_per_client`` with ``client_partial_frame`` on each port).
     ``send_errors_total``: sends the operating system refused (kinds: ``udp``,
     ``udp_address``, ``push_pull``, ``peer_connect``).
     ``gossip_packets_total`` / ``gossip_bytes_total``: UDP datagrams (probes, acks and the
