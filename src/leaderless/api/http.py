@@ -321,9 +321,9 @@ class HttpApi:
         assert self._auth is not None
         token = _request_token(request)
         if not token:
-            raise HttpError("unauthenticated", "this node requires a token: send "
-                            "Authorization: Bearer TOKEN (from POST /v1/auth/login or "
-                            "`leaderless login`)")
+            raise self._auth.unauthenticated_error(
+                "this node requires a token: send Authorization: Bearer TOKEN (from POST "
+                "/v1/auth/login or `leaderless login`)")
         return await self._auth.authenticate(token, request.remote or "")
 
     def _check(self, request: web.Request, level: str, keyspace: str, key: bytes | None,

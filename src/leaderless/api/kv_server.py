@@ -476,13 +476,14 @@ class ClientConnection(asyncio.Protocol):
         """The connection's principal if its token has not expired (raises
         ``unauthenticated`` otherwise). Revocation is the auth service's to check."""
         principal = self.principal
+        assert self._auth is not None
         if principal is None:
-            raise KvError("unauthenticated", self._refusal or "this connection is not "
-                          "authenticated: send Authenticate with a token, or Login, first "
-                          "(`leaderless login`)")
+            raise self._auth.unauthenticated_error(
+                self._refusal or "this connection is not authenticated: send Authenticate "
+                "with a token, or Login, first (`leaderless login`)")
         if principal.expires_at <= time.time():
             self._forget(f"the token of user {principal.user!r} has expired; log in again")
-            raise KvError("unauthenticated", self._refusal)
+            raise self._auth.unauthenticated_error(self._refusal or "the token has expired")
         if (not self._rechecking and self._token is not None
                 and self._loop.time() - self._checked_at >= PRINCIPAL_RECHECK_S):
             self._rechecking = True

@@ -599,6 +599,12 @@ class AuthService:
         return Principal(record.name, record.roles, grants, claims.id, claims.expires_at,
                          ADMIN_ROLE in record.roles and ADMIN_ROLE in roles)
 
+    def unauthenticated_error(self, message: str) -> AuthError:
+        """The refusal of a request that brought no token, or one expired since it was
+        checked: counted with the tokens this service refused itself."""
+        self.unauthenticated += 1
+        return AuthError("unauthenticated", message)
+
     def check(self, principal: Principal | None, level: str, keyspace: str,
               key: bytes | None, *, operation: str, peer: str) -> None:
         """Raise ``unauthenticated`` without a principal, ``permission_denied`` (counted and
@@ -607,9 +613,8 @@ class AuthService:
         if not self.enabled:
             return
         if principal is None:
-            self.unauthenticated += 1
-            raise AuthError("unauthenticated", "this needs a token: log in (`leaderless "
-                            "login`) or pass an API token")
+            raise self.unauthenticated_error("this needs a token: log in (`leaderless "
+                                             "login`) or pass an API token")
         if principal.allows(level, keyspace, key):
             return
         raise self._denied(principal, operation, keyspace, peer, level)
