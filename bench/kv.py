@@ -4,6 +4,7 @@
     .venv/bin/python bench/kv.py --nodes 127.0.0.1:7400,127.0.0.1:7401,127.0.0.1:7402
     .venv/bin/python bench/kv.py --duration 3 --quick # a smoke run
     .venv/bin/python bench/kv.py --kill               # plus a run that kill -9s node3
+    .venv/bin/python bench/kv.py --secure             # TLS everywhere, sealed gossip, auth
 
 Keyspace ``bench`` with N=3, QUORUM reads and writes, 100-byte values. For each of put
 and get: closed-loop runs with 1 and 64 concurrent requests (each "client" is an asyncio
@@ -21,6 +22,12 @@ Starting the cluster needs ``leaderless node start --name N --bind HOST:PORT --c
 HOST:PORT --http HOST:PORT --data-dir DIR [--join SEED]``; readiness is "the first
 node's ``DescribeRing`` lists 3 alive members with client addresses". Results go to
 bench/results/kv.json.
+
+``--secure`` measures what security costs: the bench makes a cluster CA and node
+certificates (``security.pki``), a gossip key and a bootstrap admin password, starts the
+nodes with ``--tls-ca/--tls-cert/--tls-key --gossip-keyring --auth``, logs in as the admin,
+makes an API token and drives the load over TLS with it (every request authorized).
+``--encrypt-at-rest`` adds data keys (values sealed with AES-GCM in the store).
 """
 
 from __future__ import annotations
@@ -93,8 +100,17 @@ def worker(args: dict[str, Any]) -> dict[str, Any]:
         return runner.run(_work(**args))
 
 
+def client_options(secure: dict[str, str] | None) -> dict[str, Any]:
+    """AsyncClient keywords for a ``--secure`` cluster: its CA and an API token."""
+    if not secure:
+        return {}
+    from leaderless.security.tls import ClientTls
+    return {"tls": ClientTls(secure["ca"]), "token": secure.get("token")}
+
+
 async def _work(nodes: list[str], op: str, tasks: int, rate: float, duration_s: float,
-                warmup_s: float, keys: int, value_bytes: int, seed: int) -> dict[str, Any]:
+                warmup_s: float, keys: int, value_bytes: int, seed: int,
+                secure: dict[str, str] | None = None) -> dict[str, Any]:
     rng = random.Random(seed)
     value = os.urandom(value_bytes)
     hist: Counter[int] = Counter()
@@ -102,7 +118,8 @@ async def _work(nodes: list[str], op: str, tasks: int, rate: float, duration_s: 
     done = 0
     # time.perf_counter, not loop.time(): uvloop's loop clock has millisecond resolution.
     clock = time.perf_counter
-    async with AsyncClient(nodes, connections_per_node=1, timeout_s=10) as kv:
+    async with AsyncClient(nodes, connections_per_node=1, timeout_s=10,
+                           **client_options(secure)) as kv:
         start = clock() + 0.2
         measure_from = start + warmup_s
         end = measure_from + duration_s
@@ -161,7 +178,8 @@ def run_phase(pool: Any, nodes: list[str], op: str, clients: int, procs: int, ra
         tasks = clients // procs + (1 if p < clients % procs else 0)
         jobs.append({"nodes": nodes, "op": op, "tasks": tasks, "rate": rate / procs,
                      "duration_s": opts.duration, "warmup_s": opts.warmup, "keys": opts.keys,
-                     "value_bytes": opts.value_bytes, "seed": random.randrange(1 << 30)})
+                     "value_bytes": opts.value_bytes, "seed": random.randrange(1 << 30),
+                     "secure": opts.secure_client})
     results = pool.map(worker, jobs[:procs])
     hist: Counter[int] = Counter()
     errors: Counter[str] = Counter()
@@ -196,7 +214,44 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
-def start_cluster(n: int, workdir: Path) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
+def security_files(n: int, workdir: Path, encrypt_at_rest: bool) -> dict[str, Any]:
+    """A CA, node certificates, a gossip key, an admin password (and data keys)."""
+    from leaderless.security import pki
+    from leaderless.security.keyring import generate_key
+
+    certs = workdir / "certs"
+    pki.init_ca(certs)
+    for i in range(n):
+        pki.issue_node(certs, f"node{i + 1}")
+    secret = workdir / "secret"
+    secret.mkdir(mode=0o700)
+    files = {"ca": certs / "ca.crt", "certs": certs, "keyring": secret / "keyring",
+             "password": secret / "admin-password", "data_keys": None}
+    pki.write_file(files["keyring"], (generate_key() + "\n").encode(), 0o600)
+    files["admin_password"] = os.urandom(18).hex()
+    pki.write_file(files["password"], files["admin_password"].encode(), 0o600)
+    if encrypt_at_rest:
+        import base64
+        files["data_keys"] = secret / "data.keys"
+        key = base64.b64encode(os.urandom(32)).decode()
+        pki.write_file(files["data_keys"], f"k1:{key}\n".encode(), 0o600)
+    return files
+
+
+def security_flags(name: str, files: dict[str, Any] | None) -> list[str]:
+    if not files:
+        return []
+    certs = files["certs"]
+    flags = ["--tls-ca", str(files["ca"]), "--tls-cert", str(certs / f"{name}.crt"),
+             "--tls-key", str(certs / f"{name}.key"), "--gossip-keyring", str(files["keyring"]),
+             "--auth", "--admin-password-file", str(files["password"])]
+    if files["data_keys"] is not None:
+        flags += ["--encryption-key-file", str(files["data_keys"])]
+    return flags
+
+
+def start_cluster(n: int, workdir: Path, security: dict[str, Any] | None = None
+                  ) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
     exe = Path(sys.executable).parent / "leaderless"
     ports = free_ports(3 * n)
     procs, clients = [], []
@@ -208,7 +263,8 @@ def start_cluster(n: int, workdir: Path) -> tuple[list[subprocess.Popen[bytes]],
         data.mkdir(parents=True, exist_ok=True)
         cmd = [str(exe), "node", "start", "--name", name, "--bind", f"127.0.0.1:{bind}",
                "--client", f"127.0.0.1:{client}", "--http", f"127.0.0.1:{http}",
-               "--data-dir", str(data), "--log-level", "warning"]
+               "--data-dir", str(data), "--log-level", "warning",
+               *security_flags(name, security)]
         if i:
             cmd += ["--join", seed]
         log = open(data / "node.log", "wb")  # noqa: SIM115 (kept open for the process)
@@ -230,12 +286,14 @@ def stop_cluster(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait()
 
 
-async def wait_ready(nodes: list[str], members: int, timeout_s: float) -> None:
+async def wait_ready(nodes: list[str], members: int, timeout_s: float,
+                     opts: argparse.Namespace) -> None:
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            async with AsyncClient(nodes[:1], connect_timeout_s=1, ring_refresh_s=0) as kv:
+            async with AsyncClient(nodes[:1], connect_timeout_s=1, ring_refresh_s=0,
+                                   **client_options(opts.secure_client)) as kv:
                 ring = await kv.describe_ring()
                 alive = [m for m in ring if m.state == "alive" and m.client_address]
                 if len(alive) >= members:
@@ -248,8 +306,10 @@ async def wait_ready(nodes: list[str], members: int, timeout_s: float) -> None:
 
 
 async def prepare(nodes: list[str], opts: argparse.Namespace) -> None:
-    await wait_ready(nodes, opts.cluster_size, 60)
-    async with AsyncClient(nodes, ring_refresh_s=0) as kv:
+    if opts.secure_client is not None:
+        await log_in(nodes, opts)
+    await wait_ready(nodes, opts.cluster_size, 60, opts)
+    async with AsyncClient(nodes, ring_refresh_s=0, **client_options(opts.secure_client)) as kv:
         await kv.create_keyspace(KEYSPACE, 3, "eventual", read_consistency="QUORUM",
                                  write_consistency="QUORUM", if_not_exists=True)
         # Let the schema spread before measuring, then fill the key space for the gets.
@@ -262,6 +322,26 @@ async def prepare(nodes: list[str], opts: argparse.Namespace) -> None:
                 await kv.put(KEYSPACE, b"k%08d" % i, value)
 
         await asyncio.gather(*(put(i) for i in range(opts.preload)))
+
+
+async def log_in(nodes: list[str], opts: argparse.Namespace) -> None:
+    """Log in as the bootstrap admin (once a node has made it) and make an API token."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            kv = AsyncClient(nodes[:1], connect_timeout_s=1, ring_refresh_s=0,
+                             **client_options(opts.secure_client))
+            try:  # log in before connecting: connecting needs a token
+                await kv.login("admin", opts.admin_password)
+                issued = await kv.create_api_token("admin", "bench", 3600.0)
+                opts.secure_client["token"] = issued.token
+                return
+            finally:
+                await kv.close()
+        except LeaderlessError as exc:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"cannot log in as admin: {exc}") from None
+            await asyncio.sleep(0.5)
 
 
 # -- main ---------------------------------------------------------------------------------
@@ -298,8 +378,13 @@ def main() -> None:
                         help="last, a 50/50 put/get run at the highest concurrency during "
                         "which the third node is killed (kill -9) a third of the way in; "
                         "counts failed QUORUM operations (only with the bench's own cluster)")
+    parser.add_argument("--secure", action="store_true",
+                        help="TLS on every port, sealed gossip and auth (the bench's cluster)")
+    parser.add_argument("--encrypt-at-rest", action="store_true",
+                        help="with --secure: values encrypted in the store too")
     parser.add_argument("--out", default=str(RESULTS))
     opts = parser.parse_args()
+    opts.secure_client = None
     if opts.quick:
         opts.duration, opts.warmup, opts.preload = min(opts.duration, 3.0), 0.5, 2000
     levels = [int(c) for c in opts.clients.split(",")]
@@ -309,7 +394,13 @@ def main() -> None:
     if opts.nodes:
         nodes = [n.strip() for n in opts.nodes.split(",") if n.strip()]
     else:
-        procs, nodes = start_cluster(opts.cluster_size, Path(workdir.name))
+        security = None
+        if opts.secure:
+            security = security_files(opts.cluster_size, Path(workdir.name),
+                                      opts.encrypt_at_rest)
+            opts.secure_client = {"ca": str(security["ca"])}
+            opts.admin_password = security["admin_password"]
+        procs, nodes = start_cluster(opts.cluster_size, Path(workdir.name), security)
         print(f"started {opts.cluster_size} nodes, client ports {', '.join(nodes)} "
               f"(logs in {workdir.name})", file=sys.stderr)
     rows: list[dict[str, Any]] = []
@@ -348,7 +439,10 @@ def main() -> None:
               "cluster": "given" if opts.nodes else f"local {opts.cluster_size} nodes",
               "keyspace": {"replication": 3, "read": "QUORUM", "write": "QUORUM"},
               "value_bytes": opts.value_bytes, "duration_s": opts.duration,
-              "load_procs": opts.procs, "runs": rows}
+              "load_procs": opts.procs, "runs": rows,
+              "security": ("tls+gossip keyring+auth" + (
+                  "+encryption at rest" if opts.encrypt_at_rest else "")) if opts.secure
+              else "off"}
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
