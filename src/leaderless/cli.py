@@ -64,13 +64,15 @@ def _address(text: str) -> Address:
         _fail(f"--node: {text!r} {exc}", EXIT_CONFIG)
 
 
-def _call(node: str, action: Callable[[Client], Awaitable[T]]) -> T:
+def _call(node: str, action: Callable[[Client], Awaitable[T]],
+          timeout_s: float | None = None) -> T:
     """Run one client action against ``node``, turning failures into clear exits. A TLS
     cluster: ``LEADERLESS_TLS_CA``, ``_CERT``, ``_KEY`` (``cli_certs``)."""
     context = client_ssl_from_env()
+    options: dict[str, Any] = {} if timeout_s is None else {"timeout_s": timeout_s}
 
     async def go() -> T:
-        async with Client(_address(node), ssl_context=context) as client:
+        async with Client(_address(node), ssl_context=context, **options) as client:
             return await action(client)
 
     try:

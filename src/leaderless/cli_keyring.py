@@ -26,12 +26,10 @@ from typing import Any, NoReturn
 
 import click
 
-from leaderless.api.client import ApiError, Client, NodeUnreachableError
 from leaderless.api.messages import KeyringOperation, KeyringReply
-from leaderless.config import DEFAULT_BIND, parse_host_port
-from leaderless.runtime.process import EXIT_CONFIG, EXIT_FATAL, run
+from leaderless.config import DEFAULT_BIND
+from leaderless.runtime.process import EXIT_CONFIG, EXIT_FATAL
 from leaderless.security.keyring import KeyringError, decode_key, generate_key, key_id_text
-from leaderless.security.tls import ClientTls, TlsError
 
 KEYRING_TIMEOUT_S = 30.0
 """The asked node waits up to its io_timeout_s (5 s) for every member at once; 30 s
@@ -53,29 +51,11 @@ def _fail(message: str, code: int = EXIT_FATAL) -> NoReturn:
 
 def _ask(node: str, timeout_s: float, operation: KeyringOperation, key: str = ""
          ) -> KeyringReply:
-    try:
-        address = parse_host_port(node)
-    except ValueError as exc:
-        _fail(f"--node: {node!r} {exc}", EXIT_CONFIG)
+    # The CLI's node-port call (TLS from LEADERLESS_TLS_*, clear exits); imported here
+    # because leaderless.cli imports this module to register the group.
+    from leaderless.cli import _call
 
-    try:  # a TLS cluster: LEADERLESS_TLS_CA, and a client certificate (_CERT, _KEY)
-        tls = ClientTls.from_env()
-        context = None if tls is None else tls.context()
-    except TlsError as exc:
-        _fail(str(exc), EXIT_CONFIG)
-
-    async def go() -> KeyringReply:
-        async with Client(address, timeout_s=timeout_s, ssl_context=context) as client:
-            return await client.keyring(operation, key)
-
-    try:
-        return run(go())
-    except NodeUnreachableError as exc:
-        _fail(str(exc))
-    except ApiError as exc:
-        _fail(f"the node refused: {exc}")
-    except (OSError, TimeoutError, ConnectionError) as exc:
-        _fail(f"lost the connection to {node}: {exc or type(exc).__name__}")
+    return _call(node, lambda client: client.keyring(operation, key), timeout_s)
 
 
 def _read_key(key: str) -> str:
