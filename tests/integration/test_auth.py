@@ -56,6 +56,22 @@ def http(method: str, url: str, body: dict[str, Any] | None = None,
         return status, None
 
 
+def admin_login(url: str) -> str:
+    """The bootstrap admin's token, once a node has created the admin (it waits)."""
+    token: str | None = None
+
+    def logged_in() -> bool:
+        nonlocal token
+        status, body = http("POST", url + "/v1/auth/login",
+                            {"user": "admin", "password": ADMIN_PASSWORD})
+        token = body["token"] if status == 200 else None
+        return token is not None
+
+    wait_until(logged_in, "the bootstrap admin can log in", timeout_s=60)
+    assert token
+    return token
+
+
 def cli(config_home: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     return subprocess.run([LEADERLESS, *args], input=stdin, capture_output=True, text=True,
                           timeout=60, env=clean_env({"XDG_CONFIG_HOME": str(config_home)}))
@@ -78,15 +94,7 @@ def test_auth_on_a_three_node_cluster(processes: Processes, tmp_path: Path) -> N
     nodes, urls = start_ready_cluster(processes, ("a1", "a2", "a3"), "--auth",
                                       "--admin-password-file", str(password_file))
 
-    def admin_login() -> str | None:
-        status, body = http("POST", urls[0] + "/v1/auth/login",
-                            {"user": "admin", "password": ADMIN_PASSWORD})
-        return body["token"] if status == 200 else None
-
-    wait_until(lambda: admin_login() is not None, "the bootstrap admin can log in",
-               timeout_s=60)
-    admin_token = admin_login()
-    assert admin_token
+    admin_token = admin_login(urls[0])
 
     # HTTP: no token, no data and no ops views; probes stay open.
     assert http("GET", urls[1] + "/v1/ring")[0] == 401

@@ -42,7 +42,13 @@ from tests.integration.helpers import (
     run_cli,
     wait_until,
 )
-from tests.integration.test_auth import ADMIN_PASSWORD, PASSWORD, http, wrong_code
+from tests.integration.test_auth import (
+    ADMIN_PASSWORD,
+    PASSWORD,
+    admin_login,
+    http,
+    wrong_code,
+)
 from tests.integration.test_encryption_at_rest import files_containing, stop, write_key_file
 from tests.integration.test_keyring import delivered, key_id, keyring_file, new_key
 from tests.integration.test_ops import get, start
@@ -178,15 +184,7 @@ def test_everything_on_at_once(processes: Processes, tmp_path: Path,
     rogue, _ = start(processes, "rogue", first.address,
                      *pki.node_flags("rogue", pki.other), *common)
 
-    def admin_login() -> str | None:
-        status, body = http("POST", urls[0] + "/v1/auth/login",
-                            {"user": "admin", "password": ADMIN_PASSWORD})
-        return body["token"] if status == 200 else None
-
-    wait_until(lambda: admin_login() is not None, "the bootstrap admin can log in",
-               timeout_s=60)
-    admin_token = admin_login()
-    assert admin_token
+    admin_token = admin_login(urls[0])
     assert http("GET", urls[1] + "/v1/keyspaces")[0] == 401  # HTTPS, but no token
     assert http("GET", urls[1] + "/v1/keyspaces", token="forged")[0] == 401
     status, ring = http("GET", urls[0] + "/v1/ring", token=admin_token)
