@@ -52,7 +52,7 @@ import struct
 import time
 import traceback
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
@@ -556,27 +556,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _start_auth(self, request: ClientRequest) -> None:
         self._in_flight += 1
-        task = self._loop.create_task(self._serve_auth(request))
+        task = self._loop.create_task(self._serve(request, self._on_fast_reply,
+                                                        self._execute_auth))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _serve_auth(self, request: ClientRequest) -> None:
-        reply: ClientReply
-        try:
-            reply = await self._execute_auth(request)
-        except KvError as exc:
-            reply = Failure(request.id, exc.code, _text(exc.message),
-                            retry_after_s=float(getattr(exc, "retry_after_s", 0.0)))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a bug in the auth service: tell the client, log it
-            self._log.error("client_request_failed", peer=self.peer,
-                            request=type(request).__name__, error=repr(exc)[:500],
-                            traceback=traceback.format_exc()[-4000:])
-            reply = Failure(request.id, "internal",
-                            _text(f"the node failed on this request ({type(exc).__name__}); "
-                                  "please report it with the node's log"))
-        self._on_fast_reply(reply)
 
     async def _execute_auth(self, request: ClientRequest) -> ClientReply:
         auth = self._auth
@@ -675,16 +658,18 @@ class ClientConnection(asyncio.Protocol):
 
         return done
 
-    async def _serve(self, request: ClientRequest,
-                     on_reply: Callable[[ClientReply], None]) -> None:
+    async def _serve(self, request: ClientRequest, on_reply: Callable[[ClientReply], None],
+                     run: Callable[[ClientRequest], Awaitable[ClientReply]] | None = None
+                     ) -> None:
+        """Run ``request`` (on the data plane, or ``run``: the auth requests) and reply."""
         try:
-            reply = await execute(self._service, request)
-        except KvError as exc:
+            reply = await (run(request) if run else execute(self._service, request))
+        except KvError as exc:  # AuthError too, with its retry_after_s
             reply = Failure(request.id, exc.code, _text(exc.message), exc.received,
-                            exc.required)
+                            exc.required, float(getattr(exc, "retry_after_s", 0.0)))
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a bug in the data plane: tell the client, log it
+        except Exception as exc:  # a bug: tell the client, log it
             self._log.error("client_request_failed", peer=self.peer,
                             request=type(request).__name__, error=repr(exc)[:500],
                             traceback=traceback.format_exc()[-4000:])
