@@ -38,6 +38,7 @@ from leaderless.cli_certs import client_ssl_from_env
 from leaderless.cli_kv import TOKEN_META, _common, _fail, _nodes, exit_code_for
 from leaderless.client.async_client import AsyncClient
 from leaderless.client.errors import LeaderlessError, TotpRequiredError, UnauthenticatedError
+from leaderless.durable_files import write_atomically
 from leaderless.runtime.process import EXIT_CONFIG, run
 
 T = TypeVar("T")
@@ -58,12 +59,7 @@ def store_token(token: str) -> Path:
     """Write the token readable and writable by its owner only (0600; directory 0700)."""
     path = token_path()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)  # a file that existed keeps its old mode otherwise
-        os.write(fd, token.encode() + b"\n")
-    finally:
-        os.close(fd)
+    write_atomically(path, token.encode() + b"\n", 0o600)
     return path
 
 

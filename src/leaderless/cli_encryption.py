@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import NoReturn
 
 import click
 import rocksdict
 
+from leaderless.durable_files import write_atomically
 from leaderless.runtime.datadir import DataDir
 from leaderless.runtime.errors import DataDirError
 from leaderless.security.data_keys import (
@@ -87,17 +87,7 @@ def generate_key(key_id: str | None, key_file: Path | None) -> None:
 
 def _write_private(path: Path, text: str) -> None:
     """Replace ``path`` atomically with a 0600 file holding ``text``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, text.encode(), 0o600)
 
 
 _data_dir = click.option("--data-dir", required=True, metavar="DIR",

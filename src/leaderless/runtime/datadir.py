@@ -12,6 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from leaderless.durable_files import write_atomically
 from leaderless.runtime.errors import DataDirError
 
 INCARNATION_FILE = "incarnation"
@@ -97,20 +98,8 @@ class DataDir:
 
     def _write_durably(self, name: str, data: bytes) -> None:
         target = self.path / name
-        temp = self.path / f".{name}.tmp"
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                os.write(fd, data)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(temp, target)
-            dir_fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # make the rename itself durable
-            finally:
-                os.close(dir_fd)
+            write_atomically(target, data, 0o644)
         except OSError as exc:
             raise DataDirError(
                 f"data_dir: cannot write {str(target)!r}: {exc.strerror}; "

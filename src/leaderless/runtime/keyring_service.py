@@ -20,7 +20,6 @@ probes it cannot answer.
 from __future__ import annotations
 
 import asyncio
-import os
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from leaderless.api.messages import (
     KeyringRequest,
 )
 from leaderless.core.messages import Address, PushPull, SealedPushPull
+from leaderless.durable_files import write_atomically
 from leaderless.runtime.errors import StartupError
 from leaderless.runtime.logs import NodeLogger
 from leaderless.security.keyring import (
@@ -282,17 +282,4 @@ def _read_keyring(path: Path, setting: str) -> Keyring:
 def write_keyring(path: Path, keyring: Keyring) -> None:
     """Replace ``path`` with ``keyring`` durably and atomically, readable by its owner
     only. Raises OSError."""
-    temp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, KEYRING_FILE_MODE)
-    try:
-        os.fchmod(fd, KEYRING_FILE_MODE)  # an old temp file may have had another mode
-        os.write(fd, keyring.to_text().encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, keyring.to_text().encode("ascii"), KEYRING_FILE_MODE)

@@ -32,6 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from leaderless.config import NAME_PATTERN
 from leaderless.core.messages import NAME_BYTES_MAX
+from leaderless.durable_files import write_atomically
 
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"
@@ -412,42 +413,12 @@ def _write_pair(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, cert_pa
 
 
 def write_file(path: Path, data: bytes, mode: int, *, replace: bool = False) -> None:
-    """Write ``data`` to ``path`` with exactly ``mode``, atomically: a temporary file made
-    with that mode from the start (never readable by others, not even briefly), synced,
-    then linked into place. Without ``replace`` an existing ``path`` is an error."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    """Write ``data`` to ``path`` with exactly ``mode``, atomically (``durable_files``):
+    never readable by others, not even briefly. Without ``replace`` an existing ``path``
+    is an error."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    except OSError as exc:
-        raise PkiError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), mode)  # exactly mode, whatever the umask
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # atomic, and fails if the file appeared meanwhile
+        write_atomically(Path(path), data, mode, replace=replace)
     except FileExistsError:
         raise PkiError(f"{path} exists already; pass --force to replace it") from None
     except OSError as exc:
         raise PkiError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    _sync_dir(path.parent)
-
-
-def _sync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems cannot sync a directory; the files themselves are synced
-    finally:
-        os.close(fd)
