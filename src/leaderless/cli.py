@@ -9,6 +9,7 @@
     leaderless status --node HOST:PORT [--json]
     leaderless event send NAME PAYLOAD --node HOST:PORT [--json]
     leaderless event watch --node HOST:PORT [--json]
+    leaderless doctor [--node HOST:PORT] [--json]
 
 Exit codes: 0 success; 1 the node is unreachable, refused the request or failed while
 running; 2 invalid configuration or usage; 3 the node cannot start here (port in use,
@@ -388,3 +389,4 @@ for _auth_command in AUTH_COMMANDS:
 from leaderless.cli_encryption import encryption; main.add_command(encryption)  # noqa: E402, E702, I001
 from leaderless.cli_keyring import keyring; main.add_command(keyring)  # noqa: E402, E702, I001
 from leaderless.cli_certs import certs; main.add_command(certs)  # noqa: E402, E702, I001
+from leaderless.cli_doctor import doctor; main.add_command(doctor)  # noqa: E402, E702, I001

@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from leaderless.api.messages import (
+    DoctorReply,
+    DoctorRequest,
     ErrorReply,
     EventNotification,
     EventSendReply,
@@ -141,6 +143,12 @@ class Client:
         """Apply a gossip keyring operation (list, install, use, remove) on every alive
         member through this node; each node's result. Raises ApiError if it refuses."""
         result: KeyringReply = await self._call(KeyringRequest(operation, key), KeyringReply)
+        return result
+
+    async def doctor(self) -> DoctorReply:
+        """Diagnose the whole cluster through this node (``leaderless doctor``): the
+        findings, most severe first."""
+        result: DoctorReply = await self._call(DoctorRequest(), DoctorReply)
         return result
 
     async def watch_events(self) -> AsyncIterator[EventNotification]:

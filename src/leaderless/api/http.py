@@ -131,6 +131,7 @@ from urllib.parse import quote_from_bytes, unquote_to_bytes
 import msgspec
 from aiohttp import web
 
+from leaderless.api.doctor_http import add_doctor_routes
 from leaderless.api.http_limits import serve_guarded
 from leaderless.api.kv_messages import (
     CLIENT_SCAN_ROWS_MAX,
@@ -208,6 +209,8 @@ STATUS_BY_CODE = {
     "value_too_large": 413,
     "unavailable": 503,
     "overloaded": 503,
+    "read_only": 503,
+    "clock_skew": 503,
     "contention": 503,
     "timeout": 504,
     "storage": 500,
@@ -267,6 +270,9 @@ async def serve_http(service: KvService, host: str, port: int, *,
         add_ops_routes(app, ops)
         add_web_routes(app, ops)
         add_log_routes(app, ops.name)
+        doctor = getattr(ops, "doctor", None)  # a node has one; a bare OpsSource may not
+        if doctor is not None:
+            add_doctor_routes(app, doctor)
     refusals = drops or Drops(RuntimeCounters(), log or NodeLogger("", "http"))
     return await serve_guarded(app, host, port, drops=refusals, ssl_context=ssl_context)
 

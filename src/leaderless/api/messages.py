@@ -170,7 +170,85 @@ class KeyringChangeReply(msgspec.Struct, frozen=True, array_like=True, tag=233):
     result: KeyringNodeResult
 
 
+# -- doctor (``leaderless doctor``): a client request, and the per-node report peers give --
+
+FINDINGS_MAX = 4096
+"""Findings in one doctor reply: a handful per member of the largest cluster we diagnose
+in full; past it the reply keeps the most severe (``obs.doctor``)."""
+RANGES_MAX = 4096
+"""Anti-entropy ranges (keyspace, peer) in one node's report."""
+PEER_OFFSETS_MAX = 1024
+"""Clock offsets in one node's report: its estimate for each peer it probes."""
+Severity = Literal["critical", "warning", "info"]
+
+
+class DoctorRequest(msgspec.Struct, frozen=True, array_like=True, tag=234):
+    """Diagnose the whole cluster: the asked node gathers every alive member's report
+    (``DoctorReportRequest``) and answers with the findings (``DoctorReply``)."""
+
+
+class Finding(msgspec.Struct, frozen=True, array_like=True):
+    """One thing wrong (or worth knowing) in the cluster, and what to do about it."""
+
+    severity: Severity
+    check: Text
+    """The check that found it: members, health, clock, disk, hints, anti_entropy, tls,
+    versions, replication, reachability."""
+    subject: Text
+    """What it is about: a member's name, a keyspace, ``cluster``."""
+    message: Text
+    fix: Text
+
+
+class DoctorReply(msgspec.Struct, frozen=True, array_like=True, tag=235):
+    findings: Annotated[list[Finding], msgspec.Meta(max_length=FINDINGS_MAX)]
+    """The most severe first."""
+    checked_at: float
+    """Unix time when the asked node finished gathering."""
+    asked: Name
+    """The node that gathered the reports."""
+
+
+class DoctorReportRequest(msgspec.Struct, frozen=True, array_like=True, tag=236):
+    """A node asks a peer for its local facts (peer frame)."""
+
+
+class RangeLag(msgspec.Struct, frozen=True, array_like=True):
+    """How long since this node last compared the ranges it shares with ``peer`` for
+    ``keyspace`` (a completed anti-entropy session)."""
+
+    keyspace: Text
+    peer: Name
+    lag_s: float
+    """Since the last completed comparison, or since the node started if none yet."""
+    compared: bool
+    """False: never compared since this node started."""
+    expected_s: float
+    """About how often this pair is compared (``AntiEntropyConfig.interval_s`` formula)."""
+
+
+class DoctorReport(msgspec.Struct, frozen=True, array_like=True, tag=237):
+    """One node's local facts for the doctor: what gossip does not carry."""
+
+    node: Name
+    version: Text
+    uptime_s: float
+    hints_pending: int
+    oldest_hint_age_s: float | None
+    """Age of the oldest stored hint (None: no hints)."""
+    disk_free_pct: float | None
+    """Free space of the data dir's filesystem (None: the OS does not tell)."""
+    disk_free_bytes: int
+    disk_growth_bytes_per_h: float | None
+    """Growth of the used space over the last hour of samples (None: too few yet)."""
+    ranges: Annotated[list[RangeLag], msgspec.Meta(max_length=RANGES_MAX)]
+    clock_offsets_ms: Annotated[dict[Name, float], msgspec.Meta(max_length=PEER_OFFSETS_MAX)]
+    """This node's estimate of each peer's clock minus its own."""
+    cert_expires_at: float | None
+    """Unix time its node certificate expires (None: TLS off)."""
+
+
 Request = (MembersRequest | EventSendRequest | EventWatchRequest | StatusRequest
-           | KeyringRequest)
+           | KeyringRequest | DoctorRequest)
 Reply = (MembersReply | EventSendReply | WatchStarted | EventNotification | StatusReply
-         | ErrorReply | KeyringReply)
+         | ErrorReply | KeyringReply | DoctorReply)

@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Protocol
 
 from leaderless.api.messages import (
+    DoctorReply,
+    DoctorRequest,
     ErrorReply,
     EventNotification,
     EventSendReply,
@@ -56,6 +58,8 @@ class NodeApi(Protocol):
 
     async def keyring_operation(self, request: KeyringRequest) -> KeyringReply: ...
 
+    async def doctor(self) -> DoctorReply: ...
+
 
 def member_info(member: Member, wall_time: Callable[[float], float]) -> MemberInfo:
     return MemberInfo(
@@ -96,6 +100,18 @@ class ApiHandler:
             conn.send(self._node.status())
         elif isinstance(request, KeyringRequest):
             self._keyring(request, conn)
+        elif isinstance(request, DoctorRequest):
+            self._doctor(conn)
+
+    def _doctor(self, conn: Connection) -> None:
+        """Answered once every alive member reported (or timed out), so it runs as a task."""
+
+        async def run() -> None:
+            conn.send(await self._node.doctor())
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._keyring_tasks.add(task)  # held until done: the loop keeps only weak refs
+        task.add_done_callback(self._keyring_tasks.discard)
 
     def _keyring(self, request: KeyringRequest, conn: Connection) -> None:
         """Answered once every alive member answered (or timed out), so it runs as a task."""

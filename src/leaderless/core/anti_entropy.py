@@ -186,12 +186,32 @@ class AntiEntropy:
         self._shared: dict[int, dict[str, list[Segment]]] = {}
         self._keyspace_turn = 0
         self._peer_order: dict[str, list[str]] = {}
+        self.last_compared: dict[tuple[str, str], float] = {}
+        """(keyspace, peer) -> ``now`` when a session this node drove over the ranges it
+        shares with that peer last completed (the doctor's anti-entropy lag); at most
+        keyspaces x members entries."""
 
     # -- queries -------------------------------------------------------------------------
 
     def active_sessions(self) -> list[tuple[str, str]]:
         """(peer, keyspace) of each session this node drives."""
         return [(s.peer, s.keyspace) for s in self._sessions.values()]
+
+    def compared_pairs(self) -> list[tuple[str, str, float]]:
+        """(keyspace, peer, expected_s) of every pair whose shared ranges this node
+        compares, at the last tick's ring and replication map; ``expected_s`` is about how
+        often this node starts a session for that pair (round robin over keyspaces, then
+        peers: interval_s x keyspaces x peers of that keyspace)."""
+        if self._ring is None:
+            return []
+        keyspaces = max(1, len(self._replication))
+        pairs = []
+        for keyspace, n in sorted(self._replication.items()):
+            peers = sorted(self._shared_by_peer(n))
+            for peer in peers:
+                pairs.append((keyspace, peer,
+                              self.config.interval_s * keyspaces * len(peers)))
+        return pairs
 
     def next_deadline(self) -> float:
         """The earliest ``now`` at which ``on_tick`` has work to do."""
@@ -373,6 +393,7 @@ class AntiEntropy:
         assert not (session.to_push or session.to_fetch), "rows left at the end"
         del self._sessions[session.id]
         self.counters.sessions_completed += 1
+        self.last_compared[(session.keyspace, session.peer)] = now
         return []
 
     def _ask(self, session: _Session, msg: AntiEntropyMessage,

@@ -25,6 +25,8 @@ from leaderless import __version__
 from leaderless.api.http import serve_http
 from leaderless.api.kv_server import abort_connections, serve_clients
 from leaderless.api.messages import (
+    DoctorReply,
+    DoctorReportRequest,
     KeyringChange,
     KeyringChangeReply,
     KeyringNodeResult,
@@ -65,7 +67,9 @@ from leaderless.obs.alerts import Alerts, Transition, node_readings
 from leaderless.runtime.auth import AuthService
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
+from leaderless.runtime.doctor import NodeDoctor
 from leaderless.runtime.drops import Drops
+from leaderless.runtime.health import HealthMonitor, StoreErrors
 from leaderless.runtime.errors import DataDirError, StartupError
 from leaderless.runtime.keyring_service import (
     KeyringService,
@@ -87,10 +91,11 @@ from leaderless.storage.rocks import RocksStore
 from leaderless.storage.store import StorageError, Store
 
 InboundFrame = (PushPull | SealedPushPull | Request | ReplicaWrite | ReplicaRead | ReplicaScan
-                | PeerHello | AntiEntropyMessage | PaxosRequest | WatchMessage | KeyringChange)
+                | PeerHello | AntiEntropyMessage | PaxosRequest | WatchMessage | KeyringChange
+                | DoctorReportRequest)
 """What may arrive on the TCP port: a peer's sync (sealed when the node has a gossip
 keyring), a CLI request, or the data plane (a coordinator's replica request, a proposer's
-Paxos request, anti-entropy), or a keyring change sent on by a peer."""
+Paxos request, anti-entropy), a keyring change sent on by a peer, or a peer's doctor."""
 LOAD_REFRESH_S = 5.0
 """How often a node looks at its load to gossip it (``LoadSummary``)."""
 LOAD_MAX_AGE_S = 60.0
@@ -141,6 +146,10 @@ class Node:
         """Client request latencies and errors (``obs``), for metrics and the load summary."""
         self.system = SystemSampler(config.data_dir)
         """This machine's CPU, memory, disk and network (``obs``): metrics, load, dashboard."""
+        self.health = HealthMonitor(config.health, self.system, publish=self._publish_health,
+                                    log=NodeLogger(config.name, "health"))
+        """The self-health monitor (``runtime.health``): ``state``, ``readings()`` and
+        ``clock_offsets()``; started with the node, its state gossiped in the metadata."""
         self._registry = make_registry(
             lambda: msgspec.structs.asdict(self.status()), self.requests, self.system,
             commit_group_sizes=lambda: self.kv.commit.group_sizes if self.kv else {},
@@ -171,6 +180,8 @@ class Node:
         """The gossip keyring (None: gossip in plaintext); loaded at start."""
         self.tls: NodeTls | None = None
         """The TLS contexts from ``[tls]`` (None: plaintext TCP); loaded at start."""
+        self.doctor_service: NodeDoctor | None = None
+        """This node's side of ``leaderless doctor`` (None until started)."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -227,6 +238,8 @@ class Node:
         self._arm_timer()
         assert self.kv is not None
         self.kv.start(self._membership.members())
+        self.doctor_service = self._make_doctor(self.kv)
+        self.doctor_service.start()
         assert self.auth is not None
         self.auth.start(self.joined)  # bootstraps once a seed has answered
         self.log.info("started", address=str(advertise), bind=str(self._transport.address),
@@ -239,6 +252,7 @@ class Node:
         else:
             self.joined.set()
         self._load_task = loop.create_task(self._gossip_load())
+        self.health.start()
         self._alerts_task = loop.create_task(self._evaluate_alerts())
 
     async def _start_data_plane(self) -> None:
@@ -261,6 +275,8 @@ class Node:
         except DataKeyError as exc:
             raise StartupError(str(exc)) from None
         self._store = at_rest(self._store, data_keys, where=str(config.data_dir))
+        # Every store failure the node meets is counted here for the health monitor.
+        self._store = self.health.store_errors = StoreErrors(self._store)
         drops = self._drops
 
         def links(hello: Any, reply_type: Any, on_message: Callable[[str, Any], None]
@@ -336,10 +352,13 @@ class Node:
                              leave_timeout_s=self.config.leave_timeout_s)
 
     async def _close(self) -> None:
+        await self.health.stop()
         if self._load_task is not None:
             self._load_task.cancel()
         if self._alerts_task is not None:
             self._alerts_task.cancel()
+        if self.doctor_service is not None:
+            self.doctor_service.close()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -418,6 +437,28 @@ class Node:
                  if m.status is MemberStatus.ALIVE and m.name != membership.name]
         return await self.keyring.run(request, peers, self._transport.request,
                                       self.config.io_timeout_s)
+
+    async def doctor(self) -> DoctorReply:
+        """Diagnose the whole cluster from here (``leaderless doctor``, ``GET /api/doctor``):
+        every alive member's report, gathered at once, and the checks (``obs.doctor``)."""
+        self._require()
+        assert self.doctor_service is not None and self._transport is not None
+        return await self.doctor_service.diagnose(self._transport.request)
+
+    def _make_doctor(self, kv: KvNode) -> NodeDoctor:
+        def disk_usage() -> tuple[int, int, int, bool]:
+            sample = self.system.sample()
+            return (sample.disk_used_bytes, sample.disk_free_bytes, sample.disk_total_bytes,
+                    sample.disk_usage_available)
+
+        def clock_offsets() -> dict[str, float]:
+            monitor = getattr(self, "health", None)  # the self-health monitor, when present
+            return dict(monitor.clock_offsets()) if monitor is not None else {}
+
+        tls_cert = self.config.security.tls_cert if self.tls is not None else None
+        return NodeDoctor(self, kv, version=__version__, tls_cert=tls_cert, disk_usage=disk_usage,
+                          clock_offsets=clock_offsets,
+                          log=NodeLogger(self.config.name, "doctor"))
 
     def status(self) -> StatusReply:
         membership = self._require()
@@ -501,6 +542,14 @@ class Node:
             last_sent = now
             self._feed(membership.update_meta(now, msgspec.structs.replace(
                 membership.meta, load=new)))
+
+    def _publish_health(self, state: HealthState) -> None:
+        """Gossip our health at once (unlike load, every change matters: a read-only node
+        must stop getting writes within a gossip round)."""
+        membership = self._membership
+        if membership is not None:
+            self._feed(membership.update_meta(self._now(), msgspec.structs.replace(
+                membership.meta, health=state)))
 
     # -- alerts (obs.alerts): this node's rules, evaluated by this node for itself -------
 
@@ -603,6 +652,9 @@ class Node:
             conn.send(sync_frame(self.keyring, reply))
         elif isinstance(message, Request):
             self._api.handle(message, conn)
+        elif isinstance(message, DoctorReportRequest):
+            if self.doctor_service is not None:
+                conn.send(self.doctor_service.report())
         elif isinstance(message, KeyringChange):
             conn.send(KeyringChangeReply(KeyringNodeResult(
                 self.name, False, "gossip encryption is off on this node")) if
