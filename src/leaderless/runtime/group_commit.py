@@ -22,7 +22,12 @@ crash of the machine may lose the writes of the last interval, although acknowle
 Storage errors are sticky: after a write or sync fails, every waiting ``done`` gets the
 error, ``on_error`` is called once, and every later ``commit`` fails at once. An fsync that
 failed cannot be retried safely (the kernel may have dropped the dirty pages), so the node
-should stop serving writes and restart (see docs/storage.md).
+should stop serving writes and restart (see docs/storage.md); ``runtime.failover`` then
+steps the node out of the cluster. A failed sync reaches ``on_error`` as ``SyncFailedError``.
+
+Test-only fault hook: ``LEADERLESS_FAULT_FSYNC_FAIL_AFTER=N`` (read once when the node
+starts, logged at warning) makes every sync after the first N successful ones fail with
+EIO, to drive a node through passive failover in tests. Never set it in production.
 
 All methods must be called on the event loop thread.
 """
@@ -32,8 +37,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import concurrent.futures
+import errno
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from leaderless.storage.store import StorageError, Store, Write
 
@@ -46,9 +53,36 @@ SYNC_BOUNDS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 
 drive, a few ms on cloud disks, and a stalling disk shows in the top buckets."""
 
 
+FAULT_FSYNC_FAIL_AFTER_ENV = "LEADERLESS_FAULT_FSYNC_FAIL_AFTER"
+"""Test-only switch: after this many successful syncs, every sync fails with EIO."""
+
+
+class SyncFailedError(StorageError):
+    """The store's fsync failed: what it was to make durable may be lost, and a retry
+    cannot tell (the kernel may have dropped the dirty pages), so nothing it covered is
+    acknowledged and the store takes no more writes."""
+
+
+def fsync_fault_from_env(environ: Mapping[str, str] | None = None) -> int | None:
+    """The test-only fault hook's N, or None when it is not set; ValueError when it is
+    not a non-negative integer."""
+    raw = (os.environ if environ is None else environ).get(FAULT_FSYNC_FAIL_AFTER_ENV)
+    if raw is None or raw == "":
+        return None
+    try:
+        after = int(raw)
+    except ValueError:
+        after = -1
+    if after < 0:
+        raise ValueError(f"{FAULT_FSYNC_FAIL_AFTER_ENV}={raw!r}: must be a number of "
+                         "successful syncs (an integer >= 0); it is a test-only switch")
+    return after
+
+
 class GroupCommit:
     def __init__(self, store: Store, policy: str = "always", interval_ms: float = 100.0, *,
-                 on_error: Callable[[StorageError], None], sync_in_thread: bool = False) -> None:
+                 on_error: Callable[[StorageError], None], sync_in_thread: bool = False,
+                 fault_fsync_fail_after: int | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"fsync policy {policy!r} is not one of {POLICIES}")
         if not interval_ms > 0:
@@ -68,6 +102,9 @@ class GroupCommit:
         self._timer: asyncio.TimerHandle | None = None
         self._error: StorageError | None = None
         self._closed = False
+        self._fault_fsync_fail_after = fault_fsync_fail_after
+        """Test-only (FAULT_FSYNC_FAIL_AFTER_ENV): syncs allowed to succeed, or None."""
+        self._fault_syncs_done = 0
         # Metrics (read by obs/): totals and the shape of the last group.
         self.commits = 0
         """Batches committed."""
@@ -86,6 +123,8 @@ class GroupCommit:
         """Histogram of sync durations: counts per bound of ``sync_bounds_s``, then +Inf."""
         self.sync_seconds = 0.0
         """Total time spent in syncs."""
+        self.sync_failures = 0
+        """Syncs that failed (at most one: a failed sync makes the store fail for good)."""
 
     @property
     def failed(self) -> StorageError | None:
@@ -168,16 +207,25 @@ class GroupCommit:
         began = time.perf_counter()
         if self._executor is None:
             try:
-                self.store.sync()
+                self._sync()
             except Exception as exc:
                 self._sync_done(exc, group, writes, began)
                 return
             self._sync_done(None, group, writes, began)
             return
         fut = asyncio.ensure_future(
-            self._running_loop().run_in_executor(self._executor, self.store.sync))
+            self._running_loop().run_in_executor(self._executor, self._sync))
         self._in_flight = fut
         fut.add_done_callback(lambda f: self._sync_done(f.exception(), group, writes, began))
+
+    def _sync(self) -> None:
+        """``store.sync``, or the test-only fault once its N successful syncs are done."""
+        after = self._fault_fsync_fail_after
+        if after is not None and self._fault_syncs_done >= after:
+            raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (test fault "
+                          f"{FAULT_FSYNC_FAIL_AFTER_ENV}={after})")
+        self.store.sync()
+        self._fault_syncs_done += 1
 
     def _sync_done(self, exc: BaseException | None, group: list[Done], writes: int,
                    began: float) -> None:
@@ -186,9 +234,8 @@ class GroupCommit:
         self.sync_seconds += took_s
         self.sync_counts[bisect.bisect_left(self.sync_bounds_s, took_s)] += 1
         if exc is not None:
-            error = exc if isinstance(exc, StorageError) else StorageError(
-                f"sync failed unexpectedly: {exc!r}")
-            self._fail(error, group)
+            self.sync_failures += 1
+            self._fail(SyncFailedError(f"fsync failed: {exc}"), group)
             return
         if self._error is not None:
             # A later write failed while this sync ran: the store is in an unknown state,
