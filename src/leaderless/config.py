@@ -7,6 +7,7 @@ and the flag ``--bind``; membership timings live in the TOML table ``[membership
 variables ``LEADERLESS_MEMBERSHIP_<FIELD>`` (e.g. ``LEADERLESS_MEMBERSHIP_PROBE_INTERVAL_S``).
 Alerts live in the TOML table ``[alerts]`` (``defaults``, ``interval_s``, and the array of
 tables ``[[alerts.rules]]``, which only a file can give; see ``obs.alerts``).
+Self-health lives in the table ``[health]`` (``HealthConfig``).
 Security lives in the tables ``[tls]``, ``[auth]``, ``[gossip]`` and ``[encryption]``
 (``SecurityConfig``); each key has its variable (``LEADERLESS_TLS_CA``) and flag
 (``--tls-ca``) like every other setting.
@@ -27,6 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from leaderless.core.health import HealthThresholds
 from leaderless.core.membership_config import MembershipConfig
 from leaderless.core.messages import (
     NAME_BYTES_MAX,
@@ -86,6 +88,24 @@ class SecurityConfig:
         return self.tls_ca is not None
 
 
+HEALTH_INTERVAL_S_DEFAULT = 1.0
+"""Once a second: a filling disk is caught within a second, for the cost of one statvfs."""
+FSYNC_FAILURES_MAX_DEFAULT = 3
+"""A single failed fsync may be a transient; three in a row is a failing disk."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthConfig:
+    """``[health]``: how often a node checks itself and the limits it judges itself by
+    (``core.health``, ``runtime.health``; docs/health.md)."""
+
+    interval_s: float = HEALTH_INTERVAL_S_DEFAULT
+    """Seconds between two checks; a change of state is gossiped at once."""
+    thresholds: HealthThresholds = dataclasses.field(default_factory=HealthThresholds)
+    fsync_failures_max: int = FSYNC_FAILURES_MAX_DEFAULT
+    """Consecutive failed fsyncs after which the node fails over passively (leaves)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeConfig:
     """Everything a node process needs to start, validated."""
@@ -126,6 +146,8 @@ class NodeConfig:
     alerts: AlertsConfig = dataclasses.field(default_factory=AlertsConfig)
     """The ``[alerts]`` table: threshold rules this node evaluates for itself."""
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
+    health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
+    """The ``[health]`` table: the self-health monitor's interval and thresholds."""
 
 
 # -- parsers: raw value (str from env/flags, or a TOML value) -> typed value -------------
@@ -341,14 +363,23 @@ _SECURITY_PARSERS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "encryption.key": ("encryption_key", _parse_text(4096)),
 }
 """Security settings: TOML key (``[tls] ca``) -> (SecurityConfig field, parser)."""
-_TABLES = ("membership", "alerts", "tls", "auth", "gossip", "encryption")
+_HEALTH_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "health.interval_s": _parse_float(0, 3600.0),
+    "health.disk_warn_free_pct": _parse_float(0, 100, low_open=False),
+    "health.disk_stop_writes_free_pct": _parse_float(0, 100, low_open=False),
+    "health.loop_lag_warn_ms": _parse_float(0, 3_600_000.0),
+    "health.memory_warn_pct": _parse_float(0, 100),
+    "health.fsync_failures_max": _parse_int,
+}
+"""``[health]`` keys (``health.x`` is ``x`` in ``[health]``; HealthConfig, HealthThresholds)."""
+_TABLES = ("membership", "alerts", "tls", "auth", "gossip", "encryption", "health")
 """TOML tables whose keys are flattened to ``table.key``."""
 
 
 def settings() -> list[str]:
     """Every setting's key, as used in TOML (``membership.x`` is ``x`` in ``[membership]``)."""
     return [*_PARSERS, *(f"membership.{name}" for name in MEMBERSHIP_FIELDS),
-            *ALERTS_SETTINGS, *_SECURITY_PARSERS]
+            *ALERTS_SETTINGS, *_SECURITY_PARSERS, *_HEALTH_PARSERS]
 
 
 def env_var(key: str) -> str:
@@ -403,6 +434,7 @@ def read_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 def _check_known(key: str, where: str) -> None:
     if (key not in _PARSERS and key not in ALERTS_SETTINGS and key not in _SECURITY_PARSERS
+            and key not in _HEALTH_PARSERS
             and key.removeprefix("membership.") not in MEMBERSHIP_FIELDS):
         raise ConfigError(f"{key}: unknown setting {where}; known: {', '.join(settings())}")
 
@@ -477,6 +509,7 @@ def build_config(raw: Mapping[str, Any]) -> NodeConfig:
         membership=_membership_config(raw),
         alerts=_alerts_config(raw),
         security=_security_config(raw),
+        health=_health_config(raw),
         **{key: values[key] for key in _DATA_SETTINGS if key in values},
     )
 
@@ -497,6 +530,22 @@ def _membership_config(raw: Mapping[str, Any]) -> MembershipConfig:
         return MembershipConfig(**fields)
     except ValueError as exc:
         raise ConfigError(f"membership: {exc}") from None
+
+
+def _health_config(raw: Mapping[str, Any]) -> HealthConfig:
+    """``[health]``: each value parsed on its own, then the thresholds checked together
+    (stop-writes must not be above warn)."""
+    values = {key.removeprefix("health."): _parse(key, raw[key], parser)
+              for key, parser in _HEALTH_PARSERS.items() if key in raw}
+    fsync_failures_max = values.pop("fsync_failures_max", FSYNC_FAILURES_MAX_DEFAULT)
+    if fsync_failures_max < 1:
+        raise ConfigError(f"health.fsync_failures_max: {fsync_failures_max} must be >= 1")
+    interval_s = values.pop("interval_s", HEALTH_INTERVAL_S_DEFAULT)
+    try:
+        thresholds = HealthThresholds(**values)
+    except ValueError as exc:
+        raise ConfigError(f"health: {exc}") from None
+    return HealthConfig(interval_s, thresholds, fsync_failures_max)
 
 
 def _security_config(raw: Mapping[str, Any]) -> SecurityConfig:

@@ -582,6 +582,11 @@ ERROR_CODES = {
               "(the writer's lease ended)",
     "overloaded": "the node has too many requests in flight; retry with back-off",
     "storage": "the node's storage failed; it did not apply the request",
+    "read_only": "the node is read-only (its disk is nearly full, the message says why); "
+                 "it takes no writes until it is healthy again: write through another node",
+    "clock_skew": "the node's clock is beyond the skew bound against its peers' (the message "
+                  "names the offset): it coordinates no strong-mode operation or lock lease "
+                  "until it is back within bound; send it to another node, check NTP there",
     "not_supported": "the node does not support this yet",
     "internal": "a bug: please report it with the node's log",
     "unauthenticated": "no token, or the token is invalid, expired or revoked; log in "

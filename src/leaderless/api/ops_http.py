@@ -12,8 +12,9 @@
 ``GET /api/cluster``   ``{"node", "members": [{"name", "address", "http", "state",
                        "incarnation", "zone", "version", "weight", "ownership",
                        "load": {"cpu_pct", "mem_pct", "disk_pct", "ops_per_s",
-                       "p99_ms"} | null}]}``: every member as this node knows it, with
-                       the load each gossiped (refreshed every 5 s when it moved).
+                       "p99_ms"} | null, "health": {"status", "reason"}}]}``: every
+                       member as this node knows it, with the load each gossiped
+                       (refreshed every 5 s when it moved) and its health (at once).
 ``GET /api/alerts``    ``{"node", "alerts": [{"name", "severity", "state", "metric",
                        "value", "threshold", "op", "since", "message"}], "rules":
                        [{"name", "metric", "op", "threshold", "for_s", "severity",

@@ -94,6 +94,22 @@ class StorageError(LeaderlessError):
     code = "storage"
 
 
+class ReadOnlyError(LeaderlessError):
+    """The node is read-only (its disk is nearly full; the message says why) and took no
+    write: write through another node, or free space there (it turns healthy by itself)."""
+
+    code = "read_only"
+
+
+class ClockSkewError(LeaderlessError):
+    """The node's clock is off its peers' by more than the skew bound (the message names
+    the offset and the bound), so it refused to coordinate a strong-mode operation or a
+    lock lease; nothing was changed. Retry through another node; fix NTP on that host
+    (it resumes by itself once its clock is back within bound)."""
+
+    code = "clock_skew"
+
+
 class NotSupportedError(LeaderlessError):
     """The node does not support this yet."""
 
@@ -183,7 +199,7 @@ ERRORS_BY_CODE: dict[str, type[LeaderlessError]] = {
                 RequestTimeoutError, OverloadedError, StorageError, NotSupportedError,
                 InternalError, ContentionError, ConflictError, LockHeldError, LeaseLostError,
                 FencedError, UnauthenticatedError, BadCredentialsError, TotpRequiredError,
-                TooManyAttemptsError, PermissionDeniedError)
+                TooManyAttemptsError, PermissionDeniedError, ReadOnlyError, ClockSkewError)
 }
 assert set(ERRORS_BY_CODE) == set(ERROR_CODES), "every protocol code needs an exception"
 

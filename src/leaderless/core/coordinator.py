@@ -67,6 +67,10 @@ class Topology:
     alive: AbstractSet[str]
     hints_allowed: Mapping[str, bool] = dataclasses.field(default_factory=dict)
     """Per down node: False once it has been down longer than the hint window."""
+    read_only: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """Members whose gossiped health is read-only (``core.health``), with the reason: they
+    get no writes (theirs become hints, as for a down replica) and hold no hints, but
+    still serve reads. This node among them: it refuses to coordinate writes."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -94,7 +98,7 @@ class ScanDone:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Failed:
     code: str
-    """``unavailable`` | ``timeout`` | ``overloaded`` | ``storage``"""
+    """``unavailable`` | ``timeout`` | ``overloaded`` | ``storage`` | ``read_only``"""
     message: str
     received: int = 0
     required: int = 0
@@ -174,12 +178,15 @@ class Coordinator:
               partition: bytes, sort: bytes, cell: Cell, consistency: str) -> list[Effect]:
         self.counters.writes += 1
         self._topology = topology
+        if self.me in topology.read_only:
+            return [Respond(op_id, read_only_failure(topology.read_only[self.me]))]
         need = required(consistency, replication)
         tok = token(partition)
         replicas = topology.ring.preference_list(tok, replication)
-        live = [r for r in replicas if r in topology.up]
+        live = [r for r in replicas if r in topology.up and r not in topology.read_only]
         if len(live) < need or len(self._ops) >= self.config.ops_in_flight_max:
-            return [self._refuse(op_id, len(live), need, replication)]
+            read_only = [r for r in replicas if r in topology.read_only]
+            return [self._refuse(op_id, len(live), need, replication, read_only)]
         effects: list[Effect] = []
         op = _Op(op_id, "write", need, now + self.config.write_timeout_s,
                  ReplicaWrite(0, keyspace, partition, sort, cell, trace=op_id), replicas, [])
@@ -187,7 +194,7 @@ class Coordinator:
         for replica in live:
             effects.append(self._send(op, replica, now))
         for down in replicas:
-            if down not in topology.up:
+            if down not in topology.up or down in topology.read_only:
                 effects.extend(self._hint(topology, tok, replicas, down, op.request))
         return effects
 
@@ -225,12 +232,15 @@ class Coordinator:
             heapq.heappush(self._speculations, (op.speculate_at, op_id))
         return [self._send(op, replica, now) for replica in live[:need]]
 
-    def _refuse(self, op_id: int, live: int, need: int, replication: int) -> Respond:
+    def _refuse(self, op_id: int, live: int, need: int, replication: int,
+                read_only: list[str] | None = None) -> Respond:
         if live < need:
             self.counters.unavailable += 1
+            usable = (f"alive and writable ({', '.join(read_only)} read-only)" if read_only
+                      else "alive")
             return Respond(op_id, Failed(
-                "unavailable", f"{live} of {replication} replicas are alive; the consistency "
-                f"level needs {need}", live, need))
+                "unavailable", f"{live} of {replication} replicas are {usable}; the "
+                f"consistency level needs {need}", live, need))
         return Respond(op_id, Failed("overloaded", "this node coordinates too many requests; "
                                      "retry with back-off"))
 
@@ -253,7 +263,8 @@ class Coordinator:
             return []
         holder = self.me
         for name in topology.ring.walk(tok):
-            if name not in replicas and name in topology.alive:
+            if (name not in replicas and name in topology.alive
+                    and name not in topology.read_only):
                 holder = name
                 break
         self.counters.hints_sent += 1
@@ -275,10 +286,18 @@ class Coordinator:
             return []
         sender = op.sent.pop(reply.id, replica)
         sent_at = op.sent_at.pop(reply.id, now)
+        hints: list[Effect] = []
         if reply.error:
             self.counters.replica_errors += 1
             op.failed += 1
             op.error = reply.error
+            request = op.request
+            if (reply.error.startswith(READ_ONLY_ERROR) and isinstance(request, ReplicaWrite)
+                    and request.hint_for is None and op.kind == "write"
+                    and self._topology is not None):
+                # A read-only replica we had not heard of yet (gossip lag): hint it.
+                hints = self._hint(self._topology, token(request.partition), op.replicas,
+                                   sender, request)
         elif isinstance(reply, ReplicaAck):
             if op.kind == "write":
                 op.ok += 1
@@ -292,7 +311,7 @@ class Coordinator:
             self._record_latency(now - sent_at)
             op.ok += 1
             op.scans[sender] = reply.rows
-        return self._progress(now, op)
+        return hints + self._progress(now, op)
 
     def _progress(self, now: float, op: _Op) -> list[Effect]:
         effects: list[Effect] = []
@@ -340,7 +359,10 @@ class Coordinator:
                     theirs = next((r.cell for r in rows if r.sort == row.sort), None)
                     if row.cell.newer_than(theirs):
                         stale.append((replica, row.sort, row.cell))
+        read_only = self._topology.read_only if self._topology is not None else {}
         for replica, sort, cell in stale:
+            if replica in read_only:
+                continue  # it would refuse; it catches up by hints and anti-entropy
             self.counters.read_repairs += 1
             op.repairs += 1
             repair = ReplicaWrite(next(self._ids), request.keyspace, request.partition, sort,
@@ -425,6 +447,16 @@ class Coordinator:
             p99 = sorted(self._latencies)[int(len(self._latencies) * 0.99)]
             self._speculative_s = min(self.config.speculative_ceiling_s,
                                       max(self.config.speculative_floor_s, p99))
+
+
+READ_ONLY_ERROR = "read_only"
+"""Code of a write refused by a read-only node; a replica's refusal starts with it."""
+
+
+def read_only_failure(reason: str) -> Failed:
+    """The refusal of a write by a node that is itself read-only (``core.health``)."""
+    return Failed(READ_ONLY_ERROR, f"this node is read-only ({reason}): it takes no writes "
+                  "until it is healthy again; write through another node")
 
 
 def _with_id(request: ReplicaRequest, request_id: int) -> ReplicaRequest:

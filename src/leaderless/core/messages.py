@@ -16,6 +16,8 @@ from typing import Annotated
 
 import msgspec
 
+from leaderless.core.health import HealthState
+
 # -- limits (each one is a promise to peers and a defence against them) ------------------
 
 NAME_BYTES_MAX = 64
@@ -87,6 +89,10 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True)
     """The member's native client port (same host as its address); 0: none."""
     http_port: Port = 0
     load: LoadSummary | None = None
+    health: HealthState | None = None
+    """What the member says of its own health (``core.health``); None: healthy, or a
+    member from before health was gossiped. At most ~70 bytes (REASON_BYTES_MAX), so an
+    alive update with load and health still fits one datagram."""
 
 
 class MemberStatus(enum.IntEnum):

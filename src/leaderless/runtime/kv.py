@@ -42,6 +42,7 @@ from leaderless.core.anti_entropy import AntiEntropy, AntiEntropyConfig, ApplyRo
 from leaderless.core.anti_entropy_messages import AntiEntropyMessage
 from leaderless.core.cells import Cell, decode_cell
 from leaderless.core.coordinator import (
+    READ_ONLY_ERROR,
     Coordinator,
     CoordinatorConfig,
     Failed,
@@ -52,8 +53,10 @@ from leaderless.core.coordinator import (
     SendReplica,
     Topology,
     WriteDone,
+    read_only_failure,
 )
 from leaderless.core.effects import MemberEvent, MemberEventKind
+from leaderless.core.health import HealthStatus
 from leaderless.core.hints import DeleteHint, Handoff, HintConfig, HintLog, SendHint
 from leaderless.core.hlc import ClockSkewError, HybridClock, physical_ms
 from leaderless.core.keys import (
@@ -256,7 +259,10 @@ class KvNode:
                           if m.status is MemberStatus.ALIVE)
         hints_allowed = {name: now - since < self._hint_window_s
                          for name, since in self._down_since.items()}
-        self._topology = Topology(ring, up, alive, hints_allowed)
+        read_only = {m.name: m.meta.health.reason for m in self._members.values()
+                     if m.meta.health is not None
+                     and m.meta.health.status is HealthStatus.READ_ONLY}
+        self._topology = Topology(ring, up, alive, hints_allowed, read_only)
 
     # -- KvService ---------------------------------------------------------------------
 
@@ -394,6 +400,8 @@ class KvNode:
                       idempotency: bytes) -> paxos.Outcome:
         """Run a change of a strong key through Paxos: Done, Conflict or Fenced (a failure
         is raised as KvError). Listeners hear of every chosen change."""
+        if not isinstance(change, Read):
+            self._check_writable()
         op_id = next(self._op_ids)
         result = await self._await_op(op_id, lambda: self.proposer.propose(
             self._now(), op_id, self._topology, definition.name, definition.replication,
@@ -588,6 +596,8 @@ class KvNode:
         change: Change
         try:
             self._check_key(request.key, request.sort)
+            if kind is not Get:
+                self._check_writable()
             if kind is Get:
                 change = Read()
             elif kind is Put:
@@ -701,6 +711,13 @@ class KvNode:
         if not cell.visible(_wall_ms()):
             return None
         return decode_def(cell.value)
+
+    def _check_writable(self) -> None:
+        """A node that is itself read-only (its gossiped health) coordinates no writes."""
+        reason = self._topology.read_only.get(self.name)
+        if reason is not None:
+            failure = read_only_failure(reason)
+            raise KvError(failure.code, failure.message)
 
     def _check_key(self, key: bytes, sort: bytes) -> None:
         try:
@@ -818,6 +835,13 @@ class KvNode:
         if self._debug:
             self.log.debug("served", request_id=f"{sender}:{getattr(request, 'trace', 0)}",
                            kind=type(request).__name__, keyspace=request.keyspace)
+        if (isinstance(request, (ReplicaWrite, Prepare, Accept))
+                and self.name in self._topology.read_only):
+            # Read-only (disk nearly full): take no writes, hints or Paxos state; the
+            # coordinator hints it elsewhere, a Paxos majority forms without us.
+            reply_to(_refusal(request, f"{READ_ONLY_ERROR}: this node is read-only "
+                              f"({self._topology.read_only[self.name]})"))
+            return
         try:
             if isinstance(request, ReplicaWrite):
                 self.clock.observe(request.cell.hlc, _wall_ms())
@@ -929,11 +953,14 @@ class KvNode:
             try:
                 self._execute(self.coordinator.on_tick(now))
                 self._execute(self.proposer.on_tick(now))
-                self._execute(list(self.handoff.on_tick(now, _wall_ms(), self._topology.alive,
+                # A read-only member gets no hints replayed and no anti-entropy rows
+                # (its disk is nearly full); both resume when it is healthy again.
+                writable = self._topology.alive - self._topology.read_only.keys()
+                self._execute(list(self.handoff.on_tick(now, _wall_ms(), writable,
                                                         self._ids)))
-                self._execute(self.anti_entropy.on_tick(
-                    now, self._topology.ring, self._replication_map(now),
-                    self._topology.alive))
+                if self.name not in self._topology.read_only:
+                    self._execute(self.anti_entropy.on_tick(
+                        now, self._topology.ring, self._replication_map(now), writable))
                 self.watches.on_tick(now)
                 if now >= self._next_purge:
                     self._purge_step(now)

@@ -47,6 +47,7 @@ from leaderless.core.effects import (
     SendPacket,
     StartPushPull,
 )
+from leaderless.core.health import HEALTHY, HealthState
 from leaderless.core.kv_messages import PeerHello, ReplicaRead, ReplicaScan, ReplicaWrite
 from leaderless.core.membership import Member, Membership
 from leaderless.core.messages import (
@@ -69,8 +70,8 @@ from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
 from leaderless.runtime.doctor import NodeDoctor
 from leaderless.runtime.drops import Drops
-from leaderless.runtime.health import HealthMonitor, StoreErrors
 from leaderless.runtime.errors import DataDirError, StartupError
+from leaderless.runtime.health import HealthMonitor, StoreErrors
 from leaderless.runtime.keyring_service import (
     KeyringService,
     SyncFrame,
@@ -513,7 +514,8 @@ class Node:
                          else None),
                 "incarnation": m.incarnation, "zone": m.meta.zone, "version": m.meta.version,
                 "weight": m.meta.weight, "ownership": round(ownership.get(m.name, 0.0), 4),
-                "load": None if load is None else msgspec.structs.asdict(load)})
+                "load": None if load is None else msgspec.structs.asdict(load),
+                "health": _health_dict(m.meta.health)})
         return out
 
     def _load_summary(self) -> LoadSummary:
@@ -883,6 +885,12 @@ def _load_tls(config: NodeConfig) -> NodeTls | None:
                            f"a node's name is its certificate's (`leaderless certs issue "
                            f"{config.name}`)")
     return tls
+
+
+def _health_dict(health: HealthState | None) -> dict[str, str]:
+    """A member's gossiped health for ``/api/cluster`` (None: healthy, or an older node)."""
+    state = health or HEALTHY
+    return {"status": state.status.label, "reason": state.reason}
 
 
 def _moved(old: LoadSummary, new: LoadSummary) -> bool:

@@ -1,0 +1,63 @@
+"""``leaderless doctor`` and ``GET /api/doctor`` on real processes: a healthy cluster has
+nothing critical (exit 0); with a node killed and another read-only, both are named with
+a fix (exit 1), and the HTTP route says the same."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from leaderless.runtime.ports import free_port
+from tests.integration.helpers import Processes, run_cli, wait_until
+from tests.integration.test_ops import get, start_ready_cluster
+
+pytestmark = pytest.mark.integration
+
+READ_ONLY_AT_ONCE = {"LEADERLESS_HEALTH_DISK_STOP_WRITES_FREE_PCT": "100",
+                     "LEADERLESS_HEALTH_DISK_WARN_FREE_PCT": "100"}
+"""Every disk has less than 100 % free: the node is read-only from its first check."""
+
+
+def doctor(address: str) -> tuple[int, dict[str, Any]]:
+    result = run_cli("doctor", "--node", address, "--json")
+    assert result.returncode in (0, 1), result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def critical(report: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(f["check"], f["subject"]): f for f in report["findings"]
+            if f["severity"] == "critical"}
+
+
+@pytest.mark.timeout(120)
+def test_doctor_names_a_dead_and_a_read_only_node(processes: Processes) -> None:
+    nodes, urls = start_ready_cluster(processes, ("n1", "n2", "n3"))
+    code, report = doctor(nodes[0].address)
+    assert (code, report["critical"]) == (0, 0), report
+    assert report["asked"] == "n1"
+
+    processes.start_node("n4", None, nodes[0].address, READ_ONLY_AT_ONCE,
+                         "--client", f"127.0.0.1:{free_port()}",
+                         "--http", f"127.0.0.1:{free_port()}", "--log-level", "warning")
+    nodes[1].process.kill()  # SIGKILL
+    wait_until(lambda: nodes[0].members()["n2"].state == "dead", "n1 marks n2 dead")
+    wait_until(lambda: ("health", "n4") in critical(doctor(nodes[0].address)[1]),
+               "n1 learns by gossip that n4 is read-only")
+
+    code, report = doctor(nodes[0].address)
+    found = critical(report)
+    assert code == 1
+    assert ("members", "n2") in found and ("health", "n4") in found, report
+    assert "read-only" in found[("health", "n4")]["message"]
+    assert all(f["fix"] for f in found.values())
+
+    status, body, _ = get(urls[0] + "/api/doctor")
+    assert status == 200
+    over_http = json.loads(body)
+    assert over_http["critical"] >= 2
+    assert {("members", "n2"), ("health", "n4")} <= set(critical(over_http))
+    assert {k: f["fix"] for k, f in critical(over_http).items()
+            if k in {("members", "n2"), ("health", "n4")}} == {
+        k: f["fix"] for k, f in found.items() if k in {("members", "n2"), ("health", "n4")}}
