@@ -20,6 +20,7 @@ from collections.abc import Hashable
 
 from leaderless.core.awareness import LocalHealth
 from leaderless.core.broadcasts import BroadcastQueue
+from leaderless.core.clock_offsets import ClockOffsets
 from leaderless.core.codec import encoded_size
 from leaderless.core.effects import (
     DeliverUserEvent,
@@ -89,6 +90,8 @@ class _Probe:
     expected_nacks: int = 0
     nacks: int = 0
     acked: bool = False
+    sent_at: float = 0.0
+    """``now`` when the ping left: the start of the round trip its ack closes."""
 
 
 @dataclasses.dataclass
@@ -155,6 +158,9 @@ class Membership:
         self._broadcasts = BroadcastQueue(config.broadcast_queue_max)
         self.health = LocalHealth(config.awareness_max)
         self._events = UserEvents(config.event_buffer)
+        self.clock_offsets = ClockOffsets()
+        """Peers' clock offsets from probe round trips (acks carry the peer's wall clock
+        when the runtime gives ``on_packet`` its ``wall_ms``)."""
         self.counters = MembershipCounters()
         self._seq = 0
         self._probe_order: list[str] = []
@@ -265,14 +271,17 @@ class Membership:
 
     # -- inputs from the network -------------------------------------------------------
 
-    def on_packet(self, now: float, packet: Packet) -> list[Effect]:
+    def on_packet(self, now: float, packet: Packet, wall_ms: int | None = None
+                  ) -> list[Effect]:
+        """``wall_ms``: this node's wall clock (Unix ms) now. Given, acks carry it and
+        acks stamped by peers become clock offset samples; None (the simulator): neither."""
         self.counters.packets_received += 1
         effects: list[Effect] = []
         for update in packet.updates:
             self.counters.updates_received += 1
             effects += self._on_update(now, update)
         for probe in packet.probes:
-            effects += self._on_probe(now, probe)
+            effects += self._on_probe(now, probe, wall_ms)
         return effects
 
     def on_push_pull(self, now: float, request: PushPull) -> tuple[PushPull, list[Effect]]:
@@ -343,7 +352,7 @@ class Membership:
         self._seq += 1
         timeout = self.health.scale(self.config.probe_timeout_s)
         self._probe = _Probe(target.name, target.incarnation, self._seq, now + timeout,
-                             now + interval)
+                             now + interval, sent_at=now)
         self.counters.probes_sent += 1
         first: list[Update] = []
         if target.status == MemberStatus.SUSPECT:
@@ -419,12 +428,12 @@ class Membership:
             self.counters.suspicions_raised += 1
         return self._on_suspect(now, Suspect(target.name, target.incarnation, self.name))
 
-    def _on_probe(self, now: float, msg: Probe) -> list[Effect]:
+    def _on_probe(self, now: float, msg: Probe, wall_ms: int | None) -> list[Effect]:
         if isinstance(msg, Ping):
             if msg.target != self.name:
                 self.counters.misdirected_pings += 1
                 return []
-            return [self._send(msg.reply_to, [Ack(msg.seq)])]
+            return [self._send(msg.reply_to, [Ack(msg.seq, wall_ms)])]
         if isinstance(msg, IndirectPing):
             self._seq += 1
             # Nack before the requester's probe period ends (it sent us this at its probe
@@ -438,10 +447,15 @@ class Membership:
         if isinstance(msg, Ack):
             relay = self._relays.pop(msg.seq, None)
             if relay is not None:
-                return [self._send(relay.reply_to, [Ack(relay.origin_seq)])]
+                # The target's stamp still falls within the requester's round trip.
+                return [self._send(relay.reply_to, [Ack(relay.origin_seq, msg.stamp_ms)])]
             probe = self._probe
             if probe is not None and probe.seq == msg.seq and not probe.acked:
                 probe.acked = True
+                if msg.stamp_ms is not None and wall_ms is not None:
+                    # The round trip by the monotonic clock, placed on the wall clock.
+                    sent_ms = wall_ms - (now - probe.sent_at) * 1000
+                    self.clock_offsets.record(probe.target, sent_ms, msg.stamp_ms, wall_ms)
                 if not probe.indirect_sent:
                     self.health.apply(-1)
                 target = self._members.get(probe.target)
@@ -678,6 +692,7 @@ class Membership:
             self._dead.pop(m.name, None)
         else:
             self._remove_live(m.name)
+            self.clock_offsets.forget(m.name)
             if status == MemberStatus.DEAD:
                 self._dead[m.name] = None
             else:

@@ -171,6 +171,11 @@ class IndirectPing(msgspec.Struct, frozen=True, array_like=True, tag=11):
 
 class Ack(msgspec.Struct, frozen=True, array_like=True, tag=12):
     seq: Seq
+    stamp_ms: Annotated[int, msgspec.Meta(ge=0, le=2**53)] | None = None
+    """The responder's wall clock (Unix ms) when it answered: with the probe's round trip,
+    the prober estimates the responder's clock offset (``core.clock_offsets``). Optional
+    and last, so old peers ignore it (msgspec drops extra trailing array items) and acks
+    from them decode with None; it costs 9 bytes of the datagram (``_packet`` counts it)."""
 
 
 class Nack(msgspec.Struct, frozen=True, array_like=True, tag=13):
