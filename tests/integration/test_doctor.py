@@ -15,9 +15,9 @@ from tests.integration.test_ops import get, start_ready_cluster
 
 pytestmark = pytest.mark.integration
 
-READ_ONLY_AT_ONCE = {"LEADERLESS_HEALTH_DISK_STOP_WRITES_FREE_PCT": "100",
-                     "LEADERLESS_HEALTH_DISK_WARN_FREE_PCT": "100"}
-"""Every disk has less than 100 % free: the node is read-only from its first check."""
+READ_ONLY_AT_ONCE = {"LEADERLESS_HEALTH_DISK_STOP_WRITES_FREE_PCT": "99.9",
+                     "LEADERLESS_HEALTH_DISK_WARN_FREE_PCT": "99.9"}
+"""Thresholds must be below 100 %; no disk in use has 99.9 % free: read-only at once."""
 
 
 def doctor(address: str) -> tuple[int, dict[str, Any]]:

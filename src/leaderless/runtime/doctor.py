@@ -201,8 +201,8 @@ class NodeDoctor:
 def member_facts(member: Member) -> MemberFacts:
     """What gossip says about ``member``: state, version and health (``NodeMeta.health``;
     healthy until the member gossips one)."""
-    health = getattr(member.meta, "health", None)
-    status = "healthy" if health is None else health.status.name.lower().replace("_", "-")
+    health = member.meta.health
+    status = "healthy" if health is None else health.status.label
     return MemberFacts(
         name=member.name, state=member.status.name.lower(), address=str(member.address),
         version=member.meta.version, health=status,

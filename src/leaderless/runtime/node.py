@@ -13,6 +13,7 @@ import asyncio
 import base64
 import collections
 import dataclasses
+import os
 import random
 import socket
 import time
@@ -71,6 +72,7 @@ from leaderless.runtime.datadir import DataDir
 from leaderless.runtime.doctor import NodeDoctor
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.errors import DataDirError, StartupError
+from leaderless.runtime.failover import PassiveFailover, classify, hand_off_hints
 from leaderless.runtime.health import HealthMonitor, StoreErrors
 from leaderless.runtime.keyring_service import (
     KeyringService,
@@ -83,6 +85,7 @@ from leaderless.runtime.logs import NodeLogger, RateLimitedLog
 from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.tcp import ConnectionClosedError, ServerConnection
 from leaderless.runtime.transport import NetTransport, Transport
+from leaderless.runtime.wall_clock import install_fault_skew, wall_ms
 from leaderless.security.data_keys import DataKeyError, load_data_keys
 from leaderless.security.keyring import SEAL_OVERHEAD_BYTES, KeyringError, OpenError
 from leaderless.security.tls import NodeTls, TlsError, peer_frame_refusal
@@ -177,6 +180,8 @@ class Node:
         self.stopped = asyncio.Event()
         self.fatal_error: str | None = None
         """Set when the node had to stop on an operating error (e.g. the disk failed)."""
+        self.failover: PassiveFailover | None = None
+        """Set when an unrecoverable local fault started passive failover."""
         self.keyring: KeyringService | None = None
         """The gossip keyring (None: gossip in plaintext); loaded at start."""
         self.tls: NodeTls | None = None
@@ -191,6 +196,7 @@ class Node:
         Raises StartupError (PortInUseError, DataDirError) with what to do."""
         self._data_dir.open()
         try:
+            install_fault_skew(os.environ, self.log)  # test-only; warns when set
             last = self._data_dir.load_incarnation()
             # The data-dir copy of the gossip keyring (kept by rotations) wins over the
             # initial file; without either, gossip stays plaintext.
@@ -239,6 +245,11 @@ class Node:
         self._arm_timer()
         assert self.kv is not None
         self.kv.start(self._membership.members())
+        # Probe round trips measure the peers' clocks: strong operations and lock leases
+        # are refused while this node's is beyond the bound; health and doctor show them.
+        self.kv.clock_skew_ms = self._membership.clock_offsets.skew_ms
+        self.health.set_clock_offsets(self._membership.clock_offsets.offsets_ms)
+        self.health.set_clock_skew(self._membership.clock_offsets.skew_ms)
         self.doctor_service = self._make_doctor(self.kv)
         self.doctor_service.start()
         assert self.auth is not None
@@ -333,7 +344,7 @@ class Node:
         if self._join_task is not None:
             self._join_task.cancel()
         membership = self._membership
-        if membership is not None and self.fatal_error is None:
+        if membership is not None and (self.fatal_error is None or self.failover is not None):
             others = membership.live_count() > 1
             self._feed(membership.leave(self._now()))
             self.log.info("leaving", pending_broadcasts=membership.pending_broadcasts())
@@ -382,12 +393,35 @@ class Node:
         self.log.info("stopped")
         self.stopped.set()
 
-    def _fail(self, error: str) -> None:
-        """An operating error we cannot run safely with: stop (without a leave)."""
-        if self.fatal_error is None:
-            self.fatal_error = error
-            self.log.error("fatal", error=error)
-            asyncio.get_running_loop().create_task(self.stop())
+    def _fail(self, error: str | StorageError) -> None:
+        """An operating error we cannot run safely with (a failed fsync, a corrupt store,
+        a data dir that cannot keep the incarnation): passive failover -- hand off the
+        hints, leave, stop; the process exits with ``EXIT_FAILOVER``."""
+        if self.fatal_error is not None:
+            return
+        fault = classify(error)
+        self.fatal_error = f"{fault.kind.value}: {fault.detail}"
+        self.failover = PassiveFailover(self.name, fault)
+        self.log.error("fatal", error=self.fatal_error)
+        asyncio.get_running_loop().create_task(self._fail_over(self.failover))
+
+    async def _fail_over(self, failover: PassiveFailover) -> None:
+        """The passive-failover sequence (``runtime.failover``), in its order."""
+        failover.started()
+        if self._membership is not None:
+            self.health.leave(failover.fault.reason)  # gossiped at once: leaving(reason)
+        if self._client_server is not None:  # refuse clients: they retry on other nodes
+            self._client_server.close()
+            abort_connections(self._client_server)
+        if self._http_runner is not None:
+            runner, self._http_runner = self._http_runner, None
+            await runner.cleanup()
+        if self.kv is not None and self._membership is not None and not self._stopping:
+            live = [m.name for m in self._membership.members()
+                    if m.status is MemberStatus.ALIVE]
+            failover.handed_off(await hand_off_hints(
+                self.kv.hints, self.kv.hand_off_hint, self.name, live))
+        await self.stop()  # a graceful leave: peers mark this node left, not dead
 
     # -- public API (also served to clients by api.server) -----------------------------
 
@@ -402,6 +436,16 @@ class Node:
 
     def members(self) -> list[Member]:
         return self._require().members()
+
+    def clock_offsets(self) -> dict[str, float]:
+        """Each probed peer's clock minus this node's, in ms (``core.clock_offsets``)."""
+        return self._require().clock_offsets.offsets_ms()
+
+    def clock_skew_ms(self) -> float | None:
+        """How far this node's clock is ahead of its peers' (negative: behind), in ms;
+        None until a peer was probed. Beyond ``core.locks.CLOCK_SKEW_MAX_MS`` the node
+        refuses to coordinate strong operations and lock leases."""
+        return self._require().clock_offsets.skew_ms()
 
     def wall_time(self, monotonic_s: float) -> float:
         """Unix time of a ``now`` value of this node's loop clock (for display only)."""
@@ -452,13 +496,9 @@ class Node:
             return (sample.disk_used_bytes, sample.disk_free_bytes, sample.disk_total_bytes,
                     sample.disk_usage_available)
 
-        def clock_offsets() -> dict[str, float]:
-            monitor = getattr(self, "health", None)  # the self-health monitor, when present
-            return dict(monitor.clock_offsets()) if monitor is not None else {}
-
         tls_cert = self.config.security.tls_cert if self.tls is not None else None
         return NodeDoctor(self, kv, version=__version__, tls_cert=tls_cert, disk_usage=disk_usage,
-                          clock_offsets=clock_offsets,
+                          clock_offsets=self.health.clock_offsets,
                           log=NodeLogger(self.config.name, "doctor"))
 
     def status(self) -> StatusReply:
@@ -619,7 +659,7 @@ class Node:
         membership = self._membership
         if membership is None or self.stopped.is_set():
             return
-        self._feed(membership.on_packet(self._now(), packet))
+        self._feed(membership.on_packet(self._now(), packet, wall_ms()))
 
     def handle_frame(self, message: Any, conn: ServerConnection) -> None:
         """A decoded frame from a TCP connection (``runtime.tcp.FrameHandler``)."""
