@@ -646,6 +646,12 @@ class Membership:
                 effects += self._on_alive(now, Alive(r.name, r.incarnation, r.address, r.meta))
             elif r.status == MemberStatus.LEFT:
                 if r.name not in self._members:
+                    # Remember it as left, like a dead member below: every member then
+                    # shows a node that stepped out (passive failover) as left until it
+                    # is reaped, a node that joined or restarted since included.
+                    self._members[r.name] = Member(r.name, r.address, r.meta, r.incarnation,
+                                                   MemberStatus.ALIVE, now)
+                    self._set_status(self._members[r.name], MemberStatus.LEFT, now)
                     continue
                 effects += self._on_left(now, Left(r.name, r.incarnation))
             elif r.name not in self._members and r.status == MemberStatus.DEAD:

@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import logging
 import random
-import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -41,6 +40,7 @@ from leaderless.core import paxos
 from leaderless.core.anti_entropy import AntiEntropy, AntiEntropyConfig, ApplyRows, SendToPeer
 from leaderless.core.anti_entropy_messages import AntiEntropyMessage
 from leaderless.core.cells import Cell, decode_cell
+from leaderless.core.clock_offsets import skew_refusal
 from leaderless.core.coordinator import (
     READ_ONLY_ERROR,
     Coordinator,
@@ -57,7 +57,7 @@ from leaderless.core.coordinator import (
 )
 from leaderless.core.effects import MemberEvent, MemberEventKind
 from leaderless.core.health import HealthStatus
-from leaderless.core.hints import DeleteHint, Handoff, HintConfig, HintLog, SendHint
+from leaderless.core.hints import DeleteHint, Handoff, Hint, HintConfig, HintLog, SendHint
 from leaderless.core.hlc import ClockSkewError, HybridClock, physical_ms
 from leaderless.core.keys import (
     DATA_PREFIX,
@@ -77,6 +77,7 @@ from leaderless.core.kv_messages import (
     ReplicaScanReply,
     ReplicaWrite,
 )
+from leaderless.core.locks import CLOCK_SKEW_MAX_MS
 from leaderless.core.membership import Member
 from leaderless.core.merkle import MerkleForest
 from leaderless.core.messages import MemberStatus
@@ -118,11 +119,17 @@ from leaderless.core.schema import (
     validate,
 )
 from leaderless.core.watch_messages import WatchFilter, WatchMessage
-from leaderless.runtime.group_commit import GroupCommit
+from leaderless.runtime.errors import StartupError
+from leaderless.runtime.group_commit import (
+    FAULT_FSYNC_FAIL_AFTER_ENV,
+    GroupCommit,
+    fsync_fault_from_env,
+)
 from leaderless.runtime.locks import LockService
 from leaderless.runtime.logs import ROOT_LOGGER, NodeLogger, RateLimitedLog
 from leaderless.runtime.peers import PeerLinks
 from leaderless.runtime.tcp import ServerConnection
+from leaderless.runtime.wall_clock import wall_ms as _wall_ms
 from leaderless.runtime.watch import Watch, WatchHub
 from leaderless.storage.store import StorageError, Store, Write
 
@@ -140,7 +147,7 @@ class KvNode:
     def __init__(self, name: str, store: Store, *, value_bytes_max: int, fsync: str,
                  fsync_interval_ms: float, tombstone_grace_s: float, hint_window_s: float,
                  anti_entropy_interval_s: float, peers: PeerLinksFactory,
-                 on_fatal: Callable[[str], None], rng_seed: int) -> None:
+                 on_fatal: Callable[[StorageError], None], rng_seed: int) -> None:
         self.name = name
         self.store = store
         self.value_bytes_max = value_bytes_max
@@ -165,15 +172,30 @@ class KvNode:
         self.key_listeners: list[Callable[[str, bytes, bytes, bytes | None], None]] = []
         self.watches = WatchHub(name, store, self._send, self._members_up, self.propose,
                                 self._key_changed)
-        self.locks = LockService(self.propose, self.watches.hold_key)
+        self.clock_skew_ms: Callable[[], float | None] = lambda: None
+        """This node's clock against its peers' (``core.clock_offsets``; the node wires
+        it to its membership): beyond ``CLOCK_SKEW_MAX_MS`` it coordinates no strong
+        operation and no lock lease (``_check_clock``)."""
+        self.locks = LockService(self.propose, self.watches.hold_key, self._check_clock)
         self.key_listeners.append(self.locks.on_key_changed)
         """Called with (keyspace, partition, sort, new value) for every change of a strong
         key chosen by this node's proposer (and, from watches, by others)."""
         self.handoff = Handoff(self.hints, HintConfig(hint_window_s=hint_window_s))
         self.anti_entropy = AntiEntropy(name, AntiEntropyConfig(
             interval_s=anti_entropy_interval_s), random.Random(rng_seed), store, self.forest)
+        try:
+            fault_after = fsync_fault_from_env()
+        except ValueError as exc:
+            raise StartupError(str(exc)) from None
+        if fault_after is not None:
+            self.log.warning("test_fault_enabled", fault=FAULT_FSYNC_FAIL_AFTER_ENV,
+                             after_syncs=fault_after,
+                             effect="every fsync fails with EIO after this many; test only")
         self.commit = GroupCommit(store, fsync, fsync_interval_ms,
-                                  on_error=self._storage_failed, sync_in_thread=True)
+                                  on_error=self._storage_failed, sync_in_thread=True,
+                                  fault_fsync_fail_after=fault_after)
+        self._hand_off_acks: dict[int, Callable[[ReplicaAck], None]] = {}
+        """Acks awaited for hints this node hands off as it leaves (``runtime.failover``)."""
         # In a node (loop ~50 % busy, three processes sharing the disk) the fsync in a thread
         # measured 7.0-8.7k QUORUM puts/s against 6.2-6.9k inline (docs/benchmarks.md): the
         # loop keeps routing other requests' messages while the disk works.
@@ -224,9 +246,26 @@ class KvNode:
         self.links.close()
         await self.commit.close()
 
+    def hand_off_hint(self, holder: str, target: str, hint: Hint,
+                      on_ack: Callable[[ReplicaAck], None]) -> Callable[[], None]:
+        """Send ``hint`` (kept here for ``target``) to ``holder``, which stores it durably
+        as its own hint for ``target`` (or, when ``holder`` is the target, applies it);
+        ``on_ack`` gets the holder's ack. Returns a function that forgets the ack (on
+        timeout). Used by passive failover (``runtime.failover``) before the node leaves."""
+        request_id = next(self._ids)
+        self._hand_off_acks[request_id] = on_ack
+        self._send(holder, ReplicaWrite(request_id, hint.keyspace, hint.partition, hint.sort,
+                                        hint.cell, hint_for=None if holder == target
+                                        else target))
+
+        def forget() -> None:
+            self._hand_off_acks.pop(request_id, None)
+
+        return forget
+
     def _storage_failed(self, error: StorageError) -> None:
         self.log.error("storage_failed", error=str(error))
-        self._on_fatal(f"storage failed: {error}")
+        self._on_fatal(error)
 
     # -- membership --------------------------------------------------------------------
 
@@ -386,6 +425,7 @@ class KvNode:
 
     async def _strong(self, definition: KeyspaceDef, key: bytes, sort: bytes, change: Change,
                       idempotency: bytes) -> paxos.Done:
+        self._check_clock()
         result = await self.propose(definition, key, sort, change, idempotency)
         if isinstance(result, paxos.Conflict):
             raise _ConflictFound(result.version, result.value)
@@ -596,6 +636,7 @@ class KvNode:
         change: Change
         try:
             self._check_key(request.key, request.sort)
+            self._check_clock()
             if kind is not Get:
                 self._check_writable()
             if kind is Get:
@@ -718,6 +759,17 @@ class KvNode:
         if reason is not None:
             failure = read_only_failure(reason)
             raise KvError(failure.code, failure.message)
+
+    def _check_clock(self) -> None:
+        """Refuse (``clock_skew``) to coordinate a strong operation or a lock lease while
+        this node's clock is beyond the skew bound: lease expiry and the hybrid clock
+        assume clocks within ``CLOCK_SKEW_MAX_MS`` (``core.locks``). Resumes by itself
+        once probes measure it back within bound."""
+        refusal = skew_refusal(self.clock_skew_ms(), CLOCK_SKEW_MAX_MS)
+        if refusal is not None:
+            self._refusals.warning("clock_skew", "refused_clock_skew", self._now(),
+                                   error=refusal)
+            raise KvError("clock_skew", refusal)
 
     def _check_key(self, key: bytes, sort: bytes) -> None:
         try:
@@ -897,6 +949,8 @@ class KvNode:
         if isinstance(message, (ReplicaAck, ReplicaReadReply, ReplicaScanReply)):
             if self.coordinator.owns(message.id):
                 self._execute(self.coordinator.on_reply(self._now(), sender, message))
+            elif isinstance(message, ReplicaAck) and message.id in self._hand_off_acks:
+                self._hand_off_acks.pop(message.id)(message)
             elif isinstance(message, ReplicaAck) and self.handoff.owns(message.id):
                 self._execute(list(self.handoff.on_ack(message)))
             return
@@ -1045,10 +1099,6 @@ PeerLinksFactory = Callable[[PeerHello, Any, Callable[[str, Any], None]], PeerLi
 
 def _ignore(error: StorageError | None) -> None:
     """For commits nobody waits on (a failure reaches ``on_error`` anyway)."""
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class _ConflictFound(Exception):

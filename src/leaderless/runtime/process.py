@@ -21,6 +21,10 @@ EXIT_CONFIG = 2
 """Invalid configuration (also click's code for bad command-line usage)."""
 EXIT_STARTUP = 3
 """The environment refused: port in use, data dir not writable or locked."""
+EXIT_FAILOVER = 4
+"""An unrecoverable local fault (failed fsync, corrupt store): the node handed off its
+hints and left the cluster (passive failover, ``runtime.failover``); the last log line
+names the fault and what to do."""
 PARENT_CHECK_INTERVAL_S = 1.0
 
 T = TypeVar("T")
@@ -78,6 +82,9 @@ async def _serve(config: NodeConfig, parent_pid: int | None) -> int:
         if task is not None:
             task.cancel()
     await node.stop()
+    if node.failover is not None:
+        node.failover.exiting()
+        return EXIT_FAILOVER
     return EXIT_FATAL if node.fatal_error else EXIT_OK
 
 
