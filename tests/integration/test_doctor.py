@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from leaderless.runtime.ports import free_port
 from tests.integration.helpers import Processes, run_cli, wait_until
@@ -61,3 +62,12 @@ def test_doctor_names_a_dead_and_a_read_only_node(processes: Processes) -> None:
     assert {k: f["fix"] for k, f in critical(over_http).items()
             if k in {("members", "n2"), ("health", "n4")}} == {
         k: f["fix"] for k, f in found.items() if k in {("members", "n2"), ("health", "n4")}}
+
+    # The asked node's metrics: each member's gossiped health, and the last diagnosis.
+    status, body, _ = get(urls[0] + "/metrics")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body.decode())
+               for s in family.samples}
+    assert samples[("leaderless_member_health", (("member", "n4"), ("status", "read-only")))] == 1
+    assert samples[("leaderless_member_health", (("member", "n1"), ("status", "healthy")))] == 1
+    assert samples[("leaderless_doctor_findings", (("severity", "critical"),))] >= 2

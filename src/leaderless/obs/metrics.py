@@ -87,6 +87,17 @@ present, 0 with auth off)::
     auth_throttled_logins    leaderless_auth_events_total{event="login_throttled"}
     auth_permission_denied   leaderless_auth_events_total{event="permission_denied"}
     auth_unauthenticated     leaderless_auth_events_total{event="unauthenticated"}
+
+Health and the doctor, given ``member_health`` (member name -> its gossiped health label)
+and ``doctor_findings`` (the last diagnosis on this node, by severity; None before one)::
+
+    leaderless_member_health{member, status}   gauge: 1 for each member's current status
+                                               (healthy, degraded, read-only, leaving), 0
+                                               for the others, every status present
+    leaderless_doctor_findings{severity}       gauge: findings of the last diagnosis run on
+                                               this node (``leaderless doctor``, GET
+                                               /api/doctor, the dashboard's Doctor panel);
+                                               absent until one ran
 """
 
 from __future__ import annotations
@@ -116,6 +127,9 @@ PREFIX: Final = "leaderless_"
 
 MEMBER_STATES: Final = ("alive", "suspect", "dead", "left")
 """Always exported (0 when none), so that an alert on ``dead > 0`` has a series to read."""
+HEALTH_STATUSES: Final = ("healthy", "degraded", "read-only", "leaving")
+"""``core.health.HealthStatus`` labels, each exported per member (1 for the current one)."""
+FINDING_SEVERITIES: Final = ("critical", "warning", "info")
 
 COMMIT_GROUP_BOUNDS: Final = tuple(float(1 << i) for i in range(13))
 """Batches per sync: 1, 2, 4 ... 4096; larger groups land in +Inf."""
@@ -235,8 +249,13 @@ class NodeCollector:
                  system: SystemSampler,
                  commit_group_sizes: Callable[[], Mapping[int, int]] | None = None,
                  commit_sync_latency: Callable[[], SyncLatency | None] | None = None,
-                 auth_events: Callable[[], Mapping[str, int]] | None = None) -> None:
+                 auth_events: Callable[[], Mapping[str, int]] | None = None,
+                 member_health: Callable[[], Mapping[str, str]] | None = None,
+                 doctor_findings: Callable[[], Mapping[str, int] | None] | None = None
+                 ) -> None:
         self._status = status
+        self._member_health = member_health
+        self._doctor_findings = doctor_findings
         self._requests = requests
         self._system = system
         self._commit_group_sizes = commit_group_sizes
@@ -264,6 +283,14 @@ class NodeCollector:
             yield commit_sync_family(latency)
         if self._auth_events is not None:
             yield auth_family(self._auth_events())
+        if self._member_health is not None:
+            try:
+                yield member_health_family(self._member_health())
+            except RuntimeError:
+                pass  # not started
+        findings = self._doctor_findings() if self._doctor_findings else None
+        if findings is not None:
+            yield doctor_findings_family(findings)
 
 
 def make_registry(status: Callable[[], Mapping[str, Any]], requests: RequestStats,
@@ -271,6 +298,8 @@ def make_registry(status: Callable[[], Mapping[str, Any]], requests: RequestStat
                   commit_group_sizes: Callable[[], Mapping[int, int]] | None = None,
                   commit_sync_latency: Callable[[], SyncLatency | None] | None = None,
                   auth_events: Callable[[], Mapping[str, int]] | None = None,
+                  member_health: Callable[[], Mapping[str, str]] | None = None,
+                  doctor_findings: Callable[[], Mapping[str, int] | None] | None = None,
                   ) -> CollectorRegistry:
     """A fresh registry exposing one node. ``status`` returns the node's ``StatusReply``
     as a plain dict (``msgspec.structs.asdict``); it may raise ``RuntimeError`` while the
@@ -278,7 +307,8 @@ def make_registry(status: Callable[[], Mapping[str, Any]], requests: RequestStat
     ``auth_events`` returns ``AuthService.counters()`` ({} before the service exists)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(status, requests, system, commit_group_sizes,
-                                    commit_sync_latency, auth_events))
+                                    commit_sync_latency, auth_events, member_health,
+                                    doctor_findings))
     return registry
 
 
@@ -496,4 +526,23 @@ def auth_family(counters: Mapping[str, int]) -> CounterMetricFamily:
         events[event] = n
     for event, n in sorted(events.items()):
         family.add_metric([event], n)
+    return family
+
+
+def member_health_family(health: Mapping[str, str]) -> GaugeMetricFamily:
+    """Each member's gossiped health status: 1 for its current one, 0 for the others."""
+    family = GaugeMetricFamily(PREFIX + "member_health", "Each member's health status as "
+                               "gossiped (1: its current status).", labels=["member", "status"])
+    for member, current in sorted(health.items()):
+        for status in HEALTH_STATUSES:
+            family.add_metric([member, status], 1 if status == current else 0)
+    return family
+
+
+def doctor_findings_family(counts: Mapping[str, int]) -> GaugeMetricFamily:
+    """Findings of the last doctor run on this node, by severity (every severity present)."""
+    family = GaugeMetricFamily(PREFIX + "doctor_findings", "Findings of the last doctor "
+                               "diagnosis run on this node, by severity.", labels=["severity"])
+    for severity in FINDING_SEVERITIES:
+        family.add_metric([severity], counts.get(severity, 0))
     return family

@@ -86,6 +86,10 @@ class NodeDoctor:
         self.last_findings: list[Finding] | None = None
         """The findings of the last diagnosis on this node (None: none yet), for metrics."""
 
+    def finding_counts(self) -> dict[str, int] | None:
+        """The last diagnosis's findings by severity (None: none ran yet), for metrics."""
+        return None if self.last_findings is None else severity_counts(self.last_findings)
+
     # -- disk growth samples --------------------------------------------------------------
 
     def start(self) -> None:

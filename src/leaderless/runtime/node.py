@@ -160,7 +160,11 @@ class Node:
             commit_sync_latency=lambda: None if self.kv is None else (
                 self.kv.commit.sync_bounds_s, self.kv.commit.sync_counts,
                 self.kv.commit.sync_seconds),
-            auth_events=lambda: self.auth.counters() if self.auth is not None else {})
+            auth_events=lambda: self.auth.counters() if self.auth is not None else {},
+            member_health=lambda: {m.name: (m.meta.health or HEALTHY).status.label
+                                   for m in self.members()},
+            doctor_findings=lambda: None if self.doctor_service is None else (
+                self.doctor_service.finding_counts()))
         self._alerts = Alerts(config.alerts.effective_rules())
         """This node's alert rules and their states (``obs.alerts``)."""
         self._alerts_task: asyncio.Task[None] | None = None
