@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import time
 from collections.abc import Awaitable, Callable
 
 from leaderless.api.kv_messages import Lease, LockInfo
@@ -32,6 +31,7 @@ from leaderless.core.paxos_messages import (
     Renew,
 )
 from leaderless.core.schema import KeyspaceDef
+from leaderless.runtime.wall_clock import wall_ms as _wall_ms
 
 LOCK_KEYSPACE_DEF = KeyspaceDef(LOCK_KEYSPACE, LOCK_REPLICATION, "strong")
 WAIT_MS_MAX = 3_600_000
@@ -46,12 +46,17 @@ Propose = Callable[[KeyspaceDef, bytes, bytes, Change, bytes], Awaitable[paxos.O
 HoldKey = Callable[[KeyspaceDef, bytes], Callable[[], None]]
 """Learn of a key's changes made through other nodes while waiting (``WatchHub.hold_key``);
 returns the function that lets go."""
+ClockCheck = Callable[[], None]
+"""Raises ``clock_skew`` while this node's clock is beyond the skew bound
+(``KvNode._check_clock``): a lease granted or renewed here would expire by a wrong clock."""
 
 
 class LockService:
-    def __init__(self, propose: Propose, hold_key: HoldKey) -> None:
+    def __init__(self, propose: Propose, hold_key: HoldKey,
+                 clock_check: ClockCheck = lambda: None) -> None:
         self._propose = propose
         self._hold_key = hold_key
+        self._clock_check = clock_check
         self._queues: dict[bytes, collections.deque[asyncio.Future[None]]] = {}
         """Acquires waiting on each lock here, in arrival order: a release wakes the first
         (not all of them, which would cost a round of refusals per hand-over)."""
@@ -90,6 +95,7 @@ class LockService:
         key = _check(name, owner, ttl_ms)
         if not 0 <= wait_ms <= WAIT_MS_MAX:
             raise KvError("bad_request", f"wait_ms {wait_ms} is out of range 0..{WAIT_MS_MAX}")
+        self._clock_check()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
         let_go: Callable[[], None] | None = None
@@ -107,7 +113,9 @@ class LockService:
             while True:
                 # Each attempt is a new change (a fresh id): a refused acquire changed
                 # nothing, and the client's id keeps the *granting* attempt idempotent
-                # across its retries.
+                # across its retries. The clock is checked again: it may have drifted
+                # out of bound while this acquire waited.
+                self._clock_check()
                 outcome = await self._propose(LOCK_KEYSPACE_DEF, key, b"",
                                               Acquire(owner, ttl_ms), idempotency)
                 if isinstance(outcome, paxos.Done):
@@ -176,6 +184,7 @@ class LockService:
     async def renew(self, name: str, owner: str, token: int, ttl_ms: int,
                     idempotency: bytes = b"") -> Lease:
         key = _check(name, owner, ttl_ms)
+        self._clock_check()
         outcome = await self._propose(LOCK_KEYSPACE_DEF, key, b"", Renew(owner, token, ttl_ms),
                                       idempotency)
         if isinstance(outcome, paxos.Done):
@@ -254,7 +263,3 @@ def _lost(name: str, token: int, state: LockState, what: str) -> KvError:
     return KvError("lease_lost", f"cannot {what} lease {token} of lock {name!r}: it is no "
                    f"longer the current lease (the lock's newest token is {state.token}, "
                    f"{now}); stop using it")
-
-
-def _wall_ms() -> int:
-    return time.time_ns() // 1_000_000
