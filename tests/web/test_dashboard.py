@@ -110,6 +110,13 @@ def test_dashboard_in_chromium(processes: Processes, tmp_path: Path) -> None:
             assert (link.get_attribute("href") or "").startswith("http://127.0.0.1:")
             assert page.locator("#members tbody tr[data-member=d1] td.name a").count() == 0
             page.wait_for_selector("#keyspaces tr[data-keyspace=dash_ks]")
+            # Each member's gossiped health is a column; the Doctor panel lists findings.
+            healths = page.locator("#members tbody tr td.health").evaluate_all(
+                "cells => cells.map(c => c.dataset.health)")
+            assert healths == ["healthy"] * 3, healths
+            page.wait_for_function("window.dashboard.doctor !== null")
+            assert page.evaluate("window.dashboard.doctor.critical") == 0
+            assert page.locator("#doctor li").count() >= 1
 
             # Charts receive points: every chart is fed, and keeps getting new ones.
             page.wait_for_function("window.dashboard.points('cpu') >= 2")
@@ -137,6 +144,10 @@ def test_dashboard_in_chromium(processes: Processes, tmp_path: Path) -> None:
             assert "state-dead" in (row.get_attribute("class") or "")
             alive = page.locator("#members tbody tr[data-state=alive] td.name")
             assert alive.all_text_contents() == ["d1", "d2"]
+            page.wait_for_selector("#doctor li[data-check=members][data-subject=d3]"
+                                   "[data-severity=critical]", timeout=30_000)
+            finding = page.locator("#doctor li[data-subject=d3][data-check=members]")
+            assert "fix:" in (finding.text_content() or "")
             shot = save_screenshot(page, tmp_path, "dashboard-dead.png")
             assert shot.stat().st_size > 10_000
 

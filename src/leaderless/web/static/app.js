@@ -1,6 +1,7 @@
 // The leaderless dashboard: plain JS, no build step. One server-sent event stream
 // (/api/dashboard/stream, at most one snapshot a second) feeds the members table, the ring,
-// the alerts and this node's charts; keyspaces are fetched every 10 s.
+// the alerts and this node's charts; keyspaces are fetched every 10 s, and the doctor's
+// findings (GET /api/doctor, which asks every member) at most every 10 s.
 //
 // Auth: GET /v1/auth/whoami says whether the node requires a login ({"auth": false} when
 // off; 401 when on and this browser has no valid session). The session is the HttpOnly
@@ -10,6 +11,7 @@
 (function () {
   const POINTS_MAX = 300;
   const KEYSPACES_EVERY_MS = 10000;
+  const DOCTOR_EVERY_MS = 10000;  // each diagnosis asks every member for a report
   const RETRY_MS = 5000;  // after a refused stream or an unreachable node
   const STATE_COLOURS = {alive: "#2f9e44", suspect: "#f08c00", dead: "#e03131", left: "#868e96"};
   const PALETTE = ["#1c7ed6", "#7048e8", "#0ca678", "#f76707", "#d6336c", "#1098ad",
@@ -17,7 +19,7 @@
 
   // Exposed for operators' consoles and for the browser test.
   const dashboard = window.dashboard = {
-    charts: {}, series: {}, events: 0, last: null, ring: null, node: null,
+    charts: {}, series: {}, events: 0, last: null, ring: null, node: null, doctor: null,
     states: {},  // every state shown for each member, in order: {name: ["alive", ...]}
     auth: {enabled: null, user: null, roles: [], expires_at: null},  // null: not known yet
     points(name) {
@@ -138,6 +140,7 @@
           ? el("a", {href: location.protocol + "//" + m.http + "/", title: "this member's dashboard", text: m.name})
           : el("span", {text: m.name})]),
         el("td", {class: "state state-" + m.state, text: m.state}),
+        healthCell(m.health),
         el("td", {class: "zone", text: m.zone || "–"}),
         el("td", {class: "address muted", text: m.address}),
         el("td", {class: "num ownership", text: (100 * m.ownership).toFixed(1) + " %"}),
@@ -158,6 +161,49 @@
     const counts = {};
     for (const m of snapshot.members) counts[m.state] = (counts[m.state] || 0) + 1;
     $("member-summary").textContent = Object.entries(counts).map(([s, n]) => `${n} ${s}`).join(", ");
+  }
+
+  // Each member's gossiped health: healthy, degraded, read-only or leaving, with its reason.
+  function healthCell(health) {
+    const status = (health && health.status) || "healthy";
+    const reason = (health && health.reason) || "";
+    return el("td", {class: "health health-" + status, "data-health": status, title: reason}, [
+      el("span", {class: "health-status", text: status}),
+      reason ? el("span", {class: "health-reason muted", text: " " + reason}) : null,
+    ].filter(Boolean));
+  }
+
+  // -- doctor (plain HTTP, at most every 10 s) -------------------------------------------
+  let doctorBusy = false;
+  async function refreshDoctor() {
+    if (doctorBusy) return;  // the last diagnosis is still gathering reports
+    doctorBusy = true;
+    const list = $("doctor");
+    try {
+      const response = await fetch("/api/doctor", {cache: "no-store"});
+      if (response.status === 401) { sessionEnded(); return; }
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      const body = await response.json();
+      dashboard.doctor = body;
+      $("doctor-count").textContent = body.critical || body.warning
+        ? `${body.critical} critical, ${body.warning} warning` : "";
+      $("doctor-checked").textContent = "checked " + new Date(body.checked_at * 1000).toLocaleTimeString();
+      if (!body.findings.length) {
+        list.replaceChildren(el("li", {class: "muted", text: "no findings: the cluster looks healthy"}));
+        return;
+      }
+      list.replaceChildren(...body.findings.map((f) => el("li", {
+        class: "finding finding-" + f.severity, "data-severity": f.severity,
+        "data-check": f.check, "data-subject": f.subject}, [
+        el("span", {class: "severity severity-" + f.severity, text: f.severity}),
+        el("span", {class: "finding-message", text: f.message}),
+        el("div", {class: "finding-fix muted", text: "fix: " + f.fix}),
+      ])));
+    } catch (err) {
+      list.replaceChildren(el("li", {class: "muted", text: "could not run the doctor: " + err.message}));
+    } finally {
+      doctorBusy = false;
+    }
   }
 
   // -- alerts ----------------------------------------------------------------------------
@@ -275,6 +321,7 @@
   // -- session -----------------------------------------------------------------------------
   let chartsMade = false;
   let keyspacesTimer = null;
+  let doctorTimer = null;
   let lockoutTimer = null;
 
   // An error's code, message and retry time, whichever shape the node answers in
@@ -315,6 +362,8 @@
     clearTimeout(retryTimer);
     clearInterval(keyspacesTimer);
     keyspacesTimer = null;
+    clearInterval(doctorTimer);
+    doctorTimer = null;
   }
 
   function showDashboard(who) {
@@ -340,6 +389,8 @@
     stopDashboard();
     refreshKeyspaces();
     keyspacesTimer = setInterval(refreshKeyspaces, KEYSPACES_EVERY_MS);
+    refreshDoctor();
+    doctorTimer = setInterval(refreshDoctor, DOCTOR_EVERY_MS);
     setConnection("connecting", "connecting…");
     connect();
   }
