@@ -370,7 +370,7 @@ def test_http_paths_authenticate_and_authorize(tmp_path: Path) -> None:
         # unsafe: keep cookies of an IP-address host (the nodes listen on 127.0.0.1).
         async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
             for path in ("/v1/kv/shared/k", "/v1/keyspaces", "/v1/ring", "/metrics",
-                         "/api/cluster", "/api/alerts", "/api/logs"):
+                         "/api/cluster", "/api/alerts", "/api/logs", "/api/doctor"):
                 async with http.get(url + path) as response:
                     assert response.status == 401, path
                     assert (await response.json())["error"] == "unauthenticated"
