@@ -5,14 +5,16 @@ a fix (exit 1), and the HTTP route says the same."""
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from leaderless.runtime.ports import free_port
-from tests.integration.helpers import Processes, run_cli, wait_until
-from tests.integration.test_ops import get, start_ready_cluster
+from tests.integration.helpers import LEADERLESS, Processes, clean_env, run_cli, wait_until
+from tests.integration.test_ops import get, start, start_ready_cluster
 
 pytestmark = pytest.mark.integration
 
@@ -71,3 +73,41 @@ def test_doctor_names_a_dead_and_a_read_only_node(processes: Processes) -> None:
     assert samples[("leaderless_member_health", (("member", "n4"), ("status", "read-only")))] == 1
     assert samples[("leaderless_member_health", (("member", "n1"), ("status", "healthy")))] == 1
     assert samples[("leaderless_doctor_findings", (("severity", "critical"),))] >= 2
+
+
+@pytest.mark.timeout(120)
+def test_doctor_over_tls_reports_a_certificate_about_to_expire(processes: Processes,
+                                                               tmp_path: Path) -> None:
+    ca = tmp_path / "ca"
+    for args in (("init", "--out", str(ca)), ("issue", "t1", "--ca", str(ca), "--days", "3"),
+                 ("issue", "t2", "--ca", str(ca)), ("issue-client", "ops", "--ca", str(ca))):
+        result = run_cli("certs", *args)
+        assert result.returncode == 0, result.stderr
+
+    def tls(name: str) -> list[str]:
+        return ["--tls-ca", str(ca / "ca.crt"), "--tls-cert", str(ca / f"{name}.crt"),
+                "--tls-key", str(ca / f"{name}.key")]
+
+    first, _ = start(processes, "t1", None, *tls("t1"))
+    second, _ = start(processes, "t2", first.address, *tls("t2"))
+    env = clean_env({"LEADERLESS_TLS_CA": str(ca / "ca.crt"),
+                     "LEADERLESS_TLS_CERT": str(ca / "ops.crt"),
+                     "LEADERLESS_TLS_KEY": str(ca / "ops.key")})
+
+    def doctor_over_tls() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([LEADERLESS, "doctor", "--node", second.address, "--json"],
+                              capture_output=True, text=True, timeout=60, env=env,
+                              stdin=subprocess.DEVNULL)
+
+    # Both nodes report (t1's report crosses the mutual-TLS node port from t2).
+    def t1_reported() -> bool:
+        result = doctor_over_tls()  # exit 1 with no output while t2 is not listening yet
+        return bool(result.stdout) and ("tls", "t1") in critical(json.loads(result.stdout))
+
+    wait_until(t1_reported, "t2 gets t1's report")
+    result = doctor_over_tls()
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    finding = critical(report)[("tls", "t1")]
+    assert "expires in" in finding["message"] and "certs issue t1" in finding["fix"]
+    assert not [f for f in report["findings"] if f["subject"] == "t2"], report
