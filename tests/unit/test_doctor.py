@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from leaderless.api.messages import DoctorReport, RangeLag
+from leaderless.api.messages import TEXT_BYTES_MAX, DoctorReport, RangeLag
 from leaderless.core.locks import CLOCK_SKEW_MAX_MS
 from leaderless.obs.doctor import (
     CERT_CRITICAL_S,
@@ -163,3 +163,12 @@ def test_findings_are_sorted_by_severity_and_counted() -> None:
     findings = diagnose(snapshot(members, replication={}))
     assert [f.severity for f in findings] == ["critical", "warning", "info"]
     assert severity_counts(findings) == {"critical": 1, "warning": 1, "info": 1}
+
+
+def test_a_long_finding_is_cut_to_the_wire_limit() -> None:
+    members = [MemberFacts(f"node-with-a-long-name-{i:04d}", "alive", "a", f"1.{i % 2}")
+               for i in range(200)]
+    [finding] = diagnose(snapshot(members, reports={}, replication={}))
+    assert finding.check == "versions"
+    assert len(finding.message.encode()) <= TEXT_BYTES_MAX
+    assert finding.message.endswith("...")

@@ -15,7 +15,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterator
 
-from leaderless.api.messages import FINDINGS_MAX, DoctorReport, Finding, Severity
+from leaderless.api.messages import (
+    FINDINGS_MAX,
+    TEXT_BYTES_MAX,
+    DoctorReport,
+    Finding,
+    Severity,
+)
 from leaderless.core.locks import CLOCK_SKEW_MAX_MS
 
 __all__ = ["ClusterSnapshot", "Finding", "MemberFacts", "diagnose", "severity_counts"]
@@ -81,7 +87,14 @@ class ClusterSnapshot:
 
 def _finding(severity: Severity, check: str, subject: str, message: str,
              fix: str) -> Finding:
-    return Finding(severity, check, subject, message, fix)
+    return Finding(severity, check, _fit(subject), _fit(message), _fit(fix))
+
+
+def _fit(text: str) -> str:
+    """``text`` within the wire limit of a finding's field (a long member list is cut)."""
+    if len(text.encode()) <= TEXT_BYTES_MAX:
+        return text
+    return text.encode()[:TEXT_BYTES_MAX - 3].decode(errors="ignore") + "..."
 
 
 def check_members(snap: ClusterSnapshot) -> Iterator[Finding]:
