@@ -6,7 +6,10 @@ target's hints scan in timestamp order. ``HintLog`` reads and writes them throug
 throttled (``hints_in_flight_max`` at once, ``hints_per_s``) and deleting each hint only
 after the target acknowledged it durably. Hints older than ``hint_window_s`` are dropped:
 a replica down that long converges by anti-entropy instead (Cassandra's
-max_hint_window_in_ms plays the same role).
+max_hint_window_in_ms plays the same role). Hints for a target that is not alive -- dead,
+or left (a node that stepped out on a fault may come back, or be replaced under its name)
+-- are kept until then too, and dropped by a slow sweep (``expire_interval_s``) so hints
+for a node that never returns do not stay forever.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ class HintConfig:
     hints_per_s: float = 2000.0
     """Replay rate per node across targets, so a returning node is not swamped."""
     replay_timeout_s: float = 5.0
+    expire_interval_s: float = 10.0
+    """How often hints for targets that are not alive are checked against the window: a
+    scan of each such target's oldest hints, so rarely is enough."""
+    expire_scan_max: int = 1000
+    """Hints looked at per target and sweep (the oldest first); the rest wait a sweep."""
 
 
 class Hint(msgspec.Struct, frozen=True, array_like=True):
@@ -124,6 +132,7 @@ class Handoff:
         self._cursor: dict[str, bytes] = {}
         self._tokens = 0.0
         self._last_refill = 0.0
+        self._next_expiry = 0.0
 
     def on_tick(self, now: float, wall_ms: int, alive: AbstractSet[str],
                 next_id: Iterator[int]) -> list[SendHint | DeleteHint]:
@@ -137,6 +146,9 @@ class Handoff:
                            self._tokens + (now - self._last_refill) * self.config.hints_per_s)
         self._last_refill = now
         window_ms = int(self.config.hint_window_s * 1000)
+        if now >= self._next_expiry:
+            self._next_expiry = now + self.config.expire_interval_s
+            effects.extend(self._expire_absent(wall_ms, window_ms, alive))
         for target in list(self.log.pending):
             if target not in alive:
                 continue
@@ -155,6 +167,22 @@ class Handoff:
                 self._tokens -= 1
                 effects.append(SendHint(target, ReplicaWrite(
                     request_id, hint.keyspace, hint.partition, hint.sort, hint.cell)))
+        return effects
+
+    def _expire_absent(self, wall_ms: int, window_ms: int, alive: AbstractSet[str]
+                       ) -> list[DeleteHint]:
+        """Drop the hints older than the window of targets that are not alive (kept until
+        then, whether the target is dead or left). Hints are in timestamp order, so the
+        scan stops at the first one still inside the window."""
+        effects: list[DeleteHint] = []
+        for target in list(self.log.pending):
+            if target in alive:
+                continue
+            for key, hint in self.log.scan(target, None, self.config.expire_scan_max):
+                if wall_ms - hint.stored_at_ms <= window_ms:
+                    break
+                self.counters.expired += 1
+                effects.append(DeleteHint(self.log.remove(target, key)))
         return effects
 
     def owns(self, request_id: int) -> bool:
