@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+from leaderless.api.service import KvError
+from leaderless.config import load_config
 from leaderless.core.cells import Cell
 from leaderless.core.health import REASON_BYTES_MAX
 from leaderless.core.hints import DeleteHint, Handoff, Hint, HintConfig, HintLog
@@ -25,6 +29,7 @@ from leaderless.runtime.group_commit import (
     SyncFailedError,
     fsync_fault_from_env,
 )
+from leaderless.runtime.node import Node
 from leaderless.storage.encrypted import DecryptionError
 from leaderless.storage.memory import MemoryStore
 from leaderless.storage.store import StorageError
@@ -237,3 +242,57 @@ def test_a_member_that_left_is_shown_left_by_a_node_that_never_saw_it() -> None:
     left = me.member("a")
     assert left is not None and left.status is MemberStatus.LEFT and left.incarnation == 5
     assert me.live_count() == 2  # c and b; a is not probed
+
+
+# -- the sequence in a node ------------------------------------------------------------------
+
+
+def test_a_node_whose_store_fails_hands_off_its_hints_and_leaves(tmp_path: Path) -> None:
+    async def main() -> None:
+        survivor = make_node(tmp_path, "n2")
+        await survivor.start()
+        failing = make_node(tmp_path, "n1", join=[survivor.address])
+        await failing.start()
+        try:
+            await wait_until(lambda: failing.joined.is_set() and all(
+                m.status is MemberStatus.ALIVE for m in survivor.members())
+                and len(survivor.members()) == 2, "n2 sees n1 alive")
+            assert failing.kv is not None and survivor.kv is not None
+            # A hint n1 keeps for a node that is down (written as the replica would).
+            hint = Hint("ks", b"k", b"", Cell(1 << 30, "n1", b"v"), time.time_ns() // 10**6)
+            failing.kv.store.write([failing.kv.hints.add("n3", hint)])
+            memory = failing.kv.store
+            while not isinstance(memory, MemoryStore):  # under the health monitor's wrapper
+                memory = memory.inner  # type: ignore[attr-defined]
+            memory.fail_writes = "I/O error on the data disk"
+            with pytest.raises(KvError):  # its write fails: nothing is acknowledged
+                await failing.kv.create_keyspace("ks", replication=2)
+            await asyncio.wait_for(failing.stopped.wait(), 30)
+            assert failing.failover is not None
+            assert failing.failover.fault.kind is FaultKind.STORAGE
+            report = failing.failover.report
+            assert report is not None and report.handed_off == {"n2": 1}
+            assert survivor.kv.hints.pending == {"n3": 1}
+            await wait_until(lambda: {m.name: m.status for m in survivor.members()}
+                             .get("n1") is MemberStatus.LEFT, "n2 shows n1 left")
+        finally:
+            await failing.stop()
+            await survivor.stop()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def make_node(tmp_path: Path, name: str, join: list[Address] | None = None) -> Node:
+    config = load_config({"name": name, "bind": "127.0.0.1:0", "storage": "memory",
+                          "data_dir": str(tmp_path / name),
+                          "join": [str(a) for a in join or []]}, env={})
+    return Node(config)
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.05)

@@ -215,6 +215,11 @@ class PassiveFailover:
         log("hints_handed_off", count=report.count, holders=dict(report.handed_off),
             not_handed_off=report.not_handed_off)
 
+    def hand_off_failed(self, error: StorageError) -> None:
+        self.log.error("hints_not_handed_off", error=str(error),
+                       consequence="the hints stay in this data dir; anti-entropy repairs "
+                       "their targets from the other replicas")
+
     def exiting(self) -> None:
         self.log.error("passive_failover_exit", fault=self.fault.kind.value,
                        message=self.fault.exit_message())

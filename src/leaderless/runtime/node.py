@@ -420,12 +420,16 @@ class Node:
         if self._http_runner is not None:
             runner, self._http_runner = self._http_runner, None
             await runner.cleanup()
-        if self.kv is not None and self._membership is not None and not self._stopping:
-            live = [m.name for m in self._membership.members()
-                    if m.status is MemberStatus.ALIVE]
-            failover.handed_off(await hand_off_hints(
-                self.kv.hints, self.kv.hand_off_hint, self.name, live))
-        await self.stop()  # a graceful leave: peers mark this node left, not dead
+        try:
+            if self.kv is not None and self._membership is not None and not self._stopping:
+                live = [m.name for m in self._membership.members()
+                        if m.status is MemberStatus.ALIVE]
+                failover.handed_off(await hand_off_hints(
+                    self.kv.hints, self.kv.hand_off_hint, self.name, live))
+        except StorageError as exc:  # the hint log itself is unreadable (corrupt store)
+            failover.hand_off_failed(exc)
+        finally:
+            await self.stop()  # a graceful leave: peers mark this node left, not dead
 
     # -- public API (also served to clients by api.server) -----------------------------
 
