@@ -111,3 +111,23 @@ def test_doctor_over_tls_reports_a_certificate_about_to_expire(processes: Proces
     finding = critical(report)[("tls", "t1")]
     assert "expires in" in finding["message"] and "certs issue t1" in finding["fix"]
     assert not [f for f in report["findings"] if f["subject"] == "t2"], report
+
+
+@pytest.mark.timeout(120)
+def test_doctor_names_the_node_whose_clock_is_beyond_the_bound(processes: Processes) -> None:
+    nodes, _ = start_ready_cluster(processes, ("c1", "c2"))
+    processes.start_node("c3", None, nodes[0].address,
+                         {"LEADERLESS_FAULT_CLOCK_SKEW_MS": "2000"},  # test-only hook
+                         "--client", f"127.0.0.1:{free_port()}",
+                         "--http", f"127.0.0.1:{free_port()}", "--log-level", "warning")
+
+    def clock_findings() -> dict[tuple[str, str], dict[str, Any]]:
+        return {k: f for k, f in critical(doctor(nodes[0].address)[1]).items()
+                if k[0] == "clock"}
+
+    wait_until(lambda: {("clock", "c1/c3"), ("clock", "c2/c3")} <= set(clock_findings()),
+               "probes measure c3's clock against both others")
+    found = clock_findings()
+    assert set(found) == {("clock", "c1/c3"), ("clock", "c2/c3")}, found  # c1/c2 agree
+    assert all(f["message"].startswith("c3's clock is") for f in found.values()), found
+    assert all("ntp" in f["fix"].lower() for f in found.values())
