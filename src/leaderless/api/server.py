@@ -107,7 +107,13 @@ class ApiHandler:
         """Answered once every alive member reported (or timed out), so it runs as a task."""
 
         async def run() -> None:
-            conn.send(await self._node.doctor())
+            try:
+                reply = await self._node.doctor()
+            except Exception as exc:  # a bug in a check must still get the client an answer
+                conn.send(ErrorReply("doctor_failed", f"the diagnosis failed: {exc!r}; "
+                                     "see this node's log"))
+                raise
+            conn.send(reply)
 
         task = asyncio.get_running_loop().create_task(run())
         self._keyring_tasks.add(task)  # held until done: the loop keeps only weak refs
