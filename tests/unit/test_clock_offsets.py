@@ -1,11 +1,15 @@
-"""The clock offset estimator (``core.clock_offsets``) and how membership feeds it from
-probe round trips whose acks carry the responder's wall clock."""
+"""The clock offset estimator (``core.clock_offsets``), how membership feeds it from probe
+round trips whose acks carry the responder's wall clock, the node's ``clock_skew`` refusal
+and the test-only skew fault hook (``runtime.wall_clock``)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import msgspec
 import pytest
 
+from leaderless.api.service import KvError
 from leaderless.core.clock_offsets import (
     PEERS_MAX,
     SAMPLES_PER_PEER,
@@ -14,7 +18,12 @@ from leaderless.core.clock_offsets import (
 )
 from leaderless.core.locks import CLOCK_SKEW_MAX_MS
 from leaderless.core.messages import Ack, Dead, Left, MemberStatus, Packet, Ping
+from leaderless.runtime import wall_clock
+from leaderless.runtime.errors import StartupError
+from leaderless.runtime.logs import NodeLogger
+from leaderless.runtime.wall_clock import FAULT_CLOCK_SKEW_ENV
 from tests.unit.membership_harness import Net
+from tests.unit.test_runtime_node import make_node, run_test
 
 T0 = 1_764_000_000_000  # a Unix time in ms
 
@@ -232,3 +241,55 @@ def test_a_member_that_dies_or_leaves_is_forgotten() -> None:
     a.on_packet(now, Packet("c", [], [Dead("b", 0, "c")]))
     assert net.status("a", "b") == MemberStatus.DEAD
     assert a.clock_offsets.offsets_ms() == {} and a.clock_offsets.skew_ms() is None
+
+
+# -- the runtime: the refusal, and the test-only fault hook ------------------------------
+
+
+def test_a_node_refuses_strong_operations_and_leases_while_skewed_then_resumes(
+        tmp_path: Path) -> None:
+    skew: list[float | None] = [None]
+
+    async def main() -> None:
+        node = make_node(tmp_path, "solo", storage="memory")
+        await node.start()
+        try:
+            kv = node.kv
+            assert kv is not None and node.clock_skew_ms() is None  # no peer probed yet
+            await kv.create_keyspace("s", replication=1, mode="strong")
+            await kv.create_keyspace("e", replication=1)
+            kv.clock_skew_ms = lambda: skew[0]
+            await kv.put("s", b"k", b"v1")  # unknown skew: nothing is refused
+            skew[0] = -CLOCK_SKEW_MAX_MS - 1.0
+            for operation in (kv.put("s", b"k", b"v2"), kv.get("s", b"k"),
+                              kv.cas("s", b"k", b"v3", expected_value=b"v1"),
+                              kv.incr("s", b"n"), kv.delete("s", b"k"),
+                              kv.acquire_lock("job", "me", 5000),
+                              kv.renew_lock("job", "me", 1, 5000)):
+                with pytest.raises(KvError) as refused:
+                    await operation
+                assert refused.value.code == "clock_skew"
+                assert "501 ms behind its peers'" in refused.value.message
+            await kv.put("e", b"k", b"eventual")  # eventual mode is not refused
+            skew[0] = CLOCK_SKEW_MAX_MS  # back within bound: served again, no restart
+            assert (await kv.get("s", b"k")).value == b"v1"
+            assert kv.counters()["lock_grants"] == 0
+        finally:
+            await node.stop()
+
+    run_test(main())
+
+
+def test_the_fault_hook_shifts_the_wall_clock_and_refuses_bad_values() -> None:
+    log = NodeLogger("n", "test")
+    try:
+        before = wall_clock.wall_ms()
+        assert wall_clock.install_fault_skew({FAULT_CLOCK_SKEW_ENV: "-5000"}, log) == -5000
+        assert wall_clock.fault_skew_ms() == -5000
+        assert wall_clock.wall_ms() - before < -4000
+        for bad in ("2s", "1e3", str(wall_clock.FAULT_CLOCK_SKEW_MS_MAX + 1)):
+            with pytest.raises(StartupError, match=FAULT_CLOCK_SKEW_ENV):
+                wall_clock.install_fault_skew({FAULT_CLOCK_SKEW_ENV: bad}, log)
+    finally:
+        assert wall_clock.install_fault_skew({}, log) == 0
+    assert abs(wall_clock.wall_ms() - before) < 4000
