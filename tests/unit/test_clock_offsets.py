@@ -13,6 +13,7 @@ from leaderless.api.service import KvError
 from leaderless.core.clock_offsets import (
     PEERS_MAX,
     SAMPLES_PER_PEER,
+    SKEW_PEERS_MIN,
     ClockOffsets,
     skew_refusal,
 )
@@ -203,6 +204,7 @@ def test_probe_round_trips_estimate_each_peers_offset() -> None:
     a = net.nodes["a"].clock_offsets
     assert a.offsets_ms() == {"b": pytest.approx(2000), "c": pytest.approx(-30)}
     assert a.skew_ms() == pytest.approx(0)  # median of {0, 2000, -30}
+    assert net.nodes["a"].clock_skew_ms() == pytest.approx(0)  # both live peers measured
     # b measures both others 2 s behind: b is the one to refuse.
     now = 0.0
     for _ in range(4):
@@ -293,3 +295,24 @@ def test_the_fault_hook_shifts_the_wall_clock_and_refuses_bad_values() -> None:
     finally:
         assert wall_clock.install_fault_skew({}, log) == 0
     assert abs(wall_clock.wall_ms() - before) < 4000
+
+
+def test_skew_is_judged_only_once_enough_peers_are_measured() -> None:
+    """A good node of three that measured only the bad peer would see half its error as
+    its own: it waits for both (and for SKEW_PEERS_MIN peers in a larger cluster)."""
+    offsets = ClockOffsets()
+    round_trip(offsets, "skewed", T0, 1, 1, peer_ahead_ms=2000)
+    assert offsets.skew_ms() == -1000 and offsets.judged_skew_ms(live_peers=2) is None
+    round_trip(offsets, "good", T0, 1, 1, peer_ahead_ms=0)
+    assert offsets.judged_skew_ms(live_peers=2) == 0
+    # A big cluster: SKEW_PEERS_MIN peers suffice; 2 bad clocks among them move nothing.
+    assert offsets.judged_skew_ms(live_peers=100) is None
+    round_trip(offsets, "skewed2", T0, 1, 1, peer_ahead_ms=2000)
+    assert offsets.judged_skew_ms(live_peers=100) is None
+    round_trip(offsets, "good2", T0, 1, 1, peer_ahead_ms=0)
+    assert SKEW_PEERS_MIN == 4 and offsets.judged_skew_ms(live_peers=100) == 0
+    # Two nodes: the one peer is the whole cluster.
+    two = ClockOffsets()
+    round_trip(two, "other", T0, 1, 1, peer_ahead_ms=-1200)
+    assert two.judged_skew_ms(live_peers=1) == 600
+    assert ClockOffsets().judged_skew_ms(live_peers=0) is None

@@ -35,6 +35,11 @@ PEERS_MAX = 1024
 """Peers with samples kept at once: beyond it the peer sampled longest ago is dropped. The
 median of 1,024 peers says as much about this node's clock as that of 20,000, and memory
 and the median's cost stay bounded in the largest cluster."""
+SKEW_PEERS_MIN = 4
+"""Peers that must be measured before this node judges its own skew (all of them in a
+smaller cluster): a median of 5 clocks, this node's and 4 peers', is moved by no 2 wrong
+clocks. Judged sooner, a node with a good clock that happened to measure the one bad peer
+first (3 nodes: {0, +2000}) would see half the error as its own and wrongly refuse."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +117,13 @@ class ClockOffsets:
                        if (estimate := self.estimate(peer)) is not None]
             self._skew_ms = -_median([0.0, *offsets]) if offsets else None
         return self._skew_ms
+
+    def judged_skew_ms(self, live_peers: int) -> float | None:
+        """``skew_ms`` once enough of the ``live_peers`` are measured to judge by
+        (``SKEW_PEERS_MIN``, or all of them in a smaller cluster); None before."""
+        if len(self._samples) < min(max(live_peers, 1), SKEW_PEERS_MIN):
+            return None
+        return self.skew_ms()
 
     def __len__(self) -> int:
         """Peers with samples."""

@@ -206,6 +206,11 @@ class Membership:
     def pending_broadcasts(self) -> int:
         return len(self._broadcasts)
 
+    def clock_skew_ms(self) -> float | None:
+        """How far this node's clock is ahead of its live peers' (ms; negative: behind),
+        once enough of them are measured to judge (``ClockOffsets.judged_skew_ms``)."""
+        return self.clock_offsets.judged_skew_ms(len(self._live))
+
     def recent_events(self) -> list[UserEvent]:
         return list(self._events.recent)
 

@@ -251,9 +251,9 @@ class Node:
         self.kv.start(self._membership.members())
         # Probe round trips measure the peers' clocks: strong operations and lock leases
         # are refused while this node's is beyond the bound; health and doctor show them.
-        self.kv.clock_skew_ms = self._membership.clock_offsets.skew_ms
+        self.kv.clock_skew_ms = self._membership.clock_skew_ms
         self.health.set_clock_offsets(self._membership.clock_offsets.offsets_ms)
-        self.health.set_clock_skew(self._membership.clock_offsets.skew_ms)
+        self.health.set_clock_skew(self._membership.clock_skew_ms)
         self.doctor_service = self._make_doctor(self.kv)
         self.doctor_service.start()
         assert self.auth is not None
@@ -451,9 +451,9 @@ class Node:
 
     def clock_skew_ms(self) -> float | None:
         """How far this node's clock is ahead of its peers' (negative: behind), in ms;
-        None until a peer was probed. Beyond ``core.locks.CLOCK_SKEW_MAX_MS`` the node
-        refuses to coordinate strong operations and lock leases."""
-        return self._require().clock_offsets.skew_ms()
+        None until enough peers were probed. Beyond ``core.locks.CLOCK_SKEW_MAX_MS`` the
+        node refuses to coordinate strong operations and lock leases."""
+        return self._require().clock_skew_ms()
 
     def wall_time(self, monotonic_s: float) -> float:
         """Unix time of a ``now`` value of this node's loop clock (for display only)."""
