@@ -90,8 +90,6 @@ class SecurityConfig:
 
 HEALTH_INTERVAL_S_DEFAULT = 1.0
 """Once a second: a filling disk is caught within a second, for the cost of one statvfs."""
-FSYNC_FAILURES_MAX_DEFAULT = 3
-"""A single failed fsync may be a transient; three in a row is a failing disk."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +100,9 @@ class HealthConfig:
     interval_s: float = HEALTH_INTERVAL_S_DEFAULT
     """Seconds between two checks; a change of state is gossiped at once."""
     thresholds: HealthThresholds = dataclasses.field(default_factory=HealthThresholds)
-    fsync_failures_max: int = FSYNC_FAILURES_MAX_DEFAULT
-    """Consecutive failed fsyncs after which the node fails over passively (leaves)."""
+    # No fsync-failure count: the first failed fsync already fails the node over
+    # (runtime.failover). Retrying is unsafe: the kernel may have dropped the pages, so a
+    # later successful sync can sit behind a hole that recovery stops at.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +368,6 @@ _HEALTH_PARSERS: dict[str, Callable[[Any], Any]] = {
     "health.disk_stop_writes_free_pct": _parse_float(0, 100, low_open=False),
     "health.loop_lag_warn_ms": _parse_float(0, 3_600_000.0),
     "health.memory_warn_pct": _parse_float(0, 100),
-    "health.fsync_failures_max": _parse_int,
 }
 """``[health]`` keys (``health.x`` is ``x`` in ``[health]``; HealthConfig, HealthThresholds)."""
 _TABLES = ("membership", "alerts", "tls", "auth", "gossip", "encryption", "health")
@@ -537,15 +535,12 @@ def _health_config(raw: Mapping[str, Any]) -> HealthConfig:
     (stop-writes must not be above warn)."""
     values = {key.removeprefix("health."): _parse(key, raw[key], parser)
               for key, parser in _HEALTH_PARSERS.items() if key in raw}
-    fsync_failures_max = values.pop("fsync_failures_max", FSYNC_FAILURES_MAX_DEFAULT)
-    if fsync_failures_max < 1:
-        raise ConfigError(f"health.fsync_failures_max: {fsync_failures_max} must be >= 1")
     interval_s = values.pop("interval_s", HEALTH_INTERVAL_S_DEFAULT)
     try:
         thresholds = HealthThresholds(**values)
     except ValueError as exc:
         raise ConfigError(f"health: {exc}") from None
-    return HealthConfig(interval_s, thresholds, fsync_failures_max)
+    return HealthConfig(interval_s, thresholds)
 
 
 def _security_config(raw: Mapping[str, Any]) -> SecurityConfig:

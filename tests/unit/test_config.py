@@ -194,7 +194,7 @@ def test_tls_needs_all_three_files_and_they_must_exist(tmp_path: Path) -> None:
 
 def test_health_table_defaults_file_variables_and_flags(tmp_path: Path) -> None:
     health = load_config({}, env={}).health
-    assert health.interval_s == 1.0 and health.fsync_failures_max == 3
+    assert health.interval_s == 1.0
     assert health.thresholds.disk_warn_free_pct == 10.0
     assert health.thresholds.disk_stop_writes_free_pct == 5.0
     path = write(tmp_path, """
@@ -203,7 +203,6 @@ interval_s = 0.5
 disk_warn_free_pct = 20
 disk_stop_writes_free_pct = 8
 memory_warn_pct = 95
-fsync_failures_max = 5
 """)
     env = {"LEADERLESS_HEALTH_LOOP_LAG_WARN_MS": "250"}
     health = load_config({"health.interval_s": "0.25"}, env=env, config_file=path).health
@@ -212,7 +211,6 @@ fsync_failures_max = 5
     assert health.thresholds.disk_stop_writes_free_pct == 8.0
     assert health.thresholds.loop_lag_warn_ms == 250.0
     assert health.thresholds.memory_warn_pct == 95.0
-    assert health.fsync_failures_max == 5
 
 
 def test_health_settings_are_checked_with_specific_errors() -> None:
@@ -221,7 +219,7 @@ def test_health_settings_are_checked_with_specific_errors() -> None:
         load_config({"health.disk_warn_free_pct": "3"}, env={})
     with pytest.raises(ConfigError, match=r"health.interval_s: '0' must be in \(0, 3600\]"):
         load_config({"health.interval_s": "0"}, env={})
-    with pytest.raises(ConfigError, match=r"health.fsync_failures_max: 0 must be >= 1"):
-        load_config({"health.fsync_failures_max": "0"}, env={})
+    with pytest.raises(ConfigError, match=r"health.fsync_failures_max: unknown setting"):
+        load_config({"health.fsync_failures_max": "3"}, env={})
     with pytest.raises(ConfigError, match=r"health.disk_free: unknown setting"):
         load_config({"health.disk_free": "3"}, env={})
