@@ -33,6 +33,7 @@ from leaderless.runtime.node import Node
 from leaderless.storage.encrypted import DecryptionError
 from leaderless.storage.memory import MemoryStore
 from leaderless.storage.store import StorageError
+from tests.unit.test_runtime_node import wait_until
 
 # -- which faults ------------------------------------------------------------------------
 
@@ -287,12 +288,3 @@ def make_node(tmp_path: Path, name: str, join: list[Address] | None = None) -> N
                           "data_dir": str(tmp_path / name),
                           "join": [str(a) for a in join or []]}, env={})
     return Node(config)
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.05)

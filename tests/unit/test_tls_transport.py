@@ -41,6 +41,7 @@ from leaderless.security.tls import (
     peer_frame_refusal,
     tls_failure_reason,
 )
+from tests.unit.test_runtime_node import wait_until
 
 TEST_TIMEOUT_S = 60.0
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -285,13 +286,6 @@ def make_node(tmp_path: Path, pkis: dict[str, Path], name: str, *, ca_dir: str =
     return Node(config)
 
 
-async def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = 20.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.05)
 
 
 def test_tls_nodes_join_and_replicate_and_clients_need_the_ca(tmp_path: Path,
