@@ -42,6 +42,7 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+from leaderless.runtime.faults import fault_hook_int
 from leaderless.storage.store import StorageError, Store, Write
 
 POLICIES = ("always", "interval")
@@ -66,17 +67,9 @@ class SyncFailedError(StorageError):
 def fsync_fault_from_env(environ: Mapping[str, str] | None = None) -> int | None:
     """The test-only fault hook's N, or None when it is not set; ValueError when it is
     not a non-negative integer."""
-    raw = (os.environ if environ is None else environ).get(FAULT_FSYNC_FAIL_AFTER_ENV)
-    if raw is None or raw == "":
-        return None
-    try:
-        after = int(raw)
-    except ValueError:
-        after = -1
-    if after < 0:
-        raise ValueError(f"{FAULT_FSYNC_FAIL_AFTER_ENV}={raw!r}: must be a number of "
-                         "successful syncs (an integer >= 0); it is a test-only switch")
-    return after
+    return fault_hook_int(os.environ if environ is None else environ,
+                          FAULT_FSYNC_FAIL_AFTER_ENV, 0, 2**63 - 1,
+                          "the number of syncs to let succeed")
 
 
 class GroupCommit:

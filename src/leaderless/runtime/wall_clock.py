@@ -17,6 +17,7 @@ import time
 from collections.abc import Mapping
 
 from leaderless.runtime.errors import StartupError
+from leaderless.runtime.faults import fault_hook_int
 from leaderless.runtime.logs import NodeLogger
 
 FAULT_CLOCK_SKEW_ENV = "LEADERLESS_FAULT_CLOCK_SKEW_MS"
@@ -42,18 +43,11 @@ def install_fault_skew(environ: Mapping[str, str], log: NodeLogger) -> int:
     ``wall_ms`` for this process; warn loudly when set. Raises StartupError naming the
     variable when its value is not a whole number of ms within the limit."""
     global _skew_ms
-    raw = environ.get(FAULT_CLOCK_SKEW_ENV, "").strip()
-    if not raw:
-        _skew_ms = 0
-        return 0
     try:
-        skew_ms = int(raw)
-    except ValueError:
-        raise StartupError(f"{FAULT_CLOCK_SKEW_ENV}={raw!r}: not a whole number of "
-                           "milliseconds (a test-only fault hook; unset it)") from None
-    if abs(skew_ms) > FAULT_CLOCK_SKEW_MS_MAX:
-        raise StartupError(f"{FAULT_CLOCK_SKEW_ENV}={raw!r}: at most "
-                           f"{FAULT_CLOCK_SKEW_MS_MAX} ms either way (a test-only fault hook)")
+        skew_ms = fault_hook_int(environ, FAULT_CLOCK_SKEW_ENV, -FAULT_CLOCK_SKEW_MS_MAX,
+                                 FAULT_CLOCK_SKEW_MS_MAX, "a clock shift in milliseconds") or 0
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
     _skew_ms = skew_ms
     if skew_ms:
         log.warning("fault_clock_skew", skew_ms=skew_ms,
