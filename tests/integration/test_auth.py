@@ -56,6 +56,26 @@ def http(method: str, url: str, body: dict[str, Any] | None = None,
         return status, None
 
 
+async def set_up_tenants(admin: AsyncClient) -> None:
+    """Keyspaces ``shared``, ``tenant_a``, ``tenant_b``; role ``reader`` (read on shared)
+    and ``tenant-a``/``tenant-b`` (write on their own); users reader1 and carol (reader),
+    alice (tenant-a) and bob (tenant-b), each with ``PASSWORD``; a value in shared and
+    ``SECRET`` in tenant_b."""
+    for name in ("shared", "tenant_a", "tenant_b"):
+        await admin.create_keyspace(name, if_not_exists=True)
+    await admin.create_role("reader")
+    await admin.role_grant("reader", "read", "shared")
+    for tenant in ("a", "b"):
+        await admin.create_role(f"tenant-{tenant}")
+        await admin.role_grant(f"tenant-{tenant}", "write", f"tenant_{tenant}")
+    await admin.create_user("reader1", PASSWORD, ["reader"])
+    await admin.create_user("alice", PASSWORD, ["tenant-a"])
+    await admin.create_user("bob", PASSWORD, ["tenant-b"])
+    await admin.create_user("carol", PASSWORD, ["reader"])
+    await admin.put("shared", "k", b"shared value")
+    await admin.put("tenant_b", "k", SECRET)
+
+
 def admin_login(url: str) -> str:
     """The bootstrap admin's token, once a node has created the admin (it waits)."""
     token: str | None = None
@@ -122,19 +142,7 @@ async def native_scenario(clients: list[str], urls: list[str]) -> None:
     admin = AsyncClient(clients, timeout_s=10)
     await admin.login("admin", ADMIN_PASSWORD)
     try:
-        for name in ("shared", "tenant_a", "tenant_b"):
-            await admin.create_keyspace(name, if_not_exists=True)
-        await admin.create_role("reader")
-        await admin.role_grant("reader", "read", "shared")
-        for tenant in ("a", "b"):
-            await admin.create_role(f"tenant-{tenant}")
-            await admin.role_grant(f"tenant-{tenant}", "write", f"tenant_{tenant}")
-        await admin.create_user("reader1", PASSWORD, ["reader"])
-        await admin.create_user("alice", PASSWORD, ["tenant-a"])
-        await admin.create_user("bob", PASSWORD, ["tenant-b"])
-        await admin.create_user("carol", PASSWORD, ["reader"])
-        await admin.put("shared", "k", b"shared value")
-        await admin.put("tenant_b", "k", SECRET)
+        await set_up_tenants(admin)
         names = {u.name for u in await admin.list_users()}
         assert {"admin", "reader1", "alice", "bob", "carol"} <= names
 

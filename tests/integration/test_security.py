@@ -47,6 +47,7 @@ from tests.integration.test_auth import (
     PASSWORD,
     admin_login,
     http,
+    set_up_tenants,
     wrong_code,
 )
 from tests.integration.test_encryption_at_rest import files_containing, stop, write_key_file
@@ -249,18 +250,8 @@ async def clients_scenario(pki: Pki, clients: list[str], partition: bytes,
 
     async with closing(AsyncClient(clients, timeout_s=10, tls=tls)) as admin:
         await admin.login("admin", ADMIN_PASSWORD)
-        for name in ("shared", "tenant_a", "tenant_b", "vault"):
-            await admin.create_keyspace(name, if_not_exists=True)
-        await admin.create_role("reader")
-        await admin.role_grant("reader", "read", "shared")
-        for tenant in ("a", "b"):
-            await admin.create_role(f"tenant-{tenant}")
-            await admin.role_grant(f"tenant-{tenant}", "write", f"tenant_{tenant}")
-        await admin.create_user("reader1", PASSWORD, ["reader"])
-        await admin.create_user("alice", PASSWORD, ["tenant-a"])
-        await admin.create_user("carol", PASSWORD, ["reader"])
-        await admin.put("shared", "k", b"shared value")
-        await admin.put("tenant_b", "k", SECRET)
+        await set_up_tenants(admin)
+        await admin.create_keyspace("vault", if_not_exists=True)
         await admin.put("vault", partition, canary, consistency="ALL")  # on every node
 
         async with closing(AsyncClient(clients, timeout_s=10, tls=tls)) as reader:
