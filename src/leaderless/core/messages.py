@@ -93,6 +93,15 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True)
     """What the member says of its own health (``core.health``); None: healthy, or a
     member from before health was gossiped. At most ~70 bytes (REASON_BYTES_MAX), so an
     alive update with load and health still fits one datagram."""
+    ring_state: Annotated[int, msgspec.Meta(ge=0, le=2)] = 0
+    """``core.placement.RingState``: normal, joining (streaming its ranges in) or leaving
+    (streaming them away)."""
+    replacing: Annotated[str, msgspec.Meta(max_length=NAME_BYTES_MAX)] = ""
+    """The dead member whose tokens this joining member takes over (``--replace``)."""
+    next_token_count: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+    """A capacity change in progress: the token count this member is moving to."""
+    synced: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Digest of the base ring (``core.placement``) whose ranges this member holds."""
 
 
 class MemberStatus(enum.IntEnum):

@@ -578,17 +578,23 @@ class Proposer:
             self._forget_if_idle(state)
             return effects
         replication = state.replication
-        replicas = state.topology.ring.preference_list(token(state.key[1]), replication)
+        tok = token(state.key[1])
+        replicas = state.topology.ring.preference_list(tok, replication)
+        placement = state.topology.placement
+        extra = placement.extra_replicas(tok, replication) if placement is not None else ()
+        # The ring is changing: the acceptors of every replica set a reader may use, and
+        # one more acknowledgement per extra acceptor (``core.placement``).
+        replicas += extra
         live = [r for r in replicas if r in state.topology.up]
         purge = state.queue[0].change is None
-        need = replication if purge else replication // 2 + 1
+        need = len(replicas) if purge else replication // 2 + 1 + len(extra)
         if len(live) < need:
             while state.queue:
                 op = state.queue.popleft()
                 self.counters.unavailable += 1
                 what = "all of" if purge else "a majority of"
                 effects.append(self._finish(op, Failed(
-                    "unavailable", f"{len(live)} of {replication} replicas are up; "
+                    "unavailable", f"{len(live)} of {len(replicas)} replicas are up; "
                     f"{'a purge' if purge else 'a strong change'} needs {what} them",
                     len(live), need, op.accept_sent)))
             self._forget_if_idle(state)
@@ -601,6 +607,8 @@ class Proposer:
         self.counters.rounds += 1
         self._arm(deadline, state.key)
         cached = None if purge else self._cache.pop(state.key, None)
+        if extra:
+            cached = None  # the cached ballot was promised by the acceptors of another set
         if cached is not None:
             ballot, register = cached
             self.counters.one_rtt_rounds += 1

@@ -107,10 +107,11 @@ from leaderless.core.paxos_messages import (
 from leaderless.core.paxos_messages import (
     Put as PutChange,
 )
+from leaderless.core.placement import Placement, PlacementMember, RingState
 from leaderless.core.purge import purge_slice
 from leaderless.core.quorum import ConsistencyError, required
 from leaderless.core.replica import Replica
-from leaderless.core.ring import Ring, RingNode
+from leaderless.core.ring import Ring
 from leaderless.core.schema import (
     SYSTEM_KEYSPACE,
     KeyspaceDef,
@@ -147,7 +148,8 @@ class KvNode:
     def __init__(self, name: str, store: Store, *, value_bytes_max: int, fsync: str,
                  fsync_interval_ms: float, tombstone_grace_s: float, hint_window_s: float,
                  anti_entropy_interval_s: float, peers: PeerLinksFactory,
-                 on_fatal: Callable[[StorageError], None], rng_seed: int) -> None:
+                 on_fatal: Callable[[StorageError], None], rng_seed: int,
+                 settle_s: float = 3.0) -> None:
         self.name = name
         self.store = store
         self.value_bytes_max = value_bytes_max
@@ -219,6 +221,12 @@ class KvNode:
         self._closed = False
         self._replication: dict[str, int] = {}
         self._replication_refresh_at = 0.0
+        self.settle_s = settle_s
+        """How long a change of the ring takes to reach every member (``core.placement``)."""
+        self._placement: Placement | None = None
+        self._placement_key: tuple[Any, ...] = ()
+        self._ring_history: list[tuple[float, Ring]] = []
+        """(when it was replaced, ring): current rings of the last settle_s."""
         self.purged = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -286,12 +294,8 @@ class KvNode:
 
     def _rebuild(self) -> None:
         now = self._now()
-        nodes = [RingNode(m.name, m.meta.token_seed, m.meta.token_count, m.meta.zone)
-                 for m in self._members.values()
-                 if m.meta.token_count > 0 and m.status is not MemberStatus.LEFT]
-        ring = self._topology.ring
-        if set(ring.nodes.values()) != set(nodes):
-            ring = Ring(nodes)
+        placement = self._placement_now(now)
+        ring = placement.current
         up = frozenset(m.name for m in self._members.values()
                        if m.status in (MemberStatus.ALIVE, MemberStatus.SUSPECT))
         alive = frozenset(m.name for m in self._members.values()
@@ -301,7 +305,45 @@ class KvNode:
         read_only = {m.name: m.meta.health.reason for m in self._members.values()
                      if m.meta.health is not None
                      and m.meta.health.status is HealthStatus.READ_ONLY}
-        self._topology = Topology(ring, up, alive, hints_allowed, read_only)
+        self._topology = Topology(ring, up, alive, hints_allowed, read_only,
+                                  placement if placement.changing else None)
+
+    def _placement_now(self, now: float) -> Placement:
+        """The placement of the current view (``core.placement``), rebuilt only when a
+        member's ring fields changed or an old ring's settle time ran out."""
+        members = tuple(sorted(
+            (PlacementMember(m.name, m.meta.token_seed, m.meta.token_count, m.meta.zone,
+                             RingState(m.meta.ring_state), m.meta.replacing,
+                             m.meta.next_token_count, m.meta.synced)
+             for m in self._members.values()
+             if m.meta.token_count > 0 and m.status is not MemberStatus.LEFT),
+            key=lambda m: m.name))
+        history = self._ring_history
+        while history and now - history[0][0] > self.settle_s:
+            history.pop(0)
+        previous = tuple(r for _, r in history)
+        old = self._placement
+        if old is not None and self._placement_key == (members, previous):
+            return old
+        placement = Placement(members, previous)
+        if old is not None and placement.current.nodes != old.current.nodes:
+            # Readers with an older view may still use the old ring for settle_s.
+            history.append((now, old.current))
+            placement = Placement(members, (*previous, old.current))
+        self._placement = placement
+        self._placement_key = (members, tuple(r for _, r in history))
+        return placement
+
+    @property
+    def placement(self) -> Placement:
+        """The ring's placement now (current ring, pending replicas, fetch plans)."""
+        return self._placement_now(self._now())
+
+    def refresh_placement(self) -> None:
+        """Rebuild the topology when an old ring's settle time ran out (called by the ring
+        changes loop, ``runtime.ring_changes``)."""
+        if self._ring_history and self._now() - self._ring_history[0][0] > self.settle_s:
+            self._rebuild()
 
     # -- KvService ---------------------------------------------------------------------
 
