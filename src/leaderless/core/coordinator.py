@@ -41,6 +41,7 @@ from leaderless.core.kv_messages import (
 )
 from leaderless.core.quorum import required
 from leaderless.core.ring import Ring
+from leaderless.core.snitch import Snitch, SnitchConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +172,9 @@ class Coordinator:
         """(when, op id) of reads that may need a speculative retry; stale entries (the
         op finished or was answered) are skipped when they come up."""
         self._topology: Topology | None = None
+        self.snitch = Snitch(me, SnitchConfig())
+        """Reply latency and outstanding requests per replica: the order reads ask them in."""
+        self._snitch_ring: Ring | None = None
 
     # -- requests ----------------------------------------------------------------------
 
@@ -222,8 +226,10 @@ class Coordinator:
         live = [r for r in replicas if r in topology.up]
         if len(live) < need or len(self._ops) >= self.config.ops_in_flight_max:
             return [self._refuse(op_id, len(live), need, replication)]
-        # This node first (no network), then alive before suspect, then ring order.
-        live.sort(key=lambda r: (r != self.me, r not in topology.alive))
+        # This node first (no network), then the local zone's fastest and least loaded,
+        # suspect ones last; near-ties keep ring order (core.snitch).
+        self._sync_snitch(topology)
+        live = self.snitch.order(now, live, topology.alive)
         op = _Op(op_id, kind, need, now + self.config.read_timeout_s, request, replicas,
                  live[need:])
         self._start(op)
@@ -244,6 +250,20 @@ class Coordinator:
         return Respond(op_id, Failed("overloaded", "this node coordinates too many requests; "
                                      "retry with back-off"))
 
+    def _sync_snitch(self, topology: Topology) -> None:
+        """Tell the snitch the ring's members and zones when the ring changed (it forgets
+        those that left, and learns this node's zone)."""
+        if topology.ring is not self._snitch_ring:
+            self._snitch_ring = topology.ring
+            self.snitch.set_peers({n: node.zone for n, node in topology.ring.nodes.items()})
+
+    def _next_candidate(self, op: _Op, now: float) -> str:
+        """The best replica not asked yet, by the snitch's order now (speculative retry)."""
+        alive = self._topology.alive if self._topology is not None else None
+        best = self.snitch.order(now, op.candidates, alive)[0]
+        op.candidates.remove(best)
+        return best
+
     def _start(self, op: _Op) -> None:
         assert op.op_id not in self._ops, f"op id {op.op_id} reused while in flight"
         self._ops[op.op_id] = op
@@ -251,6 +271,7 @@ class Coordinator:
 
     def _send(self, op: _Op, replica: str, now: float) -> SendReplica:
         request_id = next(self._ids)
+        self.snitch.on_send(replica, now)
         op.sent[request_id] = replica
         op.sent_at[request_id] = now
         self._by_request[request_id] = op.op_id
@@ -284,8 +305,12 @@ class Coordinator:
         op = self._ops.get(op_id) if op_id is not None else None
         if op is None:
             return []
-        sender = op.sent.pop(reply.id, replica)
+        sender = op.sent.pop(reply.id, None)
         sent_at = op.sent_at.pop(reply.id, now)
+        if sender is None:
+            sender = replica
+        else:
+            self.snitch.on_reply(sender, now)
         hints: list[Effect] = []
         if reply.error:
             self.counters.replica_errors += 1
@@ -304,11 +329,11 @@ class Coordinator:
             else:
                 op.repairs -= 1
         elif isinstance(reply, ReplicaReadReply):
-            self._record_latency(now - sent_at)
+            self._record_latency(sender, now - sent_at)
             op.ok += 1
             op.answers[sender] = reply.cell
         elif isinstance(reply, ReplicaScanReply):
-            self._record_latency(now - sent_at)
+            self._record_latency(sender, now - sent_at)
             op.ok += 1
             op.scans[sender] = reply.rows
         return hints + self._progress(now, op)
@@ -330,7 +355,7 @@ class Coordinator:
             op.result = self._read_result(op)
             effects.extend(self._read_repair(now, op))
         elif (op.result is None and op.failed > 0 and not op.sent and op.candidates):
-            effects.append(self._send(op, op.candidates.pop(0), now))
+            effects.append(self._send(op, self._next_candidate(op, now), now))
         if op.result is not None and not op.responded and op.repairs <= 0:
             effects.append(self._respond(op, op.result))
         if op.responded and not op.sent:
@@ -369,6 +394,7 @@ class Coordinator:
                                   cell, trace=op.op_id)
             op.sent[repair.id] = replica
             op.sent_at[repair.id] = now
+            self.snitch.on_send(replica, now)
             self._by_request[repair.id] = op.op_id
             effects.append(SendReplica(replica, repair))
         return effects
@@ -396,7 +422,7 @@ class Coordinator:
                 op.speculate_at = float("inf")
                 if op.candidates:
                     self.counters.speculative_retries += 1
-                    effects.append(self._send(op, op.candidates.pop(0), now))
+                    effects.append(self._send(op, self._next_candidate(op, now), now))
         return effects
 
     def _expire(self, op: _Op) -> list[Effect]:
@@ -418,6 +444,12 @@ class Coordinator:
                 if isinstance(request, ReplicaWrite) and request.hint_for is None:
                     effects.extend(self._hint(self._topology, tok, op.replicas, replica,
                                               request))
+        for request_id, replica in op.sent.items():
+            # Unanswered in time: the wait counts against the replica (core.snitch), and a
+            # late reply is no longer ours (nor kept in _by_request for ever).
+            waited_s = op.deadline - op.sent_at.get(request_id, op.deadline)
+            self.snitch.on_timeout(replica, op.deadline, waited_s)
+            self._by_request.pop(request_id, None)
         op.sent.clear()
         self._finish(op)
         return effects
@@ -435,9 +467,11 @@ class Coordinator:
 
     # -- speculative delay ---------------------------------------------------------------
 
-    def _record_latency(self, latency_s: float) -> None:
-        """Keep the last 512 replica read latencies; every 64th, re-derive the speculative
-        delay from their p99 (sorting on every read would cost more than it saves)."""
+    def _record_latency(self, replica: str, latency_s: float) -> None:
+        """Feed the replica's latency to the snitch, and keep the last 512 replica read
+        latencies; every 64th, re-derive the speculative delay from their p99 (sorting on
+        every read would cost more than it saves)."""
+        self.snitch.record_latency(replica, latency_s)
         at = next(self._latency_at)
         if len(self._latencies) < 512:
             self._latencies.append(latency_s)
