@@ -197,6 +197,8 @@ StreamEffect = SendStream | ApplyStreamRows
 class StreamProgress:
     ranges_total: int
     ranges_done: int
+    ranges_active: int
+    """Ranges not done being read from at least one source now."""
     bytes_received: int
     rows_received: int
     bytes_per_s: float
@@ -550,7 +552,9 @@ class Fetcher:
             eta = 0.0
         elif rate > 0 and gained > 0 and fetched > 0:
             eta = fetched * (1.0 - fraction) / gained / rate
-        return StreamProgress(total, done, self.counters.bytes_received,
+        active = sum(not f.complete and any(s.assigned for s in f.sources.values())
+                     for f in self._fetches.values())
+        return StreamProgress(total, done, active, self.counters.bytes_received,
                               self.counters.rows_received, rate, eta, fraction,
                               dict(self._bytes_by_source))
 

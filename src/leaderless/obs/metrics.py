@@ -49,6 +49,11 @@ the node started, gauges are current levels::
     watch_subscriptions leaderless_watch_subscriptions   gauge
     watch_<f>         leaderless_watch_<f>_total         counter  f: reports
                       events_delivered resyncs
+    stream_<f>        leaderless_stream_<f>_total        counter  f: bytes_in bytes_out
+                      rows_in pages_in pages_served failed_checksum failed_error
+                      failed_invalid failed_timeout source_switches
+    stream_<g>        leaderless_stream_<g>              gauge    g: ranges_done
+                      ranges_active ranges_pending bytes_per_s eta_s (-1: unknown)
     anything else     leaderless_kv_<name>               gauge    (a counter added to
                       KvNode.counters() but not yet to ``KV_METRICS`` is still exported)
 
@@ -227,6 +232,23 @@ KV_METRICS: Final[Mapping[str, KvMetric]] = {
         "reports": "Accepted changes reported to subscribed watchers.",
         "events_delivered": "Watch events delivered to this node's clients.",
         "resyncs": "Watches resynchronised after reports may have been missed."}),
+    **_kv("stream", "counter", {
+        "bytes_in": "Bytes of rows this node fetched by range streaming (keys and values).",
+        "bytes_out": "Bytes of rows this node served to peers fetching ranges.",
+        "rows_in": "Rows this node fetched by range streaming.",
+        "pages_in": "Stream pages received and accepted.",
+        "pages_served": "Stream pages served to peers.",
+        "failed_checksum": "Stream pages refused: checksum mismatch (retried).",
+        "failed_error": "Stream pages that carried the source's error (retried).",
+        "failed_invalid": "Stream pages refused: rows out of range or order (retried).",
+        "failed_timeout": "Stream page requests unanswered in time (source set aside).",
+        "source_switches": "Stream sources set aside for another after failures."}),
+    **_kv("stream", "gauge", {
+        "ranges_done": "Ranges of the current stream plan fetched in full.",
+        "ranges_active": "Ranges of the current stream plan being fetched now.",
+        "ranges_pending": "Ranges of the current stream plan not started yet.",
+        "bytes_per_s": "Range streaming rate over the last 10 s, bytes per second.",
+        "eta_s": "Estimated seconds until the stream plan is fetched (-1: no estimate)."}),
 }
 """The meaning of every key of ``KvNode.counters()``: its metric name and type."""
 

@@ -119,6 +119,8 @@ from leaderless.core.schema import (
     encode_def,
     validate,
 )
+from leaderless.core.streaming import StreamConfig
+from leaderless.core.streaming_messages import StreamPage, StreamRequest
 from leaderless.core.watch_messages import WatchFilter, WatchMessage
 from leaderless.runtime.errors import StartupError
 from leaderless.runtime.group_commit import (
@@ -129,13 +131,15 @@ from leaderless.runtime.group_commit import (
 from leaderless.runtime.locks import LockService
 from leaderless.runtime.logs import ROOT_LOGGER, NodeLogger, RateLimitedLog
 from leaderless.runtime.peers import PeerLinks
+from leaderless.runtime.streaming import StreamService
 from leaderless.runtime.tcp import ServerConnection
 from leaderless.runtime.wall_clock import wall_ms as _wall_ms
 from leaderless.runtime.watch import Watch, WatchHub
 from leaderless.storage.store import StorageError, Store, Write
 
-PeerReply = ReplicaReply | AntiEntropyMessage | PaxosReply
-"""What arrives on our outbound links: replicas' and acceptors' replies, anti-entropy."""
+PeerReply = ReplicaReply | AntiEntropyMessage | PaxosReply | StreamPage
+"""What arrives on our outbound links: replicas' and acceptors' replies, anti-entropy,
+stream pages."""
 PAXOS_PURGE_KEYS_PER_SWEEP = 100
 ServedRequest = ReplicaWrite | ReplicaRead | ReplicaScan | Prepare | Accept | Purge
 """What this node answers as a replica (eventual mode) or an acceptor (strong mode)."""
@@ -149,7 +153,7 @@ class KvNode:
                  fsync_interval_ms: float, tombstone_grace_s: float, hint_window_s: float,
                  anti_entropy_interval_s: float, peers: PeerLinksFactory,
                  on_fatal: Callable[[StorageError], None], rng_seed: int,
-                 settle_s: float = 3.0) -> None:
+                 settle_s: float = 3.0, stream: StreamConfig | None = None) -> None:
         self.name = name
         self.store = store
         self.value_bytes_max = value_bytes_max
@@ -196,6 +200,9 @@ class KvNode:
         self.commit = GroupCommit(store, fsync, fsync_interval_ms,
                                   on_error=self._storage_failed, sync_in_thread=True,
                                   fault_fsync_fail_after=fault_after)
+        self.streaming = StreamService(self, stream or StreamConfig(),
+                                       random.Random(rng_seed ^ 0x57AE))
+        """Range streaming (``runtime.streaming``): fetches the ranges this node gains."""
         self._hand_off_acks: dict[int, Callable[[ReplicaAck], None]] = {}
         """Acks awaited for hints this node hands off as it leaves (``runtime.failover``)."""
         # In a node (loop ~50 % busy, three processes sharing the disk) the fsync in a thread
@@ -240,6 +247,7 @@ class KvNode:
 
     async def close(self) -> None:
         self._closed = True
+        self.streaming.close()
         if self._background is not None:
             self._background.cancel()
         if self._timer is not None:
@@ -975,6 +983,9 @@ class KvNode:
         if isinstance(message, ServedRequest):
             self._serve(message, conn.send, conn.peer_name or "?")
             return
+        if isinstance(message, StreamRequest):
+            self.streaming.serve(message, conn.send)
+            return
         if conn.peer_name is None:
             conn.close()  # anti-entropy needs to know who is asking
             return
@@ -983,6 +994,9 @@ class KvNode:
     def _on_peer_message(self, sender: str, message: Any) -> None:
         if isinstance(message, WatchMessage):
             self.watches.on_message(self._now(), sender, message)
+            return
+        if isinstance(message, StreamPage):
+            self.streaming.on_page(sender, message)
             return
         if isinstance(message, (Promise, Accepted, Nack, Purged, PaxosFailure)):
             if self.proposer.owns(message.id):
@@ -1133,6 +1147,7 @@ class KvNode:
         result["in_flight"] = self.coordinator.in_flight()
         result.update(self.locks.counters())
         result.update(self.watches.counters())
+        result.update(self.streaming.counters())
         return result
 
 

@@ -63,6 +63,7 @@ from leaderless.core.messages import (
 )
 from leaderless.core.paxos_messages import PaxosRequest
 from leaderless.core.ring import token_count_for
+from leaderless.core.streaming_messages import StreamRequest
 from leaderless.core.watch_messages import WatchMessage
 from leaderless.obs import RequestStats, SystemSampler, make_registry, render
 from leaderless.obs.alerts import Alerts, Transition, node_readings
@@ -96,7 +97,7 @@ from leaderless.storage.store import StorageError, Store
 
 InboundFrame = (PushPull | SealedPushPull | Request | ReplicaWrite | ReplicaRead | ReplicaScan
                 | PeerHello | AntiEntropyMessage | PaxosRequest | WatchMessage | KeyringChange
-                | DoctorReportRequest)
+                | DoctorReportRequest | StreamRequest)
 """What may arrive on the TCP port: a peer's sync (sealed when the node has a gossip
 keyring), a CLI request, or the data plane (a coordinator's replica request, a proposer's
 Paxos request, anti-entropy), a keyring change sent on by a peer, or a peer's doctor."""
