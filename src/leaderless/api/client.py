@@ -25,6 +25,9 @@ from leaderless.api.messages import (
     MembersReply,
     MembersRequest,
     Reply,
+    RingOperation,
+    RingReply,
+    RingRequest,
     StatusReply,
     StatusRequest,
     WatchStarted,
@@ -149,6 +152,14 @@ class Client:
         """Diagnose the whole cluster through this node (``leaderless doctor``): the
         findings, most severe first."""
         result: DoctorReply = await self._call(DoctorRequest(), DoctorReply)
+        return result
+
+    async def ring(self, operation: RingOperation = "status", weight: float = 0.0
+                   ) -> RingReply:
+        """A ring operation through this node (``status``; ``decommission``,
+        ``set_capacity`` with ``weight``, ``cleanup`` act on this node) and the cluster's
+        ring status. Raises ApiError ``ring_refused`` with the node's reason."""
+        result: RingReply = await self._call(RingRequest(operation, weight), RingReply)
         return result
 
     async def watch_events(self) -> AsyncIterator[EventNotification]:

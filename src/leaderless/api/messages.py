@@ -248,7 +248,128 @@ class DoctorReport(msgspec.Struct, frozen=True, array_like=True, tag=237):
     """Unix time its node certificate expires (None: TLS off)."""
 
 
+# -- ring changes (``leaderless node decommission|set-capacity|cleanup``, ``ring status``) --
+
+RING_OPERATIONS = ("status", "decommission", "set_capacity", "cleanup")
+RingOperation = Literal["status", "decommission", "set_capacity", "cleanup"]
+WAITING_FOR_MAX = 1024
+"""Members named in one report's ``waiting_for`` (the rest are counted, not named)."""
+RING_STATES_MAX = 16
+"""Distinct states in a summary's ``states`` (there are six)."""
+
+
+class RingRequest(msgspec.Struct, frozen=True, array_like=True, tag=238):
+    """A ring operation on the asked node, answered with the cluster's ring status
+    (``RingReply``): ``status`` only gathers it; ``decommission``, ``set_capacity``
+    (``weight``: the new capacity weight) and ``cleanup`` act on the asked node first.
+    A refusal is an ``ErrorReply`` with code ``ring_refused``."""
+
+    operation: RingOperation
+    weight: float = 0.0
+
+
+class StreamFigures(msgspec.Struct, frozen=True, array_like=True):
+    """A member's range fetch (``core.streaming.StreamProgress``)."""
+
+    ranges_total: int
+    ranges_done: int
+    ranges_active: int
+    bytes_received: int
+    bytes_per_s: float
+    eta_s: float | None
+    """Estimated seconds left (None: no estimate yet)."""
+
+
+class CleanupFigures(msgspec.Struct, frozen=True, array_like=True):
+    """A member's cleanup of the ranges it no longer holds (``runtime.cleanup``)."""
+
+    running: bool
+    deleted_rows: int
+    """Rows deleted since the node started."""
+    last_finished_at: float | None
+    """Unix time the last complete pass ended (None: none yet)."""
+    error: Text = ""
+    """Why the last pass stopped or was refused (empty: it did not)."""
+
+
+class RingReportRequest(msgspec.Struct, frozen=True, array_like=True, tag=240):
+    """A node asks a peer for its own ring figures (peer frame)."""
+
+
+class RingReport(msgspec.Struct, frozen=True, array_like=True, tag=241):
+    """One member's own view of its ring change: what gossip does not carry."""
+
+    node: Name
+    state: Text
+    """normal | joining | leaving | left (its saved ring state)."""
+    token_count: int
+    next_token_count: int
+    replacing: Text
+    stream: StreamFigures
+    waiting_for: Annotated[list[Name], msgspec.Meta(max_length=WAITING_FOR_MAX)]
+    """Members a leave or a shrink waits for (not yet synced)."""
+    waiting_more: int
+    """Members it also waits for, beyond ``waiting_for``."""
+    error: Text
+    """Why its change cannot go on now (empty: nothing stops it)."""
+    settled: bool
+    """Its view of the placement has been unchanged for ``ring.settle_s``."""
+    cleanup: CleanupFigures
+
+
+class RingMember(msgspec.Struct, frozen=True, array_like=True):
+    """One member in a ring status: gossip's view, plus its own report if it gave one."""
+
+    name: Name
+    address: Text
+    """Its node port (HOST:PORT)."""
+    state: Text
+    """normal | joining | leaving | left | dead: the ring state, or the member status when
+    it is dead or left."""
+    status: Text
+    """alive | suspect | dead | left (membership)."""
+    token_count: int
+    next_token_count: int
+    replacing: Text
+    ownership: float
+    """Its share of the token space in the current ring (as primary), 0..1."""
+    reported: bool
+    """It answered the report request (False: the figures below are empty)."""
+    stream: StreamFigures | None = None
+    waiting_for: Annotated[list[Name], msgspec.Meta(max_length=WAITING_FOR_MAX)] = []
+    waiting_more: int = 0
+    error: Text = ""
+    """Its own error, or why it gave no report."""
+    settled: bool = False
+    cleanup: CleanupFigures | None = None
+
+
+class RingSummary(msgspec.Struct, frozen=True, array_like=True):
+    members: int
+    states: Annotated[dict[Text, int], msgspec.Meta(max_length=RING_STATES_MAX)]
+    changing: bool
+    """A change is in progress in the asked node's view (writes reach pending replicas)."""
+    streaming: int
+    """Members with ranges still to fetch."""
+    ranges_total: int
+    ranges_done: int
+    bytes_received: int
+    bytes_per_s: float
+    eta_s: float | None
+    """The longest ETA of the streaming members (None: none streams, or no estimate)."""
+
+
+class RingReply(msgspec.Struct, frozen=True, array_like=True, tag=239):
+    operation: RingOperation
+    asked: Name
+    checked_at: float
+    """Unix time when the asked node finished gathering."""
+    members: Annotated[list[RingMember], msgspec.Meta(max_length=MEMBERS_MAX)]
+    """By name."""
+    summary: RingSummary
+
+
 Request = (MembersRequest | EventSendRequest | EventWatchRequest | StatusRequest
-           | KeyringRequest | DoctorRequest)
+           | KeyringRequest | DoctorRequest | RingRequest)
 Reply = (MembersReply | EventSendReply | WatchStarted | EventNotification | StatusReply
-         | ErrorReply | KeyringReply | DoctorReply)
+         | ErrorReply | KeyringReply | DoctorReply | RingReply)

@@ -20,6 +20,8 @@ from leaderless.api.messages import (
     MembersReply,
     MembersRequest,
     Request,
+    RingReply,
+    RingRequest,
     StatusReply,
     StatusRequest,
     WatchStarted,
@@ -59,6 +61,8 @@ class NodeApi(Protocol):
     async def keyring_operation(self, request: KeyringRequest) -> KeyringReply: ...
 
     async def doctor(self) -> DoctorReply: ...
+
+    async def ring_operation(self, request: RingRequest) -> RingReply: ...
 
 
 def member_info(member: Member, wall_time: Callable[[float], float]) -> MemberInfo:
@@ -102,6 +106,31 @@ class ApiHandler:
             self._keyring(request, conn)
         elif isinstance(request, DoctorRequest):
             self._doctor(conn)
+        elif isinstance(request, RingRequest):
+            self._ring(request, conn)
+
+    def _ring(self, request: RingRequest, conn: Connection) -> None:
+        """Answered once every alive member reported (or timed out), so it runs as a task;
+        a refusal (``RingChangeError``, ``CleanupRefusedError``) is ``ring_refused``."""
+        # Imported here: the runtime modules import this one.
+        from leaderless.runtime.cleanup import CleanupRefusedError
+        from leaderless.runtime.ring_changes import RingChangeError
+
+        async def run() -> None:
+            try:
+                reply = await self._node.ring_operation(request)
+            except (RingChangeError, CleanupRefusedError) as exc:
+                conn.send(ErrorReply("ring_refused", str(exc)[:1000]))
+                return
+            except Exception as exc:  # a bug must still get the client an answer
+                message = f"the ring operation failed: {exc!r}"[:900]
+                conn.send(ErrorReply("ring_failed", f"{message}; see this node's log"))
+                raise
+            conn.send(reply)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._keyring_tasks.add(task)  # held until done: the loop keeps only weak refs
+        task.add_done_callback(self._keyring_tasks.discard)
 
     def _doctor(self, conn: Connection) -> None:
         """Answered once every alive member reported (or timed out), so it runs as a task."""
