@@ -152,11 +152,18 @@ SECURITY_FLAGS = {
               help="Base64 AES-256 keys, one per line, first primary: gossip is encrypted.")
 @click.option("--encryption-key-file", metavar="FILE",
               help="Data keys: values are encrypted at rest (or LEADERLESS_ENCRYPTION_KEY).")
+@click.option("--replace", metavar="NAME",
+              help="Take over the tokens of this dead member and stream its data first.")
+@click.option("--no-bootstrap", "no_bootstrap", is_flag=True, default=False,
+              help="Serve this node's ranges at once instead of streaming them first: only "
+                   "for the first members of a new cluster (they hold no data yet).")
 @click.option("--parent-pid", type=int, hidden=True,
               help="Leave when this process is no longer our parent (used by `leaderless up`).")
 def node_start(config_file: str | None, parent_pid: int | None, **flags: Any) -> None:
     """Start a node and serve until SIGTERM or Ctrl-C (then leave gracefully)."""
     flags["join"] = list(flags["join"])
+    if flags.pop("no_bootstrap"):
+        flags["ring.bootstrap"] = False
     flags["tags"] = list(flags["tags"])
     for flag, key in SECURITY_FLAGS.items():
         flags[key] = flags.pop(flag)

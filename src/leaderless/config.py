@@ -106,6 +106,29 @@ class HealthConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RingConfig:
+    """``[ring]``: how this node joins, leaves and streams ranges (``core.placement``,
+    ``runtime.ring_changes``, ``runtime.streaming``; docs/elastic.md)."""
+
+    bootstrap: bool = True
+    """A fresh node that joins a cluster streams the ranges it will own before it serves
+    them (``joining``, then ``normal``). Off: it serves them at once (only for the first
+    members of a new cluster, which hold no data yet: ``leaderless up`` does that)."""
+    settle_s: float = 3.0
+    """How long a ring change takes to reach every member by gossip (Cassandra's
+    RING_DELAY): a fetch starts only after the placement has been unchanged this long, and
+    writers keep a replaced ring's replicas in their write set this long. Well above the
+    gossip spread time of the cluster (about a second for tens of members)."""
+    stream_mb_per_s: float = 0.0
+    """Bytes this node fetches per second at most, in MB (0: unlimited)."""
+    stream_sessions: int = 4
+    """Page requests in flight at once while fetching (spread over the sources)."""
+    cleanup_grace_s: float = 3600.0
+    """A node deletes the ranges it no longer holds this long after the ring last changed
+    (``leaderless node cleanup`` does it at once)."""
+
+
+@dataclasses.dataclass(frozen=True)
 class NodeConfig:
     """Everything a node process needs to start, validated."""
 
@@ -146,6 +169,9 @@ class NodeConfig:
     """The ``[alerts]`` table: threshold rules this node evaluates for itself."""
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
+    ring: RingConfig = dataclasses.field(default_factory=RingConfig)
+    replace: str = ""
+    """``--replace NAME``: take over the tokens of this dead member and stream its data."""
     """The ``[health]`` table: the self-health monitor's interval and thresholds."""
 
 
@@ -283,6 +309,16 @@ def _parse_int(raw: Any) -> int:
         raise ValueError("must be an integer") from None
 
 
+def _parse_int_in(low: int, high: int) -> Callable[[Any], int]:
+    def parse(raw: Any) -> int:
+        value = _parse_int(raw)
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return value
+
+    return parse
+
+
 def _parse_choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
     def parse(raw: Any) -> str:
         if not isinstance(raw, str) or raw.lower() not in choices:
@@ -318,6 +354,7 @@ def _parse_value_limit(raw: Any) -> int:
 
 _PARSERS: dict[str, Callable[[Any], Any]] = {
     "name": _parse_name,
+    "replace": _parse_name,
     "bind": _parse_bind,
     "advertise": _parse_advertise,
     "join": _parse_join,
@@ -370,14 +407,22 @@ _HEALTH_PARSERS: dict[str, Callable[[Any], Any]] = {
     "health.memory_warn_pct": _parse_float(0, 100),
 }
 """``[health]`` keys (``health.x`` is ``x`` in ``[health]``; HealthConfig, HealthThresholds)."""
-_TABLES = ("membership", "alerts", "tls", "auth", "gossip", "encryption", "health")
+_RING_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "ring.bootstrap": _parse_bool,
+    "ring.settle_s": _parse_float(0, 600.0, low_open=False),
+    "ring.stream_mb_per_s": _parse_float(0, 100_000.0, low_open=False),
+    "ring.stream_sessions": _parse_int_in(1, 64),
+    "ring.cleanup_grace_s": _parse_float(0, 30 * 86400.0, low_open=False),
+}
+"""``[ring]`` keys (RingConfig)."""
+_TABLES = ("membership", "alerts", "tls", "auth", "gossip", "encryption", "health", "ring")
 """TOML tables whose keys are flattened to ``table.key``."""
 
 
 def settings() -> list[str]:
     """Every setting's key, as used in TOML (``membership.x`` is ``x`` in ``[membership]``)."""
     return [*_PARSERS, *(f"membership.{name}" for name in MEMBERSHIP_FIELDS),
-            *ALERTS_SETTINGS, *_SECURITY_PARSERS, *_HEALTH_PARSERS]
+            *ALERTS_SETTINGS, *_SECURITY_PARSERS, *_HEALTH_PARSERS, *_RING_PARSERS]
 
 
 def env_var(key: str) -> str:
@@ -432,7 +477,7 @@ def read_env(env: Mapping[str, str]) -> dict[str, Any]:
 
 def _check_known(key: str, where: str) -> None:
     if (key not in _PARSERS and key not in ALERTS_SETTINGS and key not in _SECURITY_PARSERS
-            and key not in _HEALTH_PARSERS
+            and key not in _HEALTH_PARSERS and key not in _RING_PARSERS
             and key.removeprefix("membership.") not in MEMBERSHIP_FIELDS):
         raise ConfigError(f"{key}: unknown setting {where}; known: {', '.join(settings())}")
 
@@ -508,6 +553,9 @@ def build_config(raw: Mapping[str, Any]) -> NodeConfig:
         alerts=_alerts_config(raw),
         security=_security_config(raw),
         health=_health_config(raw),
+        ring=RingConfig(**{key.removeprefix("ring."): _parse(key, raw[key], parser)
+                           for key, parser in _RING_PARSERS.items() if key in raw}),
+        replace=values.get("replace", ""),
         **{key: values[key] for key in _DATA_SETTINGS if key in values},
     )
 

@@ -111,7 +111,11 @@ class Processes:
         self._children: list[subprocess.Popen[Any]] = []
 
     def start_node(self, name: str, port: int | None = None, join: str | None = None,
-                   env: dict[str, str] | None = None, *extra: str) -> NodeProcess:
+                   env: dict[str, str] | None = None, *extra: str,
+                   bootstrap: bool = False) -> NodeProcess:
+        """A node process; ``bootstrap`` False (the default here) starts it as one of the
+        first members of a new cluster (it serves its ranges at once), True as a node
+        joining a cluster that holds data (it streams its ranges first)."""
         port = port or free_port()
         data_dir = self.root / name
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -120,6 +124,8 @@ class Processes:
                 "--data-dir", str(data_dir), "--parent-pid", str(os.getpid()), *extra]
         if join:
             args += ["--join", join]
+        if not bootstrap:
+            args.append("--no-bootstrap")
         with log_path.open("ab") as log:
             process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                        env=clean_env(env))

@@ -149,7 +149,7 @@ def make_node(tmp_path: Path, name: str, join: str | None, auth: bool) -> Node:
     settings: dict[str, Any] = {
         "name": name, "bind": "127.0.0.1:0", "data_dir": str(tmp_path / name),
         "join": [join] if join else [], "client": "127.0.0.1:0", "http": "127.0.0.1:0",
-        "storage": "memory", "log_level": "error"}
+        "storage": "memory", "log_level": "error", "ring.bootstrap": False}
     if auth:
         settings.update({"auth.enabled": True,
                          "auth.admin_password_file": str(password_file)})

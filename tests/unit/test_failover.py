@@ -286,5 +286,6 @@ def test_a_node_whose_store_fails_hands_off_its_hints_and_leaves(tmp_path: Path)
 def make_node(tmp_path: Path, name: str, join: list[Address] | None = None) -> Node:
     config = load_config({"name": name, "bind": "127.0.0.1:0", "storage": "memory",
                           "data_dir": str(tmp_path / name),
-                          "join": [str(a) for a in join or []]}, env={})
+                          "join": [str(a) for a in join or []],
+                          "ring.bootstrap": False}, env={})
     return Node(config)

@@ -375,6 +375,7 @@ async def started(tmp_path: Path, name: str, keys: tuple[bytes, ...],
         raw["gossip.keyring"] = str(initial_file(tmp_path / f"{name}.keys", *keys))
     if seed is not None:
         raw["join"] = [str(seed)]
+        raw["ring.bootstrap"] = False  # first members of a new cluster
     node = Node(load_config(raw, env={}))
     await node.start()
     return node

@@ -45,7 +45,8 @@ def make_node(tmp_path: Path, name: str, port: int = 0, join: list[Address] | No
               **flags: Any) -> Node:
     config = load_config({"name": name, "bind": f"127.0.0.1:{port}",
                           "data_dir": str(tmp_path / name),
-                          "join": [str(a) for a in join or []], **flags}, env={})
+                          "join": [str(a) for a in join or []], "ring.bootstrap": False,
+                          **flags}, env={})
     return Node(config)
 
 

@@ -280,7 +280,7 @@ def make_node(tmp_path: Path, pkis: dict[str, Path], name: str, *, ca_dir: str =
     directory = pkis[ca_dir]
     config = load_config({
         "name": name, "bind": "127.0.0.1:0", "data_dir": str(tmp_path / name),
-        "storage": "memory", "join": [str(a) for a in join or []],
+        "storage": "memory", "join": [str(a) for a in join or []], "ring.bootstrap": False,
         "tls.ca": str(pkis["cluster"] / "ca.crt"), "tls.cert": str(directory / f"{name}.crt"),
         "tls.key": str(directory / f"{name}.key"), **flags}, env={})
     return Node(config)
@@ -388,7 +388,7 @@ def test_a_node_with_another_ca_cannot_join(tmp_path: Path, pkis: dict[str, Path
         await n1.start()
         n3 = Node(load_config({
             "name": "n3", "bind": "127.0.0.1:0", "data_dir": str(tmp_path / "n3"),
-            "storage": "memory", "join": [str(n1.address)],
+            "storage": "memory", "join": [str(n1.address)], "ring.bootstrap": False,
             "tls.ca": str(pkis["other"] / "ca.crt"), "tls.cert": str(pkis["other"] / "n3.crt"),
             "tls.key": str(pkis["other"] / "n3.key")}, env={}))
         try:

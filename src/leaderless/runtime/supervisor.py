@@ -120,7 +120,7 @@ class Supervisor:
                     "--bind", f"{HOST}:{port}", "--data-dir", str(data_dir),
                     "--client", f"{HOST}:{child.client_port}",
                     "--http", f"{HOST}:{child.http_port}",
-                    "--parent-pid", str(os.getpid())]
+                    "--parent-pid", str(os.getpid()), "--no-bootstrap"]
             if i > 1:
                 args += ["--join", seed]
             child.log_file = child.log_path.open("ab")
