@@ -163,6 +163,7 @@ from leaderless.api.kv_messages import (
 from leaderless.api.kv_server import execute_auth
 from leaderless.api.logs_http import add_log_routes
 from leaderless.api.ops_http import OpsSource, add_ops_routes
+from leaderless.api.routing_http import add_routing_routes
 from leaderless.api.service import KvError, KvService
 from leaderless.core.cells import VALUE_BYTES_MAX_DEFAULT
 from leaderless.core.locks import LOCK_KEYSPACE
@@ -273,6 +274,7 @@ async def serve_http(service: KvService, host: str, port: int, *,
         doctor = getattr(ops, "doctor", None)  # a node has one; a bare OpsSource may not
         if doctor is not None:
             add_doctor_routes(app, doctor)
+        add_routing_routes(app, ops.name, service, lambda r: r.get(PRINCIPAL))
     refusals = drops or Drops(RuntimeCounters(), log or NodeLogger("", "http"))
     return await serve_guarded(app, host, port, drops=refusals, ssl_context=ssl_context)
 

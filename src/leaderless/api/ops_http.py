@@ -12,9 +12,12 @@
 ``GET /api/cluster``   ``{"node", "members": [{"name", "address", "http", "state",
                        "incarnation", "zone", "version", "weight", "ownership",
                        "load": {"cpu_pct", "mem_pct", "disk_pct", "ops_per_s",
-                       "p99_ms"} | null, "health": {"status", "reason"}}]}``: every
-                       member as this node knows it, with the load each gossiped
-                       (refreshed every 5 s when it moved) and its health (at once).
+                       "p99_ms"} | null, "health": {"status", "reason"},
+                       "routing": {"latency_ms", "outstanding", "score", "requests",
+                       "timeouts"} | null}]}``: every member as this node knows it,
+                       with the load each gossiped (refreshed every 5 s when it
+                       moved), its health (at once) and how this node's coordinator
+                       rates it as a replica (``core.snitch``; null: never asked).
 ``GET /api/alerts``    ``{"node", "alerts": [{"name", "severity", "state", "metric",
                        "value", "threshold", "op", "since", "message"}], "rules":
                        [{"name", "metric", "op", "threshold", "for_s", "severity",
@@ -22,6 +25,9 @@
                        resolved alerts (``obs.alerts``; ``since`` in unix seconds) and
                        the rules it evaluates.
 =====================  ============================================================
+
+Beside these: ``GET /api/hot-partitions`` (the busiest partitions this node coordinates and
+its replica scores, ``api.routing_http``) and ``GET /api/doctor`` (``api.doctor_http``).
 """
 
 from __future__ import annotations

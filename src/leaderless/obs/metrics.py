@@ -103,6 +103,22 @@ and ``doctor_findings`` (the last diagnosis on this node, by severity; None befo
                                                this node (``leaderless doctor``, GET
                                                /api/doctor, the dashboard's Doctor panel);
                                                absent until one ran
+
+Routing, given ``routing`` (``KvNode.routing()``: the coordinator's snitch, one entry per
+replica it has asked) and ``hot_partitions`` (``KvNode.hot(HOT_PARTITIONS_EXPORTED)``)::
+
+    leaderless_requests_by_peer_total{peer}        counter: replica requests this node sent
+    leaderless_replica_latency_seconds{peer}       gauge: the snitch's latency (EWMA of read
+                                                   replies, silence and idle decay applied)
+    leaderless_replica_outstanding{peer}           gauge: requests awaiting that replica
+    leaderless_replica_score{peer}                 gauge: latency x (1 + outstanding); lower
+                                                   is asked first
+    leaderless_replica_timeouts_total{peer}        counter: requests it did not answer in time
+    leaderless_hot_partition_requests_per_second{keyspace, partition}
+                                                   gauge: the 10 busiest partitions this node
+                                                   coordinates (decaying window,
+                                                   ``core.hot_partitions``); ``partition`` is
+                                                   printable text or 0x-hex, cut to 64 chars
 """
 
 from __future__ import annotations
@@ -122,6 +138,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.utils import floatToGoString
 
+from leaderless.core.hot_partitions import HotPartition, partition_label
+from leaderless.core.snitch import PeerScore
 from leaderless.obs.requests import RequestSnapshot, RequestStats
 from leaderless.obs.system import SystemSample, SystemSampler
 
@@ -135,6 +153,9 @@ MEMBER_STATES: Final = ("alive", "suspect", "dead", "left")
 HEALTH_STATUSES: Final = ("healthy", "degraded", "read-only", "leaving")
 """``core.health.HealthStatus`` labels, each exported per member (1 for the current one)."""
 FINDING_SEVERITIES: Final = ("critical", "warning", "info")
+HOT_PARTITIONS_EXPORTED: Final = 10
+"""Hot partitions exported as series: the top ten, so the label set stays small however
+many keys a node serves (the sketch itself keeps 64 per keyspace; GET /api/hot-partitions)."""
 
 COMMIT_GROUP_BOUNDS: Final = tuple(float(1 << i) for i in range(13))
 """Batches per sync: 1, 2, 4 ... 4096; larger groups land in +Inf."""
@@ -273,9 +294,13 @@ class NodeCollector:
                  commit_sync_latency: Callable[[], SyncLatency | None] | None = None,
                  auth_events: Callable[[], Mapping[str, int]] | None = None,
                  member_health: Callable[[], Mapping[str, str]] | None = None,
-                 doctor_findings: Callable[[], Mapping[str, int] | None] | None = None
+                 doctor_findings: Callable[[], Mapping[str, int] | None] | None = None,
+                 routing: Callable[[], Sequence[PeerScore]] | None = None,
+                 hot_partitions: Callable[[], Sequence[HotPartition]] | None = None
                  ) -> None:
         self._status = status
+        self._routing = routing
+        self._hot_partitions = hot_partitions
         self._member_health = member_health
         self._doctor_findings = doctor_findings
         self._requests = requests
@@ -313,6 +338,13 @@ class NodeCollector:
         findings = self._doctor_findings() if self._doctor_findings else None
         if findings is not None:
             yield doctor_findings_family(findings)
+        try:
+            if self._routing is not None:
+                yield from routing_families(self._routing())
+            if self._hot_partitions is not None:
+                yield hot_partitions_family(self._hot_partitions())
+        except RuntimeError:
+            pass  # not started
 
 
 def make_registry(status: Callable[[], Mapping[str, Any]], requests: RequestStats,
@@ -322,6 +354,8 @@ def make_registry(status: Callable[[], Mapping[str, Any]], requests: RequestStat
                   auth_events: Callable[[], Mapping[str, int]] | None = None,
                   member_health: Callable[[], Mapping[str, str]] | None = None,
                   doctor_findings: Callable[[], Mapping[str, int] | None] | None = None,
+                  routing: Callable[[], Sequence[PeerScore]] | None = None,
+                  hot_partitions: Callable[[], Sequence[HotPartition]] | None = None,
                   ) -> CollectorRegistry:
     """A fresh registry exposing one node. ``status`` returns the node's ``StatusReply``
     as a plain dict (``msgspec.structs.asdict``); it may raise ``RuntimeError`` while the
@@ -330,7 +364,7 @@ def make_registry(status: Callable[[], Mapping[str, Any]], requests: RequestStat
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(status, requests, system, commit_group_sizes,
                                     commit_sync_latency, auth_events, member_health,
-                                    doctor_findings))
+                                    doctor_findings, routing, hot_partitions))
     return registry
 
 
@@ -567,4 +601,51 @@ def doctor_findings_family(counts: Mapping[str, int]) -> GaugeMetricFamily:
                                "diagnosis run on this node, by severity.", labels=["severity"])
     for severity in FINDING_SEVERITIES:
         family.add_metric([severity], counts.get(severity, 0))
+    return family
+
+
+
+# -- routing ---------------------------------------------------------------------------
+
+
+def routing_families(peers: Sequence[PeerScore]) -> Iterator[Metric]:
+    """The coordinator's snitch (``core.snitch``): per replica it asks, requests sent, the
+    latency and score it routes reads by, requests outstanding and timeouts."""
+    sent = CounterMetricFamily(PREFIX + "requests_by_peer_total", "Replica requests this "
+                               "node sent to each peer (reads, writes, repairs).",
+                               labels=["peer"])
+    latency = GaugeMetricFamily(PREFIX + "replica_latency_seconds", "Each replica's reply "
+                                "latency as the dynamic snitch sees it (EWMA of read replies; "
+                                "at least the current silence; decays to the mean when idle).",
+                                labels=["peer"])
+    outstanding = GaugeMetricFamily(PREFIX + "replica_outstanding", "Requests sent to each "
+                                    "replica and not yet answered.", labels=["peer"])
+    score = GaugeMetricFamily(PREFIX + "replica_score", "The dynamic snitch's score of each "
+                              "replica: latency x (1 + outstanding); reads ask the lowest "
+                              "first.", labels=["peer"])
+    timeouts = CounterMetricFamily(PREFIX + "replica_timeouts_total", "Replica requests "
+                                   "that got no answer before the request's timeout.",
+                                   labels=["peer"])
+    for peer in peers:
+        sent.add_metric([peer.name], peer.requests)
+        latency.add_metric([peer.name], peer.latency_s)
+        outstanding.add_metric([peer.name], peer.outstanding)
+        score.add_metric([peer.name], peer.score)
+        timeouts.add_metric([peer.name], peer.timeouts)
+    yield from (sent, latency, outstanding, score, timeouts)
+
+
+def hot_partitions_family(hot: Sequence[HotPartition]) -> GaugeMetricFamily:
+    """The busiest partitions this node coordinates (at most ``HOT_PARTITIONS_EXPORTED``)."""
+    family = GaugeMetricFamily(PREFIX + "hot_partition_requests_per_second", "Requests per "
+                               "second to the busiest partitions this node coordinates "
+                               "(top 10, decaying window; partition: text or 0x-hex, cut "
+                               "to 64 characters).", labels=["keyspace", "partition"])
+    seen: set[tuple[str, str]] = set()
+    for h in hot[:HOT_PARTITIONS_EXPORTED]:
+        labels = (h.keyspace, partition_label(h.partition))
+        if labels in seen:
+            continue  # two long keys that share their first 61 characters
+        seen.add(labels)
+        family.add_metric(list(labels), h.requests_per_s)
     return family

@@ -59,6 +59,7 @@ from leaderless.core.effects import MemberEvent, MemberEventKind
 from leaderless.core.health import HealthStatus
 from leaderless.core.hints import DeleteHint, Handoff, Hint, HintConfig, HintLog, SendHint
 from leaderless.core.hlc import ClockSkewError, HybridClock, physical_ms
+from leaderless.core.hot_partitions import HotPartition, HotPartitions
 from leaderless.core.keys import (
     DATA_PREFIX,
     KeyError_,
@@ -119,6 +120,7 @@ from leaderless.core.schema import (
     encode_def,
     validate,
 )
+from leaderless.core.snitch import PeerScore
 from leaderless.core.streaming import StreamConfig
 from leaderless.core.streaming_messages import StreamPage, StreamRequest
 from leaderless.core.watch_messages import WatchFilter, WatchMessage
@@ -171,6 +173,8 @@ class KvNode:
         self.hints = HintLog(store)
         self.replica = Replica(store, self.hints, self.forest.update)
         self.coordinator = Coordinator(name, CoordinatorConfig(), self._ids)
+        self.hot_partitions = HotPartitions()
+        """Requests per partition key this node coordinates (``core.hot_partitions``)."""
         self.acceptor = paxos.Acceptor(store)
         self.proposer = paxos.Proposer(name, paxos.ProposerConfig(), self._ids,
                                        random.Random(rng_seed ^ 0x5A5A))
@@ -394,6 +398,7 @@ class KvNode:
                 return Value(0, False, version=done.version)
             return Value(0, True, done.value, version=done.version)
         level = self._level(definition, consistency, definition.read_consistency)
+        self.hot_partitions.record(self._now(), definition.name, key, False)
         op_id = next(self._op_ids)
         result = await self._run(op_id, lambda: self.coordinator.read(
             self._now(), op_id, self._topology, definition.name, definition.replication,
@@ -410,6 +415,7 @@ class KvNode:
         definition = await self._keyspace(keyspace)
         self._check_key(key, start or b"")
         level = self._level(definition, consistency, definition.read_consistency)
+        self.hot_partitions.record(self._now(), definition.name, key, False)
         op_id = next(self._op_ids)
         result = await self._run(op_id, lambda: self.coordinator.scan(
             self._now(), op_id, self._topology, definition.name, definition.replication,
@@ -476,6 +482,7 @@ class KvNode:
     async def _strong(self, definition: KeyspaceDef, key: bytes, sort: bytes, change: Change,
                       idempotency: bytes) -> paxos.Done:
         self._check_clock()
+        self.hot_partitions.record(self._now(), definition.name, key, not isinstance(change, Read))
         result = await self.propose(definition, key, sort, change, idempotency)
         if isinstance(result, paxos.Conflict):
             raise _ConflictFound(result.version, result.value)
@@ -666,6 +673,7 @@ class KvNode:
             self.log.debug("request", request_id=f"{self.name}:{op_id}",
                            kind=kind.__name__, keyspace=definition.name)
         now = self._now()
+        self.hot_partitions.record(now, definition.name, request.key, kind is not Get)
         if kind is Get:
             effects = self.coordinator.read(now, op_id, self._topology, definition.name,
                                             definition.replication, request.key,
@@ -708,6 +716,7 @@ class KvNode:
         if self._debug:
             self.log.debug("request", request_id=f"{self.name}:{op_id}",
                            kind=kind.__name__, keyspace=definition.name)
+        self.hot_partitions.record(self._now(), definition.name, request.key, kind is not Get)
         self._execute(self.proposer.propose(
             self._now(), op_id, self._topology, definition.name, definition.replication,
             request.key, request.sort, change, getattr(request, "idempotency", b""),
@@ -838,6 +847,7 @@ class KvNode:
     async def _write(self, definition: KeyspaceDef, key: bytes, sort: bytes, cell: Cell,
                      consistency: str | None) -> int:
         level = self._level(definition, consistency, definition.write_consistency)
+        self.hot_partitions.record(self._now(), definition.name, key, True)
         op_id = next(self._op_ids)
         result = await self._run(op_id, lambda: self.coordinator.write(
             self._now(), op_id, self._topology, definition.name, definition.replication,
@@ -1128,6 +1138,20 @@ class KvNode:
         clock's wall part, so it never goes back on this node (an NTP step backwards does
         not lengthen a lease) and stays within the skew bound of the other nodes'."""
         return physical_ms(self.clock.now(_wall_ms()))
+
+    def hot(self, n: int, keyspace: str | None = None) -> list[HotPartition]:
+        """The ``n`` busiest partitions this node coordinates (of ``keyspace``, or of all)."""
+        return self.hot_partitions.top(self._now(), n, keyspace)
+
+    def keyspace_rates(self) -> dict[str, float]:
+        """Requests per second this node coordinates, per keyspace (decaying window)."""
+        now = self._now()
+        return {ks: self.hot_partitions.keyspace_rate(now, ks)
+                for ks in self.hot_partitions.keyspaces()}
+
+    def routing(self) -> list[PeerScore]:
+        """The coordinator's view of each replica it asks (``core.snitch``)."""
+        return self.coordinator.snitch.view(self._now())
 
     def counters(self) -> dict[str, int]:
         result: dict[str, int] = {}

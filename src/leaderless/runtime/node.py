@@ -63,10 +63,12 @@ from leaderless.core.messages import (
 )
 from leaderless.core.paxos_messages import PaxosRequest
 from leaderless.core.ring import token_count_for
+from leaderless.core.snitch import PeerScore
 from leaderless.core.streaming_messages import StreamRequest
 from leaderless.core.watch_messages import WatchMessage
 from leaderless.obs import RequestStats, SystemSampler, make_registry, render
 from leaderless.obs.alerts import Alerts, Transition, node_readings
+from leaderless.obs.metrics import HOT_PARTITIONS_EXPORTED
 from leaderless.runtime.auth import AuthService
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
@@ -165,7 +167,10 @@ class Node:
             member_health=lambda: {m.name: (m.meta.health or HEALTHY).status.label
                                    for m in self.members()},
             doctor_findings=lambda: None if self.doctor_service is None else (
-                self.doctor_service.finding_counts()))
+                self.doctor_service.finding_counts()),
+            routing=lambda: self.kv.routing() if self.kv is not None else [],
+            hot_partitions=lambda: (self.kv.hot(HOT_PARTITIONS_EXPORTED)
+                                    if self.kv is not None else []))
         self._alerts = Alerts(config.alerts.effective_rules())
         """This node's alert rules and their states (``obs.alerts``)."""
         self._alerts_task: asyncio.Task[None] | None = None
@@ -554,6 +559,7 @@ class Node:
         (``GET /api/cluster``): the cluster's view without a central collector."""
         membership = self._require()
         ownership = self.kv.ownership() if self.kv is not None else {}
+        routing = {p.name: p for p in self.kv.routing()} if self.kv is not None else {}
         out = []
         for m in sorted(membership.members(), key=lambda m: m.name):
             load = m.meta.load
@@ -564,7 +570,8 @@ class Node:
                 "incarnation": m.incarnation, "zone": m.meta.zone, "version": m.meta.version,
                 "weight": m.meta.weight, "ownership": round(ownership.get(m.name, 0.0), 4),
                 "load": None if load is None else msgspec.structs.asdict(load),
-                "health": _health_dict(m.meta.health)})
+                "health": _health_dict(m.meta.health),
+                "routing": _routing_dict(routing.get(m.name))})
         return out
 
     def _load_summary(self) -> LoadSummary:
@@ -934,6 +941,15 @@ def _load_tls(config: NodeConfig) -> NodeTls | None:
                            f"a node's name is its certificate's (`leaderless certs issue "
                            f"{config.name}`)")
     return tls
+
+
+def _routing_dict(peer: PeerScore | None) -> dict[str, Any] | None:
+    """How this node's coordinator rates a member as a replica (``core.snitch``) for
+    ``/api/cluster``; None until it sent that member a request."""
+    if peer is None:
+        return None
+    return {"latency_ms": round(peer.latency_s * 1000, 3), "outstanding": peer.outstanding,
+            "score": peer.score, "requests": peer.requests, "timeouts": peer.timeouts}
 
 
 def _health_dict(health: HealthState | None) -> dict[str, str]:
