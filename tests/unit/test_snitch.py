@@ -1,14 +1,18 @@
-"""The dynamic snitch (core.snitch), the coordinator's reads through it, and the
-hot-partition sketch (core.hot_partitions)."""
+"""The dynamic snitch (core.snitch), the coordinator's reads and the client's choice of
+coordinator through it, and the hot-partition sketch (core.hot_partitions)."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from collections import Counter
 
 import pytest
 
+from leaderless.api.kv_messages import RingMember
+from leaderless.client.async_client import AsyncClient
+from leaderless.client.sync_client import Client
 from leaderless.core.coordinator import (
     Coordinator,
     CoordinatorConfig,
@@ -351,3 +355,53 @@ def test_a_timed_out_replica_request_is_counted_against_it_and_forgotten() -> No
     assert not any(coordinator.owns(s.message.id) for s in sends)
     [send] = _read(coordinator, 3.0, 2, top, "ONE")
     assert send.to != first
+
+
+# -- the client picks its coordinator through its own snitch ---------------------------------
+
+
+def _client_with_ring(zone: str | None = None) -> AsyncClient:
+    client = AsyncClient(["127.0.0.1:7001"], zone=zone, ring_refresh_s=0,
+                         rng=random.Random(3))
+    client._set_ring([RingMember(n, f"127.0.0.1:700{i}", i, 16, z, "alive")
+                      for i, (n, z) in enumerate([("a", "z1"), ("b", "z2"), ("c", "z1")],
+                                                 start=1)])
+    return client
+
+
+def test_the_client_sends_to_the_fastest_replica_and_spreads_near_ties() -> None:
+    async def main() -> None:
+        client = _client_with_ring()
+        replicas = ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+        # Nothing measured: the choice is spread over the replicas (shuffled near-ties).
+        firsts = {client._candidates(replicas, None)[0] for _ in range(30)}
+        assert len(firsts) > 1
+        now = asyncio.get_running_loop().time()
+        for address, latency in zip(replicas, (0.040, 0.002, 0.030), strict=True):
+            measured(client.snitch, address, latency, now)
+        assert {client._candidates(replicas, None)[0] for _ in range(30)} == {replicas[1]}
+        # Requests piling up on the fast one move the next ones elsewhere.
+        for _ in range(30):
+            client.snitch.on_send(replicas[1], now)
+        assert client._candidates(replicas, None)[0] != replicas[1]
+        # Strong keyspaces keep ring order whatever the scores.
+        assert client._candidates(replicas, None, ordered=True)[:3] == replicas
+
+    asyncio.run(main())
+
+
+def test_the_client_prefers_replicas_of_its_zone() -> None:
+    async def main() -> None:
+        client = _client_with_ring(zone="z2")
+        replicas = ["127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003"]
+        assert {client._candidates(replicas, None)[0] for _ in range(20)} == {replicas[1]}
+
+    asyncio.run(main())
+
+
+def test_the_sync_client_takes_a_zone() -> None:
+    client = Client(["127.0.0.1:7001"], zone="z9", connect=False)
+    try:
+        assert client._client.zone == "z9" and client._client.snitch.zone == "z9"
+    finally:
+        client.close()

@@ -4,10 +4,15 @@ Routing: at connect (and every ``ring_refresh_s``, and soon after a connection f
 client asks any node for the ring (``DescribeRing``) and the keyspaces (``ListKeyspaces``).
 It builds the same ``core.ring.Ring`` the nodes use from the alive members' (name,
 token_seed, token_count, zone) and sends each keyed request to one of the key's N replicas
-(N: the keyspace's replication factor, 3 if unknown), picked at random among those it can
-reach, so the coordinator is a replica and one network hop is saved. When no replica is
-reachable (or the ring has no client addresses) any reachable node serves the request:
-every node can coordinate every key.
+(N: the keyspace's replication factor, 3 if unknown) that it can reach, so the coordinator
+is a replica and one network hop is saved. Which replica: the client keeps its own dynamic
+snitch (``core.snitch``) over the nodes it talks to, fed with each request's round trip
+and the requests in flight to each node; it picks the best-scored replica (with
+``zone=``, those of its own zone first), and among near-ties (within the snitch's badness
+threshold) a random one, so the load spreads while no node is clearly slower. Strong
+keyspaces keep ring order (see ``_keyed``). When no replica is reachable (or the ring has
+no client addresses) any reachable node serves the request: every node can coordinate
+every key.
 
 Retries: a request whose connection fails, or that a node answers with ``overloaded``, is
 retried once on another node. That is safe for every data operation: gets and scans are
@@ -116,6 +121,7 @@ from leaderless.core.keys import token
 from leaderless.core.locks import LOCK_KEYSPACE, LOCK_REPLICATION
 from leaderless.core.paxos_messages import LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, LOCK_NAME_BYTES_MAX
 from leaderless.core.ring import Ring, RingNode
+from leaderless.core.snitch import Snitch
 from leaderless.security.tls import ClientTls, client_ssl
 
 DEFAULT_TIMEOUT_S = 10.0
@@ -130,6 +136,9 @@ RING_REFRESH_S = 10.0
 NODE_RETRY_AFTER_S = 1.0
 """A node we failed to reach is skipped for this long before we try it again."""
 DEFAULT_REPLICATION = 3
+_TIMED: frozenset[type[Any]] = frozenset({Get, Put, Delete, Scan, CompareAndSet, Increment})
+"""Requests whose round trip is a latency sample for the snitch (not lock waits, watches
+or administration, whose time is not the node's speed)."""
 SCAN_PAGE_ROWS = 1000
 KEYSPACE_TEXT_MAX = 256
 KEY_BYTES_MAX = 64 * 1024
@@ -196,7 +205,9 @@ class AsyncClient:
     ``nodes`` are client-listener addresses (``HOST:PORT``) of any nodes of the cluster;
     the rest are discovered from the ring. Keys and values are ``bytes`` or ``str`` (UTF-8).
     A cluster with TLS needs ``tls=ClientTls("certs/ca.crt")`` (``security.tls``; a client
-    certificate is optional here) or a ready ``ssl_context=``.
+    certificate is optional here) or a ready ``ssl_context=``. ``zone``: the client's own
+    zone (as the nodes' ``--zone``): requests go to a replica in that zone when one is
+    reachable.
     """
 
     def __init__(self, nodes: Sequence[str], *, timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -205,7 +216,7 @@ class AsyncClient:
                  ring_refresh_s: float = RING_REFRESH_S, token_aware: bool = True,
                  rng: random.Random | None = None, token: str | None = None,
                  tls: ClientTls | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, zone: str | None = None) -> None:
         if isinstance(nodes, str):
             nodes = [n for n in nodes.split(",") if n.strip()]
         if not nodes:
@@ -222,6 +233,9 @@ class AsyncClient:
         self.token = token or None
         """Sent as ``Authenticate`` on every new connection (None: none is sent)."""
         self._rng = rng or random.Random()
+        self.zone = zone or ""
+        self.snitch = Snitch(None, zone=self.zone)
+        """Round trip and requests in flight per node address: which replica to ask."""
         self._pools: dict[str, list[NodeConnection]] = {}
         self._connecting: dict[str, asyncio.Future[NodeConnection]] = {}
         self._next_conn: dict[str, int] = {}
@@ -312,6 +326,7 @@ class AsyncClient:
                  and m.token_count > 0]
         self._ring = Ring(RingNode(m.name, m.token_seed, m.token_count, m.zone) for m in alive)
         self._addresses = {m.name: m.client_address for m in alive}
+        self.snitch.set_peers({m.client_address: m.zone for m in alive})
 
     @property
     def ring(self) -> Ring:
@@ -738,14 +753,15 @@ class AsyncClient:
 
     def _candidates(self, preferred: list[str] | None, exclude: str | None,
                     ordered: bool = False) -> list[str]:
-        """Addresses to try, best first: reachable replicas (shuffled, or in ring order with
-        ``ordered``), then every other known node (shuffled), then nodes recently down
-        (last resort)."""
+        """Addresses to try, best first: reachable replicas (by the snitch's score, near-ties
+        shuffled; or in ring order with ``ordered``), then every other known node
+        (shuffled), then nodes recently down (last resort)."""
         now = asyncio.get_running_loop().time()
         known = list(dict.fromkeys([*self._addresses.values(), *self.seeds]))
         first = [a for a in (preferred or []) if a != exclude]
         if not ordered:
             self._rng.shuffle(first)
+            first = self.snitch.order(now, first)
         rest = [a for a in known if a != exclude and a not in first]
         self._rng.shuffle(rest)
         candidates = first + rest
@@ -769,7 +785,7 @@ class AsyncClient:
                 break
             attempts -= 1
             try:
-                reply = await conn.call(kind, args, timeout_s or self.timeout_s)
+                reply = await self._timed_call(conn, kind, args, timeout_s or self.timeout_s)
             except ConnectionLostError as exc:
                 last, failed = exc, conn.address
                 self._mark_down(conn.address)
@@ -786,6 +802,29 @@ class AsyncClient:
         raise NoNodeAvailableError(
             "no node answers at " + ", ".join(tried_connect or self.seeds)
             + "; are the nodes running, and are these their client (not gossip) ports?")
+
+    async def _timed_call(self, conn: NodeConnection, kind: type[Any], args: tuple[Any, ...],
+                          timeout_s: float) -> ClientReply:
+        """``conn.call``, telling the snitch: in flight while it runs; its round trip as a
+        latency sample when a data request is answered; a timeout as that much time lost
+        (a lost connection marks the node down instead)."""
+        loop = asyncio.get_running_loop()
+        address = conn.address
+        started = loop.time()
+        self.snitch.on_send(address, started)
+        try:
+            reply = await conn.call(kind, args, timeout_s)
+        except RequestTimeoutError:
+            now = loop.time()
+            self.snitch.on_timeout(address, now, now - started)
+            raise
+        except BaseException:
+            self.snitch.on_reply(address, loop.time())
+            raise
+        now = loop.time()
+        timed = kind in _TIMED and not isinstance(reply, Failure)
+        self.snitch.on_reply(address, now, now - started if timed else None)
+        return reply
 
     async def _any_connection(self, candidates: list[str], tried: set[str],
                               dedicated: bool = False) -> NodeConnection | None:
