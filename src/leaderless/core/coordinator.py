@@ -6,10 +6,11 @@ next healthy node clockwise (or by the coordinator), so it receives it when it r
 Hints do not count towards W: a QUORUM read must always meet a QUORUM write (Cassandra's
 choice; Dynamo's sloppy quorum counts them and loses that guarantee).
 
-Reads ask R live replicas (this node first if it is one, then alive before suspect) and
-answer with the newest cell by (HLC, writer). If a replica is slower than the speculative
-delay (the recent p99 of replica reads, at least ``speculative_floor_s``), one more replica
-is asked. Replicas that answered with an older cell are repaired before the read returns
+Reads ask R live replicas in the dynamic snitch's order (``core.snitch``: this node first if
+it is one, then the local zone's replicas by reply latency and requests outstanding, suspect
+ones last; near-ties keep ring order) and answer with the newest cell by (HLC, writer). If a
+replica is slower than the speculative delay (the recent p99 of replica reads, at least
+``speculative_floor_s``), one more replica is asked: the snitch's best of those not asked. Replicas that answered with an older cell are repaired before the read returns
 (blocking read repair, as Cassandra does for QUORUM), so a value once read is never
 "un-read" by a later QUORUM read.
 
