@@ -10,6 +10,8 @@
     leaderless event send NAME PAYLOAD --node HOST:PORT [--json]
     leaderless event watch --node HOST:PORT [--json]
     leaderless doctor [--node HOST:PORT] [--json]
+    leaderless node decommission|set-capacity W|cleanup [--node HOST:PORT] [--json]
+    leaderless ring status [--node HOST:PORT] [--json] [--watch]
 
 Exit codes: 0 success; 1 the node is unreachable, refused the request or failed while
 running; 2 invalid configuration or usage; 3 the node cannot start here (port in use,
@@ -397,3 +399,4 @@ from leaderless.cli_encryption import encryption; main.add_command(encryption)  
 from leaderless.cli_keyring import keyring; main.add_command(keyring)  # noqa: E402, E702, I001
 from leaderless.cli_certs import certs; main.add_command(certs)  # noqa: E402, E702, I001
 from leaderless.cli_doctor import doctor; main.add_command(doctor)  # noqa: E402, E702, I001
+from leaderless.cli_ring import register as _register_ring; _register_ring(main, node)  # noqa: E402, E702, I001

@@ -163,6 +163,7 @@ from leaderless.api.kv_messages import (
 from leaderless.api.kv_server import execute_auth
 from leaderless.api.logs_http import add_log_routes
 from leaderless.api.ops_http import OpsSource, add_ops_routes
+from leaderless.api.ring_http import add_ring_routes
 from leaderless.api.routing_http import add_routing_routes
 from leaderless.api.service import KvError, KvService
 from leaderless.core.cells import VALUE_BYTES_MAX_DEFAULT
@@ -274,6 +275,9 @@ async def serve_http(service: KvService, host: str, port: int, *,
         doctor = getattr(ops, "doctor", None)  # a node has one; a bare OpsSource may not
         if doctor is not None:
             add_doctor_routes(app, doctor)
+        ring_status = getattr(ops, "ring_status", None)  # likewise
+        if ring_status is not None:
+            add_ring_routes(app, ring_status)
         add_routing_routes(app, ops.name, service, lambda r: r.get(PRINCIPAL))
     refusals = drops or Drops(RuntimeCounters(), log or NodeLogger("", "http"))
     return await serve_guarded(app, host, port, drops=refusals, ssl_context=ssl_context)

@@ -119,6 +119,21 @@ replica it has asked) and ``hot_partitions`` (``KvNode.hot(HOT_PARTITIONS_EXPORT
                                                    coordinates (decaying window,
                                                    ``core.hot_partitions``); ``partition`` is
                                                    printable text or 0x-hex, cut to 64 chars
+
+Ring changes, given ``ring`` (``runtime.ring_status.ring_metrics``: this node's ring state
+and cleanup; None before the node started)::
+
+    leaderless_ring_state{state}                   gauge: 1 for this node's ring state
+                                                   (normal, joining, leaving, left), 0 for
+                                                   the others, every state present
+    leaderless_ring_pending_ranges                 gauge: ranges this node still has to fetch
+                                                   (its stream plan; the leaderless_stream_*
+                                                   series above have the details)
+    leaderless_ring_waiting_for_members            gauge: members this node's leave (or
+                                                   capacity shrink) waits for
+    leaderless_cleanup_deleted_rows_total          counter: rows deleted by cleanup (ranges
+                                                   this node no longer holds)
+    leaderless_cleanup_running                     gauge: 1 while a cleanup pass runs
 """
 
 from __future__ import annotations
@@ -153,6 +168,8 @@ MEMBER_STATES: Final = ("alive", "suspect", "dead", "left")
 HEALTH_STATUSES: Final = ("healthy", "degraded", "read-only", "leaving")
 """``core.health.HealthStatus`` labels, each exported per member (1 for the current one)."""
 FINDING_SEVERITIES: Final = ("critical", "warning", "info")
+RING_STATES: Final = ("normal", "joining", "leaving", "left")
+"""A node's own ring state (``runtime.ring_changes``), each exported (1 for the current one)."""
 HOT_PARTITIONS_EXPORTED: Final = 10
 """Hot partitions exported as series: the top ten, so the label set stays small however
 many keys a node serves (the sketch itself keeps 64 per keyspace; GET /api/hot-partitions)."""
@@ -296,8 +313,10 @@ class NodeCollector:
                  member_health: Callable[[], Mapping[str, str]] | None = None,
                  doctor_findings: Callable[[], Mapping[str, int] | None] | None = None,
                  routing: Callable[[], Sequence[PeerScore]] | None = None,
-                 hot_partitions: Callable[[], Sequence[HotPartition]] | None = None
+                 hot_partitions: Callable[[], Sequence[HotPartition]] | None = None,
+                 ring: Callable[[], Mapping[str, Any] | None] | None = None
                  ) -> None:
+        self._ring = ring
         self._status = status
         self._routing = routing
         self._hot_partitions = hot_partitions
@@ -343,6 +362,9 @@ class NodeCollector:
                 yield from routing_families(self._routing())
             if self._hot_partitions is not None:
                 yield hot_partitions_family(self._hot_partitions())
+            ring = self._ring() if self._ring is not None else None
+            if ring is not None:
+                yield from ring_families(ring)
         except RuntimeError:
             pass  # not started
 
@@ -356,6 +378,7 @@ def make_registry(status: Callable[[], Mapping[str, Any]], requests: RequestStat
                   doctor_findings: Callable[[], Mapping[str, int] | None] | None = None,
                   routing: Callable[[], Sequence[PeerScore]] | None = None,
                   hot_partitions: Callable[[], Sequence[HotPartition]] | None = None,
+                  ring: Callable[[], Mapping[str, Any] | None] | None = None,
                   ) -> CollectorRegistry:
     """A fresh registry exposing one node. ``status`` returns the node's ``StatusReply``
     as a plain dict (``msgspec.structs.asdict``); it may raise ``RuntimeError`` while the
@@ -364,7 +387,7 @@ def make_registry(status: Callable[[], Mapping[str, Any]], requests: RequestStat
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(status, requests, system, commit_group_sizes,
                                     commit_sync_latency, auth_events, member_health,
-                                    doctor_findings, routing, hot_partitions))
+                                    doctor_findings, routing, hot_partitions, ring))
     return registry
 
 
@@ -649,3 +672,28 @@ def hot_partitions_family(hot: Sequence[HotPartition]) -> GaugeMetricFamily:
         seen.add(labels)
         family.add_metric(list(labels), h.requests_per_s)
     return family
+
+
+# -- ring changes -----------------------------------------------------------------------
+
+
+def ring_families(ring: Mapping[str, Any]) -> Iterator[Metric]:
+    """This node's ring state, ranges to fetch, members a leave waits for, and cleanup
+    (``runtime.ring_status.ring_metrics``)."""
+    state = GaugeMetricFamily(PREFIX + "ring_state", "This node's ring state: 1 for the "
+                              "current one (normal, joining, leaving, left).", labels=["state"])
+    for name in RING_STATES:
+        state.add_metric([name], 1 if ring["state"] == name else 0)
+    yield state
+    yield GaugeMetricFamily(PREFIX + "ring_pending_ranges", "Ranges this node still has to "
+                            "fetch (its stream plan, during a join, replace or capacity "
+                            "change, or while taking over a leaver's ranges).",
+                            value=ring["pending_ranges"])
+    yield GaugeMetricFamily(PREFIX + "ring_waiting_for_members", "Members this node's leave "
+                            "(or capacity shrink) waits for: they have not fetched its "
+                            "ranges yet.", value=ring["waiting_for"])
+    yield CounterMetricFamily(PREFIX + "cleanup_deleted_rows", "Rows this node deleted by "
+                              "cleanup: ranges it no longer holds.",
+                              value=ring["cleanup_deleted_rows"])
+    yield GaugeMetricFamily(PREFIX + "cleanup_running", "1 while a cleanup pass runs here.",
+                            value=1 if ring["cleanup_running"] else 0)

@@ -77,6 +77,16 @@ def own_report(name: str, status: Mapping[str, Any], cleanup: Cleanup | None) ->
         settled=bool(status["settled"]), cleanup=cleanup_figures(cleanup))
 
 
+def ring_metrics(report: RingReport) -> dict[str, Any]:
+    """What ``obs.metrics.ring_families`` exports of this node's report."""
+    stream = report.stream
+    return {"state": report.state,
+            "pending_ranges": max(0, stream.ranges_total - stream.ranges_done),
+            "waiting_for": len(report.waiting_for) + report.waiting_more,
+            "cleanup_deleted_rows": report.cleanup.deleted_rows,
+            "cleanup_running": report.cleanup.running}
+
+
 async def ask_report(member: Member, send: PeerRequest) -> RingReport | str:
     """The member's report, or why there is none (within ``REPORT_TIMEOUT_S`` in all)."""
     try:
