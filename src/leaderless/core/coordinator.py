@@ -40,6 +40,7 @@ from leaderless.core.kv_messages import (
     ReplicaWrite,
     ScanRow,
 )
+from leaderless.core.placement import Placement
 from leaderless.core.quorum import required
 from leaderless.core.ring import Ring
 from leaderless.core.snitch import Snitch, SnitchConfig
@@ -73,6 +74,9 @@ class Topology:
     """Members whose gossiped health is read-only (``core.health``), with the reason: they
     get no writes (theirs become hints, as for a down replica) and hold no hints, but
     still serve reads. This node among them: it refuses to coordinate writes."""
+    placement: Placement | None = None
+    """While the ring changes (``core.placement``): the extra replicas a write must also
+    reach, one more acknowledgement each. ``ring`` is then the placement's current ring."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -188,10 +192,14 @@ class Coordinator:
         need = required(consistency, replication)
         tok = token(partition)
         replicas = topology.ring.preference_list(tok, replication)
+        if topology.placement is not None and topology.placement.changing:
+            extra = topology.placement.extra_replicas(tok, replication)
+            replicas += extra
+            need += len(extra)
         live = [r for r in replicas if r in topology.up and r not in topology.read_only]
         if len(live) < need or len(self._ops) >= self.config.ops_in_flight_max:
             read_only = [r for r in replicas if r in topology.read_only]
-            return [self._refuse(op_id, len(live), need, replication, read_only)]
+            return [self._refuse(op_id, len(live), need, len(replicas), read_only)]
         effects: list[Effect] = []
         op = _Op(op_id, "write", need, now + self.config.write_timeout_s,
                  ReplicaWrite(0, keyspace, partition, sort, cell, trace=op_id), replicas, [])

@@ -591,13 +591,13 @@ class KvNode:
         # Every node holds a replica of every definition (the system keyspace's N is the
         # ring size), so the local replica is complete once anti-entropy has run.
         found: dict[str, KeyspaceDef] = dict(self._keyspaces)
-        for definition in self._local_definitions():
+        for definition in self.local_definitions():
             found.setdefault(definition.name, definition)
         return [KeyspaceInfo(d.name, d.replication, d.mode, d.read_consistency,
                              d.write_consistency) for d in sorted(found.values(),
                                                                  key=lambda d: d.name)]
 
-    def _local_definitions(self) -> list[KeyspaceDef]:
+    def local_definitions(self) -> list[KeyspaceDef]:
         prefix = keyspace_prefix(SYSTEM_KEYSPACE)
         result = []
         for _, raw in self.store.scan(prefix, prefix_end(prefix)):
@@ -1093,7 +1093,7 @@ class KvNode:
         definition of (refreshed every few seconds), and the system keyspace on all nodes."""
         if now >= self._replication_refresh_at:
             self._replication_refresh_at = now + 5.0
-            self._replication = {d.name: d.replication for d in self._local_definitions()}
+            self._replication = {d.name: d.replication for d in self.local_definitions()}
         self._replication[SYSTEM_KEYSPACE] = max(1, len(self._topology.ring))
         return self._replication
 

@@ -34,6 +34,10 @@ from leaderless.api.messages import (
     KeyringReply,
     KeyringRequest,
     Request,
+    RingReply,
+    RingReport,
+    RingReportRequest,
+    RingRequest,
     StatusReply,
 )
 from leaderless.api.server import ApiHandler
@@ -64,12 +68,14 @@ from leaderless.core.messages import (
 from leaderless.core.paxos_messages import PaxosRequest
 from leaderless.core.ring import token_count_for
 from leaderless.core.snitch import PeerScore
+from leaderless.core.streaming import StreamConfig
 from leaderless.core.streaming_messages import StreamRequest
 from leaderless.core.watch_messages import WatchMessage
 from leaderless.obs import RequestStats, SystemSampler, make_registry, render
 from leaderless.obs.alerts import Alerts, Transition, node_readings
 from leaderless.obs.metrics import HOT_PARTITIONS_EXPORTED
 from leaderless.runtime.auth import AuthService
+from leaderless.runtime.cleanup import Cleanup, held_replication
 from leaderless.runtime.counters import RuntimeCounters
 from leaderless.runtime.datadir import DataDir
 from leaderless.runtime.doctor import NodeDoctor
@@ -86,6 +92,14 @@ from leaderless.runtime.keyring_service import (
 from leaderless.runtime.kv import KvNode
 from leaderless.runtime.logs import NodeLogger, RateLimitedLog
 from leaderless.runtime.peers import PeerLinks
+from leaderless.runtime.ring_changes import (
+    RingChangeError,
+    RingService,
+    initial_ring_fields,
+    load_ring_file,
+    save_ring_file,
+)
+from leaderless.runtime.ring_status import gather, own_report, ring_metrics
 from leaderless.runtime.tcp import ConnectionClosedError, ServerConnection
 from leaderless.runtime.transport import NetTransport, Transport
 from leaderless.runtime.wall_clock import install_fault_skew, wall_ms
@@ -99,7 +113,7 @@ from leaderless.storage.store import StorageError, Store
 
 InboundFrame = (PushPull | SealedPushPull | Request | ReplicaWrite | ReplicaRead | ReplicaScan
                 | PeerHello | AntiEntropyMessage | PaxosRequest | WatchMessage | KeyringChange
-                | DoctorReportRequest | StreamRequest)
+                | DoctorReportRequest | StreamRequest | RingReportRequest)
 """What may arrive on the TCP port: a peer's sync (sealed when the node has a gossip
 keyring), a CLI request, or the data plane (a coordinator's replica request, a proposer's
 Paxos request, anti-entropy), a keyring change sent on by a peer, or a peer's doctor."""
@@ -170,7 +184,8 @@ class Node:
                 self.doctor_service.finding_counts()),
             routing=lambda: self.kv.routing() if self.kv is not None else [],
             hot_partitions=lambda: (self.kv.hot(HOT_PARTITIONS_EXPORTED)
-                                    if self.kv is not None else []))
+                                    if self.kv is not None else []),
+            ring=lambda: None if self.ring is None else ring_metrics(self.ring_report()))
         self._alerts = Alerts(config.alerts.effective_rules())
         """This node's alert rules and their states (``obs.alerts``)."""
         self._alerts_task: asyncio.Task[None] | None = None
@@ -198,6 +213,11 @@ class Node:
         """The TLS contexts from ``[tls]`` (None: plaintext TCP); loaded at start."""
         self.doctor_service: NodeDoctor | None = None
         """This node's side of ``leaderless doctor`` (None until started)."""
+        self.ring: RingService | None = None
+        """Joins, leaves and capacity changes of this node (``runtime.ring_changes``)."""
+        self.cleanup: Cleanup | None = None
+        """Deletes the ranges this node no longer holds (``runtime.cleanup``)."""
+        self._ring_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -242,11 +262,32 @@ class Node:
                 raise
             raise StartupError(f"cannot start the data plane: {exc}") from exc
         token_seed = self._data_dir.token_seed(self._rng.getrandbits(64))
+        try:
+            ring_fields = self._ring_fields(first_start=last is None)
+        except StartupError:
+            if self.kv is not None:
+                await self.kv.close()
+            await self._transport.close()
+            if self._store is not None:
+                self._store.close()
+            self._data_dir.close()
+            raise
+        token_seed = int(ring_fields.get("token_seed", token_seed))
         meta = NodeMeta(zone=self.config.zone, weight=self.config.weight,
                         tags=dict(self.config.tags), version=__version__,
-                        token_seed=token_seed, token_count=token_count_for(self.config.weight),
+                        token_seed=token_seed,
                         client_port=self.client_address.port if self.client_address else 0,
                         http_port=self.http_address.port if self.http_address else 0)
+        assert self.kv is not None
+        self.ring = RingService(
+            self.config.name, self.config.data_dir, ring_fields,
+            settle_s=self.config.ring.settle_s, kv=self.kv,
+            meta=lambda: self._require().meta, publish=self._publish_ring,
+            members=lambda: self._require().members(), depart=self.stop, now=self._now)
+        meta = msgspec.structs.replace(meta, **self.ring.meta_fields())
+        kv = self.kv
+        self.cleanup = Cleanup(kv, self.config.name, grace_s=self.config.ring.cleanup_grace_s,
+                               replication=lambda: held_replication(kv))
         self._membership = Membership(self.config.name, advertise, meta,
                                       self.config.membership, self._rng, loop.time(),
                                       incarnation=incarnation,
@@ -274,8 +315,38 @@ class Node:
         else:
             self.joined.set()
         self._load_task = loop.create_task(self._gossip_load())
+        self._ring_task = loop.create_task(self._start_ring())
         self.health.start()
         self._alerts_task = loop.create_task(self._evaluate_alerts())
+
+    def _ring_fields(self, first_start: bool) -> dict[str, Any]:
+        """This node's ring state (``runtime.ring_changes``): saved, or on a first start
+        joining (bootstrap) or normal; saved at once so a crash keeps it."""
+        config = self.config
+        saved = load_ring_file(config.data_dir)
+        if saved is None and not first_start:
+            # A data dir from before ring states: its node was on the ring already.
+            saved = {"state": "normal", "token_count": token_count_for(config.weight)}
+        fields = initial_ring_fields(saved, token_count=token_count_for(config.weight),
+                                     joins=bool(config.join), bootstrap=config.ring.bootstrap,
+                                     replace=config.replace)
+        save_ring_file(config.data_dir, fields)
+        return fields
+
+    async def _start_ring(self) -> None:
+        """Ring changes start once a seed answered: before, the view is only ourselves."""
+        await self.joined.wait()
+        if self.ring is not None and not self._stopping:
+            self.ring.start()
+            if self.cleanup is not None:
+                self.cleanup.start()
+
+    def _publish_ring(self, fields: dict[str, Any]) -> None:
+        """Gossip new ring fields (``runtime.ring_changes`` saved them first)."""
+        membership = self._membership
+        if membership is not None:
+            self._feed(membership.update_meta(self._now(), msgspec.structs.replace(
+                membership.meta, **fields)))
 
     async def _start_data_plane(self) -> None:
         """Open the store and the client listeners (before the membership, so the member
@@ -311,7 +382,10 @@ class Node:
             fsync=config.fsync, fsync_interval_ms=config.fsync_interval_ms,
             tombstone_grace_s=config.tombstone_grace_s, hint_window_s=config.hint_window_s,
             anti_entropy_interval_s=config.anti_entropy_interval_s, peers=links,
-            on_fatal=self._fail, rng_seed=self._rng.getrandbits(64))
+            on_fatal=self._fail, rng_seed=self._rng.getrandbits(64),
+            settle_s=config.ring.settle_s,
+            stream=StreamConfig(bytes_per_s=config.ring.stream_mb_per_s * 1e6,
+                                sessions_max=config.ring.stream_sessions))
         self.auth = AuthService(self.kv, enabled=config.security.auth,
                                 token_ttl_s=config.security.token_ttl_s,
                                 admin_password_file=config.security.admin_password_file)
@@ -375,6 +449,12 @@ class Node:
 
     async def _close(self) -> None:
         await self.health.stop()
+        if self._ring_task is not None:
+            self._ring_task.cancel()
+        if self.ring is not None:
+            self.ring.close()
+        if self.cleanup is not None:
+            self.cleanup.close()
         if self._load_task is not None:
             self._load_task.cancel()
         if self._alerts_task is not None:
@@ -503,6 +583,36 @@ class Node:
         self._require()
         assert self.doctor_service is not None and self._transport is not None
         return await self.doctor_service.diagnose(self._transport.request)
+
+    async def ring_operation(self, request: RingRequest) -> RingReply:
+        """``leaderless node decommission | set-capacity | cleanup`` act on this node, then
+        (and for ``ring status``) the cluster's ring status, every alive member's report
+        gathered at once (``runtime.ring_status``). Raises RingChangeError (or
+        CleanupRefusedError) with the reason when this node refuses."""
+        membership = self._require()
+        ring, cleanup, kv = self.ring, self.cleanup, self.kv
+        assert ring is not None and cleanup is not None and kv is not None
+        assert self._transport is not None
+        if request.operation == "decommission":
+            ring.decommission()
+        elif request.operation == "set_capacity":
+            if not 0 < request.weight <= 1000:
+                raise RingChangeError(f"weight {request.weight:g} is out of range: give a "
+                                      "capacity weight in (0, 1000]")
+            ring.set_capacity(token_count_for(request.weight))
+        elif request.operation == "cleanup":
+            cleanup.request()
+        return await gather(request.operation, self.name, self.ring_report(),
+                            membership.members(), kv.placement, self._transport.request)
+
+    async def ring_status(self) -> RingReply:
+        """The cluster's ring status (``leaderless ring status``, ``GET /api/ring``)."""
+        return await self.ring_operation(RingRequest("status"))
+
+    def ring_report(self) -> RingReport:
+        """This node's ring figures (the answer to a peer's ``RingReportRequest``)."""
+        assert self.ring is not None
+        return own_report(self.name, self.ring.status(), self.cleanup)
 
     def _make_doctor(self, kv: KvNode) -> NodeDoctor:
         def disk_usage() -> tuple[int, int, int, bool]:
@@ -713,6 +823,9 @@ class Node:
         elif isinstance(message, DoctorReportRequest):
             if self.doctor_service is not None:
                 conn.send(self.doctor_service.report())
+        elif isinstance(message, RingReportRequest):
+            if self.ring is not None:
+                conn.send(self.ring_report())
         elif isinstance(message, KeyringChange):
             conn.send(KeyringChangeReply(KeyringNodeResult(
                 self.name, False, "gossip encryption is off on this node")) if
