@@ -173,6 +173,11 @@ class ElasticReport:
     pages: int = 0
     rows_streamed: int = 0
     finished_at: float = 0.0
+    """When the run stopped (the changes done, or ``finish_max_s`` after the workload)."""
+    last_change_s: float = 0.0
+    """When the last join or leave completed."""
+    overlap_max: int = 0
+    """The most joins and leaves in progress at once."""
     misses: list[str] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
     """Liveness: changes that did not complete, too few operations acknowledged."""
@@ -186,8 +191,9 @@ class ElasticReport:
                 f"writes {self.writes_ok} ok / {self.writes_failed} failed, reads "
                 f"{self.reads_ok} ok / {self.reads_failed} failed, joins "
                 f"{self.joins_done}/{self.joins}, leaves {self.leaves_done}/{self.leaves}, "
-                f"crashes {self.crashes}, {self.pages} pages ({self.rows_streamed} rows), "
-                f"changes done at {self.finished_at:.1f} s, misses {len(self.misses)}")
+                f"crashes {self.crashes}, up to {self.overlap_max} changes at once, "
+                f"{self.pages} pages ({self.rows_streamed} rows), "
+                f"last change done at {self.last_change_s:.1f} s, misses {len(self.misses)}")
 
 
 class ElasticNode:
@@ -441,6 +447,7 @@ class ElasticSim:
         for other in self.nodes.values():
             self._gossip(other, me.name, version, me)
         self._start(node)
+        self._count_overlap()
         return node
 
     def publish(self, node: ElasticNode, fields: dict[str, int]) -> None:
@@ -460,6 +467,7 @@ class ElasticSim:
                 raise AssertionError(f"unknown ring field {field}")
         if me.state is RingState.NORMAL and node.me.state is RingState.JOINING:
             self.report.joins_done += 1
+            self.report.last_change_s = self.clock.now
         node.me = me
         node.view[node.name] = me
         version = next(self._version)
@@ -468,11 +476,17 @@ class ElasticSim:
         for other in self.nodes.values():
             if other is not node:
                 self._gossip(other, node.name, version, me)
+        self._count_overlap()
+
+    def _count_overlap(self) -> None:
+        changing = sum(m.state is not RingState.NORMAL for m in self.truth.values())
+        self.report.overlap_max = max(self.report.overlap_max, changing)
 
     def depart(self, node: ElasticNode) -> None:
         """The leave is complete: the node stops; the others learn it after gossip."""
         node.departed = True
         self.report.leaves_done += 1
+        self.report.last_change_s = self.clock.now
         version = next(self._version)
         del self.truth[node.name]
         self.truth_versions[node.name] = version
