@@ -62,6 +62,7 @@ from leaderless.core.coordinator import (
 )
 from leaderless.core.hints import DeleteHint, Handoff, HintConfig, HintLog, SendHint
 from leaderless.core.hlc import HybridClock
+from leaderless.core.keys import token
 from leaderless.core.kv_messages import (
     ReplicaAck,
     ReplicaRead,
@@ -302,9 +303,9 @@ class ElasticNode:
         sim = self.sim
         for i, effect in enumerate(effects):
             if isinstance(effect, SendReplica | SendHint):
-                sim.net.send(self.name, effect.to, effect.message)
+                sim.send(self.name, effect.to, effect.message)
             elif isinstance(effect, SendStream):
-                sim.net.send(self.name, effect.to, effect.message)
+                sim.send(self.name, effect.to, effect.message)
             elif isinstance(effect, Respond):
                 sim.respond(effect.op_id, effect.result)
             elif isinstance(effect, DeleteHint):
@@ -339,14 +340,14 @@ class ElasticNode:
                 self.store.write(writes)
                 sim.clock.after(sim.config.fsync_s, self._ack, (self.epoch, sender), reply)
             else:
-                sim.net.send(self.name, sender, reply)
+                sim.send(self.name, sender, reply)
         elif isinstance(message, ReplicaAck | ReplicaReadReply | ReplicaScanReply):
             if self.coordinator.owns(message.id):
                 self.execute(self.coordinator.on_reply(now, sender, message))
             elif isinstance(message, ReplicaAck) and self.handoff.owns(message.id):
                 self.execute(list(self.handoff.on_ack(message)))
         elif isinstance(message, StreamRequest):
-            sim.net.send(self.name, sender, serve_page(self.store, message,
+            sim.send(self.name, sender, serve_page(self.store, message,
                                                        sim.config.stream))
         elif isinstance(message, StreamPage):
             sim.report.pages += 1
@@ -357,7 +358,7 @@ class ElasticNode:
         if not self.up or epoch != self.epoch:
             return  # crashed before the fsync: never acknowledged
         self.store.sync()
-        self.sim.net.send(self.name, sender, reply)
+        self.sim.send(self.name, sender, reply)
 
     # -- time ----------------------------------------------------------------------------
 
@@ -416,6 +417,8 @@ class ElasticSim:
         self.joined: list[str] = []
         self.left: list[str] = []
         self._names = itertools.count(1)
+        self.drop: Callable[[str, str, Any], bool] | None = None
+        """A targeted fault: messages (sender, to, message) it holds true for are lost."""
         # The first members know each other from the start (a cluster already formed).
         first = [self._member(RingState.NORMAL) for _ in range(self.rng.randint(
             *config.initial_nodes))]
@@ -494,6 +497,12 @@ class ElasticSim:
             if other is not node:
                 self._gossip(other, node.name, version, None)
         self.net.crash(node.name)  # stops; the others' failure detectors see it go
+
+    def send(self, sender: str, to: str, message: Any) -> None:
+        if self.drop is not None and self.drop(sender, to, message):
+            self.net.messages_dropped += 1
+            return
+        self.net.send(sender, to, message)
 
     def _gossip(self, to: ElasticNode, name: str, version: int,
                 member: PlacementMember | None) -> None:
@@ -581,8 +590,7 @@ class ElasticSim:
 
     def _client_op(self, step: int, _: Any) -> None:
         config = self.config
-        now = self.clock.now
-        if now >= config.workload_s:
+        if self.clock.now >= config.workload_s:
             return
         self.clock.after(self.rng.expovariate(config.ops_per_s), self._client_op, step + 1)
         live = self.live()
@@ -590,29 +598,42 @@ class ElasticSim:
             return
         node = self.rng.choice(live)
         key = b"k%d" % self.rng.randrange(config.keys)
-        op_id = next(self._op_ids)
-        topology = node.topology()
         if self.rng.random() < 0.5:
-            cell = Cell(node.clock.now(self.net.wall_ms()), node.name, b"%d" % step)
-
-            def written(result: Result) -> None:
-                ok = isinstance(result, WriteDone)
-                self.writes.append(WriteRecord(key, cell, now, self.clock.now, ok))
-
-            self._callbacks[op_id] = written
-            node.execute(node.coordinator.write(now, op_id, topology, KEYSPACE,
-                                                config.replication, key, b"", cell, "QUORUM"))
+            self.write(node.name, key, b"%d" % step)
         else:
-            via = node.name
+            self.read(node.name, key)
 
-            def read(result: Result) -> None:
-                ok = isinstance(result, ReadDone)
-                cell = result.cell if isinstance(result, ReadDone) else None
-                self.reads.append(ReadRecord(key, now, self.clock.now, cell, ok, via))
+    def write(self, via: str, key: bytes, value: bytes) -> Cell:
+        """A QUORUM write of a new cell through ``via``, recorded in ``writes``."""
+        node = self.nodes[via]
+        now = self.clock.now
+        cell = Cell(node.clock.now(self.net.wall_ms()), via, value)
 
-            self._callbacks[op_id] = read
-            node.execute(node.coordinator.read(now, op_id, topology, KEYSPACE,
-                                               config.replication, key, b"", "QUORUM"))
+        def written(result: Result) -> None:
+            ok = isinstance(result, WriteDone)
+            self.writes.append(WriteRecord(key, cell, now, self.clock.now, ok))
+
+        op_id = next(self._op_ids)
+        self._callbacks[op_id] = written
+        node.execute(node.coordinator.write(now, op_id, node.topology(), KEYSPACE,
+                                            self.config.replication, key, b"", cell,
+                                            "QUORUM"))
+        return cell
+
+    def read(self, via: str, key: bytes) -> None:
+        """A QUORUM read through ``via``, recorded in ``reads``."""
+        node = self.nodes[via]
+        now = self.clock.now
+
+        def done(result: Result) -> None:
+            ok = isinstance(result, ReadDone)
+            cell = result.cell if isinstance(result, ReadDone) else None
+            self.reads.append(ReadRecord(key, now, self.clock.now, cell, ok, via))
+
+        op_id = next(self._op_ids)
+        self._callbacks[op_id] = done
+        node.execute(node.coordinator.read(now, op_id, node.topology(), KEYSPACE,
+                                           self.config.replication, key, b"", "QUORUM"))
 
     # -- the run -------------------------------------------------------------------------
 
@@ -684,3 +705,65 @@ def check_history(writes: list[WriteRecord], reads: list[ReadRecord]) -> list[st
 
 def run_elastic(seed: int, config: ElasticSimConfig | None = None) -> ElasticReport:
     return ElasticSim(config or ElasticSimConfig(), seed).run()
+
+
+def run_write_after_ring_change(seed: int, restarted: bool, broken: str = "") -> list[str]:
+    """A directed case of the previous-ring rule: a joiner has just turned normal and one
+    reader has not heard yet (gossip takes 1.2-1.4 s here). A writer that has heard writes
+    a key whose replicas changed; its write to one replica that both rings share (the
+    reader itself) is lost, and the reader's request to the other shared replica is lost
+    too, so the reader reads from itself and the replica the joiner replaced. The write
+    must have reached that replica: the writer keeps the old ring's replicas for
+    ``settle_s``. With ``restarted`` the writer was down during the join and restarted
+    just now: it never had the old ring. Returns the misses."""
+    sim = ElasticSim(ElasticSimConfig(initial_nodes=(4, 4), gossip_s=(1.2, 1.4),
+                                      broken=broken), seed)
+    first = sorted(sim.nodes)
+    if restarted:
+        sim.net.crash(first[-1])
+    sim.clock.run_until(0.5)
+    joiner = sim.add_node(RingState.JOINING).name
+
+    def sees(name: str) -> bool:
+        return joiner in sim.nodes[name].placement().current.nodes
+
+    normal = sim.clock.run_until(
+        30.0, lambda: sim.truth[joiner].state is RingState.NORMAL, check_every_s=0.001)
+    assert normal, f"seed {seed}: the joiner did not become normal"
+    if restarted:
+        writer = first[-1]
+        sim.net.restart(writer)
+    else:
+        def one_knows() -> bool:
+            return any(sees(n) for n in first) and not all(sees(n) for n in first)
+        assert sim.clock.run_until(sim.clock.now + 2.0, one_knows, check_every_s=0.001)
+        writer = next(n for n in first if sees(n))
+    new = sim.nodes[writer].placement().current
+    for i in range(10_000):
+        key = b"x%d" % i
+        tok = token(key)
+        now_ = new.preference_list(tok, 3)
+        for reader in (n for n in first if n != writer and not sees(n)):
+            old = sim.nodes[reader].placement().current.preference_list(tok, 3)
+            shared = [n for n in old if n in now_]
+            if (joiner in now_ and writer not in now_ + old and reader in shared
+                    and len(shared) == 2):
+                other = next(n for n in shared if n != reader)
+
+                def drop(sender: str, to: str, message: Any, key: bytes = key,
+                         reader: str = reader, other: str = other) -> bool:
+                    if isinstance(message, ReplicaWrite) and message.partition == key:
+                        return sender == writer and to == reader
+                    if isinstance(message, ReplicaRead) and message.partition == key:
+                        return sender == reader and to == other
+                    return False
+
+                sim.drop = drop
+                sim.write(writer, key, b"v")
+                sim.clock.run_until(sim.clock.now + 0.05)
+                sim.read(reader, key)
+                sim.clock.run_until(sim.clock.now + 1.5)
+                assert len(sim.writes) == 1 and sim.writes[0].ok, sim.writes
+                assert len(sim.reads) == 1 and sim.reads[0].ok, sim.reads
+                return check_history(sim.writes, sim.reads)
+    raise AssertionError(f"seed {seed}: no key fits")
