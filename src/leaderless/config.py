@@ -121,7 +121,7 @@ class RingConfig:
     gossip spread time of the cluster (about a second for tens of members)."""
     stream_mb_per_s: float = 0.0
     """Bytes this node fetches per second at most, in MB (0: unlimited)."""
-    stream_sessions: int = 4
+    stream_sessions: int = 8
     """Page requests in flight at once while fetching (spread over the sources)."""
     cleanup_grace_s: float = 3600.0
     """A node deletes the ranges it no longer holds this long after the ring last changed

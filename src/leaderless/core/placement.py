@@ -184,7 +184,19 @@ class Placement:
             for part, sources in self._current_parts(rng, n):
                 if me in sources:
                     continue
-                fetches.append(Fetch(part, sources, min(quorum, len(sources))))
+                last = fetches[-1] if fetches else None
+                if (last is not None and last.range.end == part.start
+                        and set(last.sources) == set(sources)):
+                    # Adjacent with the same replicas: one fetch (far fewer round trips).
+                    fetches[-1] = Fetch(TokenRange(last.range.start, part.end), last.sources,
+                                        last.copies)
+                else:
+                    fetches.append(Fetch(part, sources, min(quorum, len(sources))))
+        if len(fetches) > 1 and fetches[-1].range.end == fetches[0].range.start and set(
+                fetches[-1].sources) == set(fetches[0].sources):
+            first, last = fetches[0], fetches.pop()
+            fetches[0] = Fetch(TokenRange(last.range.start, first.range.end), first.sources,
+                               first.copies)
         return fetches
 
     def _current_parts(self, rng: TokenRange, n: int) -> list[tuple[TokenRange, tuple[str, ...]]]:

@@ -94,9 +94,10 @@ class StreamConfig:
     """Bytes of rows fetched per second, all sources together; 0 = unlimited. Streaming
     competes with foreground requests for disk and CPU: throttle it when client p99
     matters more than how soon the node is ready (``[ring] stream_mb_per_s``)."""
-    sessions_max: int = 4
-    """Page requests in flight at once, over different sources first: with pages of 1 MiB
-    four keep a disk and a LAN busy while one source's scan or the local fsync waits
+    sessions_max: int = 8
+    """Page requests in flight at once, over different sources first: eight keep a disk
+    and a LAN busy while one source's scan or the local fsync waits (most ranges of a
+    small cluster are a page or less, so a fetch is mostly round trips)
     (``[ring] stream_sessions``)."""
     page_bytes: int = 1 << 20
     """Byte budget of one page: 1 MiB amortises the round trip and the per-page fsync,
