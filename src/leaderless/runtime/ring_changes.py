@@ -117,6 +117,7 @@ class RingService:
         self._depart = depart
         self._now = now
         self._task: asyncio.Task[None] | None = None
+        self._departure: asyncio.Task[None] | None = None
         self.started_at = time.time()
         self.departing = False
         self.error = ""
@@ -185,7 +186,8 @@ class RingService:
                 self._save(state="left")
                 self.log.info("decommissioned", note="every range is held by its new owners; "
                               "leaving the cluster")
-                await self._depart()
+                # Its own task: stopping the node cancels this loop's task.
+                self._departure = asyncio.get_running_loop().create_task(self._depart())
                 return
 
     def _apply(self, fields: dict[str, Any]) -> None:
