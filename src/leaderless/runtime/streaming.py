@@ -55,11 +55,14 @@ class StreamService:
         self.pages_served = 0
         self.bytes_sent = 0
         self.serve_errors = 0
+        self._durable: list[bool] | None = None
+        """[synced] once a sync after the end of the fetch was asked (``done``)."""
 
     # -- the orchestration's API ---------------------------------------------------------
 
     def set_plan(self, fetches: list[RangeFetch]) -> None:
         """Fetch ``fetches`` (replacing the previous plan; see ``Fetcher.set_plan``)."""
+        self._durable = None
         self.log.info("stream_plan", ranges=len(fetches),
                       sources=len({s for f in fetches for s in f.sources}))
         self._execute(self.fetcher.set_plan(self._now(), fetches))
@@ -72,7 +75,22 @@ class StreamService:
         return self.fetcher.progress()
 
     def done(self) -> bool:
-        return self.fetcher.done()
+        """Every range of the plan fetched *and durable* (the fetcher is done once the
+        last rows are handed to the store; a member must not announce them before a
+        sync covers them): the first call after the fetch ends asks for a sync, a later
+        one sees it."""
+        if not self.fetcher.done():
+            self._durable = None
+            return False
+        if self._durable is None:
+            mark = self._durable = [False]
+
+            def synced(error: StorageError | None) -> None:
+                mark[0] = error is None
+
+            self._kv.commit.commit([], synced)
+            return False
+        return self._durable[0]
 
     async def wait_done(self) -> None:
         """Return once every range of the plan is fetched and durable (raises the
