@@ -53,7 +53,8 @@ the node started, gauges are current levels::
                       rows_in pages_in pages_served failed_checksum failed_error
                       failed_invalid failed_timeout source_switches
     stream_<g>        leaderless_stream_<g>              gauge    g: ranges_done
-                      ranges_active ranges_pending bytes_per_s eta_s (-1: unknown)
+                      ranges_active ranges_pending rate_bytes_per_second
+                      eta_seconds (-1: unknown)
     anything else     leaderless_kv_<name>               gauge    (a counter added to
                       KvNode.counters() but not yet to ``KV_METRICS`` is still exported)
 
@@ -285,8 +286,8 @@ KV_METRICS: Final[Mapping[str, KvMetric]] = {
         "ranges_done": "Ranges of the current stream plan fetched in full.",
         "ranges_active": "Ranges of the current stream plan being fetched now.",
         "ranges_pending": "Ranges of the current stream plan not started yet.",
-        "bytes_per_s": "Range streaming rate over the last 10 s, bytes per second.",
-        "eta_s": "Estimated seconds until the stream plan is fetched (-1: no estimate)."}),
+        "rate_bytes_per_second": "Range streaming rate over the last 10 s, bytes per second.",
+        "eta_seconds": "Estimated seconds until the stream plan is fetched (-1: no estimate)."}),
 }
 """The meaning of every key of ``KvNode.counters()``: its metric name and type."""
 

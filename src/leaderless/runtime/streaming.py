@@ -225,6 +225,6 @@ class StreamService:
             "stream_ranges_active": progress.ranges_active,
             "stream_ranges_pending": (progress.ranges_total - progress.ranges_done
                                       - progress.ranges_active),
-            "stream_bytes_per_s": round(progress.bytes_per_s),
-            "stream_eta_s": -1 if progress.eta_s is None else round(progress.eta_s),
+            "stream_rate_bytes_per_second": round(progress.bytes_per_s),
+            "stream_eta_seconds": -1 if progress.eta_s is None else round(progress.eta_s),
         }
