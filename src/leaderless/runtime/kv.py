@@ -10,6 +10,7 @@ replays hints to returning peers, runs anti-entropy sessions and purges old tomb
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import random
@@ -143,6 +144,10 @@ PeerReply = ReplicaReply | AntiEntropyMessage | PaxosReply | StreamPage
 """What arrives on our outbound links: replicas' and acceptors' replies, anti-entropy,
 stream pages."""
 PAXOS_PURGE_KEYS_PER_SWEEP = 100
+RING_VIEW_KEY = b"rv"
+"""The members' ring fields as this node last saw them (``KvNode._save_view``); no data,
+Paxos, hint or stream key starts with b"r"."""
+_view_encoder = msgspec.msgpack.Encoder()
 ServedRequest = ReplicaWrite | ReplicaRead | ReplicaScan | Prepare | Accept | Purge
 """What this node answers as a replica (eventual mode) or an acceptor (strong mode)."""
 BACKGROUND_TICK_S = 0.05
@@ -238,6 +243,8 @@ class KvNode:
         self._placement_key: tuple[Any, ...] = ()
         self._ring_history: list[tuple[float, Ring]] = []
         """(when it was replaced, ring): current rings of the last settle_s."""
+        self._view_saved: tuple[PlacementMember, ...] = ()
+        self._view_saveable_at = float("inf")
         self.purged = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -246,6 +253,8 @@ class KvNode:
         self._loop = asyncio.get_running_loop()
         for member in members:
             self._members[member.name] = member
+        self._load_view()
+        self._view_saveable_at = self._now() + self.settle_s
         self._rebuild()
         self._background = asyncio.get_running_loop().create_task(self._background_loop())
 
@@ -344,7 +353,36 @@ class KvNode:
             placement = Placement(members, (*previous, old.current))
         self._placement = placement
         self._placement_key = (members, tuple(r for _, r in history))
+        self._save_view(now, members)
         return placement
+
+    def _save_view(self, now: float, members: tuple[PlacementMember, ...]) -> None:
+        """Keep the members' ring fields in the store: a node that restarts starts from
+        its last view, so the ring it last served with stays in its write set for
+        settle_s (peers may still read with it). Not in the first settle_s after a start,
+        when the view is still filling in."""
+        if now < self._view_saveable_at or members == self._view_saved or self._closed:
+            return
+        self._view_saved = members
+        data = _view_encoder.encode([dataclasses.astuple(m) for m in members])
+        self.commit.commit([(RING_VIEW_KEY, data)], _ignore)
+
+    def _load_view(self) -> None:
+        """The view saved before the last stop (``_save_view``), as the first placement."""
+        raw = self.store.get(RING_VIEW_KEY)
+        if raw is None:
+            return
+        try:
+            rows = msgspec.msgpack.decode(raw)
+            members = tuple(PlacementMember(name, seed, count, zone, RingState(state),
+                                            replacing, next_count, synced)
+                            for name, seed, count, zone, state, replacing, next_count, synced
+                            in rows)
+        except (msgspec.DecodeError, ValueError, TypeError):
+            self.log.warning("ring_view_unreadable", note="starting without the saved view")
+            return
+        self._placement = Placement(members)
+        self._placement_key = (members, ())
 
     @property
     def placement(self) -> Placement:
@@ -354,8 +392,11 @@ class KvNode:
     def refresh_placement(self) -> None:
         """Rebuild the topology when an old ring's settle time ran out (called by the ring
         changes loop, ``runtime.ring_changes``)."""
-        if self._ring_history and self._now() - self._ring_history[0][0] > self.settle_s:
+        now = self._now()
+        if self._ring_history and now - self._ring_history[0][0] > self.settle_s:
             self._rebuild()
+        if self._placement is not None:
+            self._save_view(now, self._placement_key[0])
 
     # -- KvService ---------------------------------------------------------------------
 
