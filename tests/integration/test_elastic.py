@@ -260,3 +260,31 @@ def test_a_killed_node_is_replaced_with_its_data(processes: Processes) -> None:
         theirs = stored_keys(peer.data_dir)
         shared = {k for k in mine if peer.name in ring.preference_list(token(k), 3)}
         assert shared <= theirs
+
+
+def test_a_capacity_change_moves_a_share_of_the_data_under_load(processes: Processes) -> None:
+    first, first_client = start(processes, "n1")
+    nodes, clients = [first], [first_client]
+    for name in ("n2", "n3", "n4"):
+        node, client = start(processes, name, first.address)
+        nodes.append(node)
+        clients.append(client)
+    wait_until(lambda: all(alive_count(n) == 4 for n in nodes), "four nodes alive")
+    known = create_and_fill(first_client, 4_000)
+    bigger = nodes[3]
+
+    def grow() -> None:
+        result = run_cli("node", "set-capacity", "2", "--node", bigger.address)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: json.loads((bigger.data_dir / "ring.json").read_text())
+                   .get("token_count") == 512, "n4 moved to 512 tokens", timeout_s=120)
+
+    load = run_with_load(clients, known, grow)
+    check_load(load)
+    stop(nodes)
+    ring = final_ring(nodes)
+    shares = ring.ownership()
+    assert shares["n4"] > 1.6 * max(shares[n.name] for n in nodes[:3]), shares
+    held = stored_keys(bigger.data_dir)
+    mine = {k.encode() for k in known if "n4" in ring.preference_list(token(k.encode()), 3)}
+    assert mine <= held, f"n4 lacks {len(mine - held)} keys of its new ranges"
