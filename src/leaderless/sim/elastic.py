@@ -49,6 +49,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+
 from leaderless.core.cells import Cell
 from leaderless.core.coordinator import (
     Coordinator,
@@ -91,6 +93,9 @@ from leaderless.storage.memory import MemoryStore
 from leaderless.storage.store import StorageError
 
 KEYSPACE = "sim"
+RING_VIEW_KEY = b"rv"
+"""Where a node keeps its last ring view (as ``runtime.kv`` does)."""
+_view_encoder = msgspec.msgpack.Encoder()
 BROKEN_VARIANTS = ("no_extra_replicas", "no_settle")
 
 
@@ -235,6 +240,9 @@ class ElasticNode:
         self.history: list[tuple[float, Ring]] = []
         self._placement: Placement | None = None
         self._placement_key: tuple[Any, ...] = ()
+        self._view_saved: tuple[PlacementMember, ...] = ()
+        self._view_saveable_at = self.sim.clock.now + config.settle_s
+        self._load_view()
 
     # -- membership view -----------------------------------------------------------------
 
@@ -276,7 +284,36 @@ class ElasticNode:
             placement = Placement(members, (*previous, old.current))
         self._placement = placement
         self._placement_key = (members, tuple(r for _, r in history))
+        self._save_view(now, members)
         return placement
+
+    def _save_view(self, now: float, members: tuple[PlacementMember, ...]) -> None:
+        """As ``runtime.kv`` ``_save_view``: keep the members' ring fields in the store
+        (durable a group commit later), so a restart starts from the ring last served
+        with and keeps it in the write set for ``settle_s``; not in the first
+        ``settle_s`` after a start, while the view fills in."""
+        if now < self._view_saveable_at or members == self._view_saved:
+            return
+        self._view_saved = members
+        data = _view_encoder.encode([dataclasses.astuple(m) for m in members])
+        self.store.write([(RING_VIEW_KEY, data)])
+        self.sim.clock.after(self.sim.config.fsync_s, self._sync, self.epoch)
+
+    def _sync(self, epoch: int, _: Any) -> None:
+        if self.up and epoch == self.epoch:
+            self.store.sync()
+
+    def _load_view(self) -> None:
+        """The view saved before the last crash, as the first placement (``_save_view``)."""
+        raw = self.store.get(RING_VIEW_KEY)
+        if raw is None:
+            return
+        members = tuple(PlacementMember(name, seed, count, zone, RingState(state), replacing,
+                                        next_count, synced)
+                        for name, seed, count, zone, state, replacing, next_count, synced
+                        in msgspec.msgpack.decode(raw))
+        self._placement = Placement(members)
+        self._placement_key = (members, ())
 
     def topology(self) -> Topology:
         placement = self.placement()
@@ -375,6 +412,7 @@ class ElasticNode:
         sim = self.sim
         now = sim.clock.now
         placement = self.placement()
+        self._save_view(now, self._placement_key[0])  # as runtime.kv refresh_placement
         me = Me(self.name, self.me.state, self.me.token_count, self.me.next_token_count,
                 self.me.synced)
         fetched = self.plan_given and self.fetcher.done() and self.stream_batches == 0
@@ -715,7 +753,8 @@ def run_write_after_ring_change(seed: int, restarted: bool, broken: str = "") ->
     too, so the reader reads from itself and the replica the joiner replaced. The write
     must have reached that replica: the writer keeps the old ring's replicas for
     ``settle_s``. With ``restarted`` the writer was down during the join and restarted
-    just now: it never had the old ring. Returns the misses."""
+    just now: it knows the old ring only from the view it saved before the crash (as
+    ``runtime.kv`` does). Returns the misses."""
     for skip in range(20):
         misses = _write_after_ring_change(seed, restarted, broken, skip)
         if misses is not None:
@@ -730,9 +769,10 @@ def _write_after_ring_change(seed: int, restarted: bool, broken: str, skip: int
     sim = ElasticSim(ElasticSimConfig(initial_nodes=(4, 4), gossip_s=(1.2, 1.4),
                                       broken=broken), seed)
     first = sorted(sim.nodes)
+    sim.clock.run_until(sim.config.settle_s + 0.5)  # every node has saved its view
     if restarted:
         sim.net.crash(first[-1])
-    sim.clock.run_until(0.5)
+    sim.clock.run_until(sim.clock.now + 0.5)
     joiner = sim.add_node(RingState.JOINING).name
 
     def sees(name: str) -> bool:
