@@ -96,7 +96,9 @@ from leaderless.core.paxos_messages import (
     Recent,
     Register,
     Release,
+    TaskChange,
 )
+from leaderless.core.tasks import TaskRefused, apply_task
 from leaderless.storage.store import Store, Write
 
 __all__ = [
@@ -159,10 +161,13 @@ class Done:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Conflict:
-    """A cas whose expectation failed: the current (chosen) version and value."""
+    """A cas whose expectation failed (or a lock or task change that does not apply):
+    the current (chosen) version and value."""
 
     version: int
     value: bytes | None
+    reason: str = ""
+    """For a task change: why it does not apply (``core.tasks.TaskRefused``)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -228,7 +233,7 @@ def apply_change(register: Register, change: Change, idempotency_id: bytes,
     for seen in register.recent:
         if seen.id == digest:
             return register, _replayed(change, seen)
-    fence = None if isinstance(change, LockChange) else change.fence
+    fence = None if isinstance(change, LockChange | TaskChange) else change.fence
     if (fence is not None and register.fence is not None
             and register.fence.lock == fence.lock and fence.token < register.fence.token):
         return register, Fenced(fence.lock, register.fence.token)
@@ -239,6 +244,11 @@ def apply_change(register: Register, change: Change, idempotency_id: bytes,
             return register, Conflict(register.version, register.value)
         new_value: bytes | None = encode_lock(new_lock)
         number = new_lock.token
+    elif isinstance(change, TaskChange):
+        try:
+            new_value = apply_task(register.value, change, wall_ms)
+        except TaskRefused as refused:
+            return register, Conflict(register.version, register.value, refused.reason)
     elif isinstance(change, Put):
         new_value = change.value
     elif isinstance(change, Delete):

@@ -15,7 +15,7 @@ Append-only: they are the wire protocol.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -267,5 +267,17 @@ class Release(msgspec.Struct, frozen=True, array_like=True, tag="release"):
     token: Counter
 
 
+class TaskChange(msgspec.Struct, frozen=True, array_like=True, tag="task"):
+    """A change of a task register (``core.tasks.apply_task``): submit, claim, start,
+    renew, finish, release or cancel."""
+
+    kind: Literal["submit", "claim", "start", "renew", "finish", "release", "cancel"]
+    node: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    token: Counter = 0
+    ttl_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 0
+    payload: Annotated[bytes, msgspec.Meta(max_length=(256 + 8) * 1024)] = b""
+    """submit: an encoded ``TaskSpec``; finish: an encoded ``TaskOutcome``."""
+
+
 LockChange = Acquire | Renew | Release
-Change = Read | Put | Delete | Cas | Incr | Acquire | Renew | Release
+Change = Read | Put | Delete | Cas | Incr | Acquire | Renew | Release | TaskChange
