@@ -124,6 +124,7 @@ from leaderless.core.schema import (
 from leaderless.core.snitch import PeerScore
 from leaderless.core.streaming import StreamConfig
 from leaderless.core.streaming_messages import StreamPage, StreamRequest
+from leaderless.core.tasks import INDEX_KEYSPACE, INDEX_REPLICATION
 from leaderless.core.watch_messages import WatchFilter, WatchMessage
 from leaderless.runtime.errors import StartupError
 from leaderless.runtime.group_commit import (
@@ -148,6 +149,10 @@ RING_VIEW_KEY = b"rv"
 """The members' ring fields as this node last saw them (``KvNode._save_view``); no data,
 Paxos, hint or stream key starts with b"r"."""
 _view_encoder = msgspec.msgpack.Encoder()
+BUILTIN_KEYSPACES = {INDEX_KEYSPACE: KeyspaceDef(INDEX_KEYSPACE, INDEX_REPLICATION, "eventual",
+                                                 "ONE", "QUORUM")}
+"""Eventual system keyspaces with fixed definitions (not in the schema keyspace): the task
+index (``runtime.tasks``) is read and written with the ordinary KV operations."""
 ServedRequest = ReplicaWrite | ReplicaRead | ReplicaScan | Prepare | Accept | Purge
 """What this node answers as a replica (eventual mode) or an acceptor (strong mode)."""
 BACKGROUND_TICK_S = 0.05
@@ -813,7 +818,7 @@ class KvNode:
     # -- helpers for the service ----------------------------------------------------------
 
     async def _keyspace(self, name: str) -> KeyspaceDef:
-        definition = self._keyspaces.get(name)
+        definition = self._keyspaces.get(name) or BUILTIN_KEYSPACES.get(name)
         if definition is not None:
             return definition
         if name == SYSTEM_KEYSPACE:
@@ -1135,6 +1140,7 @@ class KvNode:
         if now >= self._replication_refresh_at:
             self._replication_refresh_at = now + 5.0
             self._replication = {d.name: d.replication for d in self.local_definitions()}
+            self._replication.update((d.name, d.replication) for d in BUILTIN_KEYSPACES.values())
         self._replication[SYSTEM_KEYSPACE] = max(1, len(self._topology.ring))
         return self._replication
 

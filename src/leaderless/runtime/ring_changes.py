@@ -27,6 +27,12 @@ from leaderless.core.placement import Placement, RingState
 from leaderless.core.ring_changes import Depart, KeyspaceFetch, Me, Publish, RingChanges, SetPlan
 from leaderless.core.schema import SYSTEM_KEYSPACE
 from leaderless.core.streaming import RangeFetch
+from leaderless.core.tasks import (
+    INDEX_KEYSPACE,
+    INDEX_REPLICATION,
+    TASK_KEYSPACE,
+    TASK_REPLICATION,
+)
 from leaderless.durable_files import write_atomically
 from leaderless.runtime.errors import DataDirError, StartupError
 from leaderless.runtime.logs import NodeLogger
@@ -37,8 +43,10 @@ STEP_S = 0.5
 RING_FILE = "ring.json"
 STATE_NAMES = {RingState.NORMAL: "normal", RingState.JOINING: "joining",
                RingState.LEAVING: "leaving"}
-SYSTEM_REPLICATION = {AUTH_KEYSPACE: 3, LOCK_KEYSPACE: LOCK_REPLICATION}
-"""The strong system keyspaces (fixed definitions, not in the schema keyspace)."""
+SYSTEM_REPLICATION = {AUTH_KEYSPACE: 3, LOCK_KEYSPACE: LOCK_REPLICATION,
+                      TASK_KEYSPACE: TASK_REPLICATION, INDEX_KEYSPACE: INDEX_REPLICATION}
+"""The system keyspaces with fixed definitions (not in the schema keyspace): the strong
+ones and the task index."""
 
 
 class RingChangeError(Exception):
