@@ -156,6 +156,8 @@ SECURITY_FLAGS = {
               help="Data keys: values are encrypted at rest (or LEADERLESS_ENCRYPTION_KEY).")
 @click.option("--replace", metavar="NAME",
               help="Take over the tokens of this dead member and stream its data first.")
+@click.option("--tasks", "task_modules", multiple=True, metavar="MODULE",
+              help="Run tasks by name from this Python module (repeatable; [tasks] modules).")
 @click.option("--no-bootstrap", "no_bootstrap", is_flag=True, default=False,
               help="Serve this node's ranges at once instead of streaming them first: only "
                    "for the first members of a new cluster (they hold no data yet).")
@@ -167,6 +169,7 @@ def node_start(config_file: str | None, parent_pid: int | None, **flags: Any) ->
     if flags.pop("no_bootstrap"):
         flags["ring.bootstrap"] = False
     flags["tags"] = list(flags["tags"])
+    flags["tasks.modules"] = list(flags.pop("task_modules"))
     for flag, key in SECURITY_FLAGS.items():
         flags[key] = flags.pop(flag)
     try:

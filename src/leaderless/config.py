@@ -128,6 +128,34 @@ class RingConfig:
     (``leaderless node cleanup`` does it at once)."""
 
 
+TASK_MODULES_MAX = 64
+MODULE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class TasksConfig:
+    """``[tasks]``: how this node runs tasks (``runtime.tasks``, ``runtime.task_workers``;
+    docs/tasks.md)."""
+
+    slots: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+    """Task slots (worker processes) of this node: one per CPU by default, so CPU-bound
+    Python tasks use every core; a task needing k slots takes k of them."""
+    load_ceiling_pct: float = 90.0
+    """The node claims no task while its CPU load is at or above this (busy nodes get less)."""
+    modules: tuple[str, ...] = ()
+    """Python modules whose functions this node may run by name (``module:function``);
+    ``--tasks MODULE`` (repeatable) on ``node start``."""
+    allow_pickle: bool = False
+    """Accept and run cloudpickled callables (arbitrary code: off unless every client is
+    trusted; with auth on, a pickled submit also needs the ``execute`` permission)."""
+    lease_ttl_s: float = 10.0
+    """A running task's lease, renewed every third of it: a dead node's tasks run
+    elsewhere within failure detection plus this."""
+    drain_s: float = 10.0
+    """On a graceful stop the node claims nothing more and waits this long for its running
+    tasks, then hands the rest back (they run elsewhere at once)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class NodeConfig:
     """Everything a node process needs to start, validated."""
@@ -170,6 +198,7 @@ class NodeConfig:
     security: SecurityConfig = dataclasses.field(default_factory=SecurityConfig)
     health: HealthConfig = dataclasses.field(default_factory=HealthConfig)
     ring: RingConfig = dataclasses.field(default_factory=RingConfig)
+    tasks: TasksConfig = dataclasses.field(default_factory=TasksConfig)
     replace: str = ""
     """``--replace NAME``: take over the tokens of this dead member and stream its data."""
     """The ``[health]`` table: the self-health monitor's interval and thresholds."""
@@ -344,6 +373,16 @@ def _parse_path(raw: Any) -> Path:
     return Path(raw).expanduser()
 
 
+def _parse_modules(raw: Any) -> tuple[str, ...]:
+    modules = _split_list(raw)
+    if len(modules) > TASK_MODULES_MAX:
+        raise ValueError(f"has {len(modules)} modules; at most {TASK_MODULES_MAX} are allowed")
+    for module in modules:
+        if not MODULE_PATTERN.match(module) or len(module) > 256:
+            raise ValueError(f"{module!r} is not a Python module name (like pkg.tasks)")
+    return tuple(dict.fromkeys(modules))
+
+
 def _parse_value_limit(raw: Any) -> int:
     limit = _parse_int(raw)
     hard = (8 << 20) - 4096
@@ -415,14 +454,25 @@ _RING_PARSERS: dict[str, Callable[[Any], Any]] = {
     "ring.cleanup_grace_s": _parse_float(0, 30 * 86400.0, low_open=False),
 }
 """``[ring]`` keys (RingConfig)."""
-_TABLES = ("membership", "alerts", "tls", "auth", "gossip", "encryption", "health", "ring")
+_TASKS_PARSERS: dict[str, Callable[[Any], Any]] = {
+    "tasks.slots": _parse_int_in(1, 1024),
+    "tasks.load_ceiling_pct": _parse_float(0, 100),
+    "tasks.modules": _parse_modules,
+    "tasks.allow_pickle": _parse_bool,
+    "tasks.lease_ttl_s": _parse_float(1.0, 3600.0, low_open=False),
+    "tasks.drain_s": _parse_float(0, 3600.0, low_open=False),
+}
+"""``[tasks]`` keys (TasksConfig)."""
+_TABLES = ("membership", "alerts", "tls", "auth", "gossip", "encryption", "health", "ring",
+           "tasks")
 """TOML tables whose keys are flattened to ``table.key``."""
 
 
 def settings() -> list[str]:
     """Every setting's key, as used in TOML (``membership.x`` is ``x`` in ``[membership]``)."""
     return [*_PARSERS, *(f"membership.{name}" for name in MEMBERSHIP_FIELDS),
-            *ALERTS_SETTINGS, *_SECURITY_PARSERS, *_HEALTH_PARSERS, *_RING_PARSERS]
+            *ALERTS_SETTINGS, *_SECURITY_PARSERS, *_HEALTH_PARSERS, *_RING_PARSERS,
+            *_TASKS_PARSERS]
 
 
 def env_var(key: str) -> str:
@@ -478,6 +528,7 @@ def read_env(env: Mapping[str, str]) -> dict[str, Any]:
 def _check_known(key: str, where: str) -> None:
     if (key not in _PARSERS and key not in ALERTS_SETTINGS and key not in _SECURITY_PARSERS
             and key not in _HEALTH_PARSERS and key not in _RING_PARSERS
+            and key not in _TASKS_PARSERS
             and key.removeprefix("membership.") not in MEMBERSHIP_FIELDS):
         raise ConfigError(f"{key}: unknown setting {where}; known: {', '.join(settings())}")
 
@@ -555,6 +606,8 @@ def build_config(raw: Mapping[str, Any]) -> NodeConfig:
         health=_health_config(raw),
         ring=RingConfig(**{key.removeprefix("ring."): _parse(key, raw[key], parser)
                            for key, parser in _RING_PARSERS.items() if key in raw}),
+        tasks=TasksConfig(**{key.removeprefix("tasks."): _parse(key, raw[key], parser)
+                             for key, parser in _TASKS_PARSERS.items() if key in raw}),
         replace=values.get("replace", ""),
         **{key: values[key] for key in _DATA_SETTINGS if key in values},
     )
