@@ -141,6 +141,7 @@ class Placement:
             if m.name not in replaced and m.token_count > 0)
         """False in the steady state: writes then go to ``C(k)`` alone."""
         self._digest = _digest(base)
+        self._gainers: dict[int, set[str]] = {}
 
     # -- reads and writes ----------------------------------------------------------------
 
@@ -223,9 +224,13 @@ class Placement:
     def gainers(self, n: int) -> set[str]:
         """Members (not joining: those complete by themselves) with ranges to fetch: a
         leaver (or a shrinking member) waits until each of them advertises ``synced``."""
-        return {name for name in self.members
+        found = self._gainers.get(n)
+        if found is None:
+            found = self._gainers[n] = {
+                name for name in self.members
                 if self.members[name].state is not RingState.JOINING
                 and self.fetches(name, n, 1)}
+        return found
 
     def unsynced(self, n: int) -> list[str]:
         """Gainers whose advertised ``synced`` is not this base ring."""

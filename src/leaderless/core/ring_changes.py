@@ -79,6 +79,8 @@ class RingChanges:
         """The plan last given to the fetcher (None: none yet)."""
         self.waiting_for: list[str] = []
         """Members a leave (or shrink) waits for: those not yet synced (for status)."""
+        self._plan_key: tuple[object, ...] | None = None
+        self._plan_cached: tuple[KeyspaceFetch, ...] = ()
 
     def plan(self, placement: Placement, me: str, replication: Mapping[str, int]
              ) -> tuple[KeyspaceFetch, ...]:
@@ -99,7 +101,13 @@ class RingChanges:
             self._stable_since = now
         settled = now - self._stable_since >= self.settle_s
         actions: list[Action] = []
-        plan = self.plan(placement, me.name, replication)
+        # The plan depends only on the rings and the keyspaces: computing it walks every
+        # range of the ring, so it is kept while they stay the same (a step is every 0.5 s).
+        plan_key = (shape, me.name, tuple(sorted(replication.items())))
+        if plan_key != self._plan_key:
+            self._plan_key = plan_key
+            self._plan_cached = self.plan(placement, me.name, replication)
+        plan = self._plan_cached
         synced = False
         if not plan:
             synced = True
