@@ -1,0 +1,257 @@
+"""The task worker pool with real worker processes: results, failures, timeouts, crashes,
+registration and pickle rules, slot accounting, abort, and a clean close."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import cloudpickle  # type: ignore[import-untyped]
+import msgspec
+import psutil
+import pytest
+
+from leaderless.core.tasks import RESULT_BYTES_MAX, TaskOutcome, TaskSpec
+from leaderless.runtime.task_workers import WorkerPool, module_allowed
+
+pytestmark = pytest.mark.timeout(60)
+
+T = TypeVar("T")
+MOD = "tests.task_functions"
+
+
+def spec(name: str, *args: Any, timeout_s: float = 30.0, slots: int = 1,
+         **kwargs: Any) -> TaskSpec:
+    return TaskSpec(f"{MOD}:{name}", msgspec.msgpack.encode([list(args), kwargs]),
+                    timeout_s=timeout_s, slots=slots)
+
+
+def value(outcome: TaskOutcome) -> Any:
+    assert outcome.ok, outcome.error
+    return msgspec.msgpack.decode(outcome.result)
+
+
+def with_pool(body: Callable[[WorkerPool], Awaitable[T]], slots: int = 2,
+              modules: tuple[str, ...] = (MOD,), allow_pickle: bool = False) -> T:
+    async def main() -> T:
+        pool = WorkerPool(slots, modules, allow_pickle)
+        await pool.start()
+        try:
+            return await body(pool)
+        finally:
+            await pool.close()
+            assert psutil.Process().children(recursive=True) == []
+    return asyncio.run(main())
+
+
+def test_module_allowed() -> None:
+    assert module_allowed("a.b:f", ("a",))
+    assert module_allowed("a.b:f", ("a.b",))
+    assert module_allowed("a:C.method", ("a",))
+    assert not module_allowed("ab:f", ("a",))
+    assert not module_allowed("a.b:f", ("a.b.c",))
+    assert not module_allowed("a.b", ("a",))
+    assert not module_allowed("a:", ("a",))
+
+
+def test_results_args_kwargs_and_async() -> None:
+    async def body(pool: WorkerPool) -> None:
+        before = psutil.Process().children()
+        assert len(before) == 2 and pool.free_slots() == 2
+        outcome = await pool.run(spec("add", 2, 3))
+        assert value(outcome) == 5 and outcome.started_ms > 0
+        assert value(await pool.run(spec("add", 2, b=40))) == 42
+        assert value(await pool.run(spec("echo", 1, "x", k=[1, 2]))) == [[1, "x"], {"k": [1, 2]}]
+        assert value(await pool.run(spec("async_add", 1, 2))) == 3
+        no_args = TaskSpec(f"{MOD}:record_pid")
+        assert value(await pool.run(no_args)) in {p.pid for p in before}
+        assert pool.counts["ok"] == 5
+    with_pool(body)
+
+
+def test_exception_is_a_retryable_failure_with_its_traceback() -> None:
+    async def body(pool: WorkerPool) -> None:
+        outcome = await pool.run(spec("raise_error", "it broke"))
+        assert not outcome.ok and outcome.retryable
+        assert "ValueError: it broke" in outcome.error
+        assert "Traceback" in outcome.error and "raise_error" in outcome.error
+        bad_args = TaskSpec(f"{MOD}:add", msgspec.msgpack.encode({"a": 1}))
+        outcome = await pool.run(bad_args)
+        assert not outcome.ok and not outcome.retryable and "[args, kwargs]" in outcome.error
+        assert value(await pool.run(spec("add", 1, 1))) == 2  # the worker lives on
+    with_pool(body)
+
+
+def test_timeout_kills_the_worker_and_the_pool_recovers() -> None:
+    async def body(pool: WorkerPool) -> None:
+        pids = {p.pid for p in psutil.Process().children()}
+        slow, stubborn = await asyncio.gather(
+            pool.run(spec("sleep_for", 60, timeout_s=0.3)),
+            pool.run(spec("ignore_sigterm_and_sleep", 60, timeout_s=0.3)))
+        for outcome in (slow, stubborn):
+            assert not outcome.ok and outcome.retryable
+            assert outcome.error.startswith("timeout after 0.3s"), outcome.error
+            assert outcome.started_ms > 0
+        assert pool.counts["timeout"] == 2
+        # Both workers were replaced; the new ones run tasks.
+        results = await asyncio.gather(*(pool.run(spec("record_pid")) for _ in range(4)))
+        new_pids = {value(r) for r in results}
+        assert new_pids and not new_pids & pids
+        children = {p.pid for p in psutil.Process().children()}
+        assert len(children) == 2 and new_pids <= children and not pids & children
+    with_pool(body)
+
+
+def test_a_crashing_worker_is_replaced() -> None:
+    async def body(pool: WorkerPool) -> None:
+        first = value(await pool.run(spec("record_pid")))
+        outcome = await pool.run(spec("crash_hard", 13))
+        assert not outcome.ok and outcome.retryable
+        assert "worker process died (exit code 13)" in outcome.error
+        assert pool.counts["died"] == 1
+        results = await asyncio.gather(*(pool.run(spec("add", i, 1)) for i in range(6)))
+        assert [value(r) for r in results] == [i + 1 for i in range(6)]
+        assert len(psutil.Process().children()) == 1
+        assert value(await pool.run(spec("record_pid"))) != first
+    with_pool(body, slots=1)
+
+
+def test_unregistered_and_unloadable_functions_are_refused() -> None:
+    async def body(pool: WorkerPool) -> None:
+        outcome = await pool.run(TaskSpec("os:system", msgspec.msgpack.encode([["true"], {}])))
+        assert not outcome.ok and not outcome.retryable
+        assert "'os:system' is not registered" in outcome.error
+        assert "--tasks os" in outcome.error
+        assert not (await pool.run(TaskSpec("no_colon_here"))).retryable
+        missing = await pool.run(spec("no_such_function"))
+        assert not missing.ok and not missing.retryable and "no_such_function" in missing.error
+        not_callable = await pool.run(spec("not_a_function"))
+        assert not not_callable.ok and not not_callable.retryable
+        assert "not a function" in not_callable.error
+        # A registered module that does not import here: retryable (another node may).
+        absent = await pool.run(TaskSpec("no_such_module_xyz:f"))
+        assert not absent.ok and absent.retryable and "No module named" in absent.error
+    with_pool(body, modules=(MOD, "no_such_module_xyz"))
+
+
+def test_pickled_callables_refused_unless_allowed() -> None:
+    k = 40
+    closure = cloudpickle.dumps((lambda x, y=0: x + y + k, (1,), {"y": 1}))
+    pickled = TaskSpec("lambda", closure, pickled=True)
+
+    async def refused(pool: WorkerPool) -> None:
+        outcome = await pool.run(pickled)
+        assert not outcome.ok and not outcome.retryable and "pickle" in outcome.error
+
+    async def allowed(pool: WorkerPool) -> None:
+        outcome = await pool.run(pickled)
+        assert outcome.ok, outcome.error
+        assert cloudpickle.loads(outcome.result) == 42
+        failing = cloudpickle.dumps((lambda: 1 / 0, (), {}))
+        outcome = await pool.run(TaskSpec("div", failing, pickled=True))
+        assert not outcome.ok and outcome.retryable and "ZeroDivisionError" in outcome.error
+        garbage = await pool.run(TaskSpec("junk", b"not a pickle", pickled=True))
+        assert not garbage.ok and not garbage.retryable
+
+    with_pool(refused, slots=1)
+    with_pool(allowed, slots=1, modules=(), allow_pickle=True)
+
+
+def test_a_result_too_big_or_not_encodable_is_refused() -> None:
+    async def body(pool: WorkerPool) -> None:
+        ok = await pool.run(spec("big_result", RESULT_BYTES_MAX - 16))
+        assert ok.ok and len(value(ok)) == RESULT_BYTES_MAX - 16
+        big = await pool.run(spec("big_result", RESULT_BYTES_MAX))
+        assert not big.ok and not big.retryable
+        assert "bytes" in big.error and str(RESULT_BYTES_MAX) in big.error
+        odd = await pool.run(spec("unencodable"))
+        assert not odd.ok and not odd.retryable and "object" in odd.error
+    with_pool(body, slots=1)
+
+
+def test_slots_bound_concurrency() -> None:
+    async def body(pool: WorkerPool) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = [asyncio.ensure_future(pool.run(spec("mark_running", tmp, f"t{i}", 0.3)))
+                    for i in range(6)]
+            await asyncio.sleep(0.1)
+            assert pool.free_slots() == 0 and len(pool.running()) == 6
+            seen = [value(r) for r in await asyncio.gather(*runs)]
+            assert max(seen) == 2  # two at once, never three
+            assert pool.free_slots() == 2
+            # Separate processes: two tasks at once run in two workers.
+            pids = await asyncio.gather(*(pool.run(spec("mark_running", tmp, f"p{i}", 0.2))
+                                          for i in range(2)))
+            assert [value(p) for p in pids] == [2, 2]
+    with_pool(body, slots=2)
+
+
+def test_a_task_can_take_several_slots() -> None:
+    async def body(pool: WorkerPool) -> None:
+        too_big = await pool.run(spec("add", 1, 1, slots=4))
+        assert not too_big.ok and not too_big.retryable and "4 slots" in too_big.error
+        with tempfile.TemporaryDirectory() as tmp:
+            double = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "a", 0.4,
+                                                         slots=2)))
+            await asyncio.sleep(0.1)
+            assert pool.free_slots() == 1
+            # Another 2-slot task must wait for the first; a 1-slot one fits beside it.
+            second = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "b", 0.3,
+                                                         slots=2)))
+            single = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "c", 0.2)))
+            assert value(await single) == 2  # ran beside the first 2-slot task
+            assert value(await double) <= 2
+            assert value(await second) == 1  # alone: never beside the other 2-slot task
+            assert pool.free_slots() == 3
+    with_pool(body, slots=3)
+
+
+def test_kill_and_cancel_stop_a_running_task() -> None:
+    async def body(pool: WorkerPool) -> None:
+        first = value(await pool.run(spec("record_pid")))
+        task = asyncio.ensure_future(pool.run(spec("sleep_for", 60), key=b"task-1"))
+        await asyncio.sleep(0.2)
+        assert pool.running() == [b"task-1"]
+        with pytest.raises(ValueError):
+            await pool.run(spec("add", 1), key=b"task-1")
+        assert pool.kill(b"task-1", "lease lost")
+        outcome = await task
+        assert not outcome.ok and outcome.error == "aborted: lease lost"
+        assert not pool.kill(b"task-1")
+        assert first not in {p.pid for p in psutil.Process().children()}
+        # Cancelling the coroutine kills the worker too.
+        task = asyncio.ensure_future(pool.run(spec("sleep_for", 60)))
+        await asyncio.sleep(0.2)
+        busy = [p.pid for p in psutil.Process().children()]
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert pool.free_slots() == 1
+        assert value(await pool.run(spec("add", 2, 2))) == 4
+        assert not set(busy) & {p.pid for p in psutil.Process().children()}
+    with_pool(body, slots=1)
+
+
+def test_close_stops_running_tasks_and_leaves_no_children() -> None:
+    async def main() -> None:
+        pool = WorkerPool(3, (MOD,), False)
+        await pool.start()
+        assert len(psutil.Process().children(recursive=True)) == 3
+        runs = [asyncio.ensure_future(pool.run(spec("sleep_for", 60))) for _ in range(4)]
+        await asyncio.sleep(0.2)
+        await pool.close()
+        outcomes = await asyncio.gather(*runs)
+        assert all(not o.ok and "closed" in o.error for o in outcomes)
+        assert psutil.Process().children(recursive=True) == []
+        assert pool.free_slots() == 0
+        assert not (await pool.run(spec("add", 1))).ok
+    asyncio.run(main())
+
+
+def test_a_module_that_fails_at_start_does_not_stop_the_pool() -> None:
+    # Start imports registered modules eagerly but only as a warm-up.
+    async def body(pool: WorkerPool) -> None:
+        assert value(await pool.run(spec("add", 1, 2))) == 3
+    with_pool(body, slots=1, modules=(MOD, "no_such_module_xyz"))
