@@ -1,5 +1,5 @@
 """A restarted node starts from the ring view it saved: the ring it served with stays in
-its write set for settle_s, since peers may still read with it (runtime.kv _save_view)."""
+its write set for settle_s, since peers may still read with it (core.placement.PlacementView)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def test_a_restarted_node_keeps_its_last_ring_in_the_write_set(tmp_path: Path) -
                 await asyncio.sleep(0.1)
                 assert n2.kv is not None
                 n2.kv.refresh_placement()
-                if {m.name for m in n2.kv._view_saved} == {"n1", "n2"}:
+                if {m.name for m in n2.kv._view._saved} == {"n1", "n2"}:
                     break
             else:
                 raise AssertionError("n2 never saved its view of the two-node ring")
@@ -38,7 +38,7 @@ def test_a_restarted_node_keeps_its_last_ring_in_the_write_set(tmp_path: Path) -
             await restarted.start()
             assert restarted.kv is not None
             # Before gossip brings anything, the saved ring is the one just replaced.
-            rings = [sorted(ring.nodes) for _, ring in restarted.kv._ring_history]
+            rings = [sorted(ring.nodes) for _, ring in restarted.kv._view.history]
             assert ["n1", "n2"] in rings
             placement = restarted.kv.placement
             assert placement.changing

@@ -50,6 +50,7 @@ import dataclasses
 import enum
 from collections.abc import Iterable, Sequence
 
+import msgspec
 import xxhash
 
 from leaderless.core.ring import Ring, RingNode, TokenRange
@@ -254,3 +255,81 @@ def _digest(nodes: Iterable[RingNode]) -> int:
         h.update(f"{node.name}\0{node.token_seed}\0{node.token_count}\0{node.zone}\n".encode())
     return h.intdigest()
 
+
+
+RING_VIEW_KEY = b"rv"
+"""Store key of a node's saved view (``PlacementView.to_save``); no data, Paxos, hint or
+stream key starts with b"r"."""
+_view_encoder = msgspec.msgpack.Encoder()
+
+
+class PlacementView:
+    """The placement one node uses over time, by the runtime and the simulator alike.
+
+    ``at(now, members)`` rebuilds the placement only when a member's ring fields changed or
+    an old ring's settle time ran out; when the current ring changes, the old one stays in
+    the write set for ``settle_s`` (readers with an older view may still use it).
+
+    The members' ring fields are saved in the node's store (``to_save``) and restored at
+    the next start (``restore``): a node that restarts starts from the ring it last served
+    with, so that ring stays in its write set for ``settle_s`` too. Nothing is saved in the
+    first ``settle_s`` after a start, while the view is still filling in.
+    """
+
+    def __init__(self, settle_s: float) -> None:
+        self.settle_s = settle_s
+        self.history: list[tuple[float, Ring]] = []
+        """(when it was replaced, ring): current rings of the last settle_s."""
+        self._placement: Placement | None = None
+        self._key: tuple[object, ...] = ()
+        self._members: tuple[PlacementMember, ...] = ()
+        self._saved: tuple[PlacementMember, ...] = ()
+        self._saveable_at = float("inf")
+
+    def restore(self, data: bytes | None, now: float) -> bool:
+        """Start from a saved view (None: none saved); False if it is unreadable."""
+        self._saveable_at = now + self.settle_s
+        if data is None:
+            return True
+        try:
+            members = tuple(
+                PlacementMember(name, seed, count, zone, RingState(state), replacing,
+                                next_count, synced)
+                for name, seed, count, zone, state, replacing, next_count, synced
+                in msgspec.msgpack.decode(data))
+        except (msgspec.DecodeError, ValueError, TypeError):
+            return False
+        self._placement = Placement(members)
+        self._key = (members, ())
+        self._members = members
+        return True
+
+    def at(self, now: float, members: tuple[PlacementMember, ...]) -> Placement:
+        """The placement for ``members`` (sorted by name) at ``now``."""
+        history = self.history
+        while history and now - history[0][0] > self.settle_s:
+            history.pop(0)
+        previous = tuple(r for _, r in history)
+        old = self._placement
+        if old is not None and self._key == (members, previous):
+            return old
+        placement = Placement(members, previous)
+        if old is not None and placement.current.nodes != old.current.nodes:
+            history.append((now, old.current))
+            placement = Placement(members, (*previous, old.current))
+        self._placement = placement
+        self._key = (members, tuple(r for _, r in history))
+        self._members = members
+        return placement
+
+    def expired(self, now: float) -> bool:
+        """Whether an old ring's settle time ran out (rebuild the placement)."""
+        return bool(self.history) and now - self.history[0][0] > self.settle_s
+
+    def to_save(self, now: float) -> bytes | None:
+        """The encoded view when it should be saved now (changed since the last save, and
+        past the first settle_s after a start), else None."""
+        if now < self._saveable_at or not self._members or self._members == self._saved:
+            return None
+        self._saved = self._members
+        return _view_encoder.encode([dataclasses.astuple(m) for m in self._members])

@@ -10,7 +10,6 @@ replays hints to returning peers, runs anti-entropy sessions and purges old tomb
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import logging
 import random
@@ -109,7 +108,13 @@ from leaderless.core.paxos_messages import (
 from leaderless.core.paxos_messages import (
     Put as PutChange,
 )
-from leaderless.core.placement import Placement, PlacementMember, RingState
+from leaderless.core.placement import (
+    RING_VIEW_KEY,
+    Placement,
+    PlacementMember,
+    PlacementView,
+    RingState,
+)
 from leaderless.core.purge import purge_slice
 from leaderless.core.quorum import ConsistencyError, required
 from leaderless.core.replica import Replica
@@ -145,10 +150,6 @@ PeerReply = ReplicaReply | AntiEntropyMessage | PaxosReply | StreamPage
 """What arrives on our outbound links: replicas' and acceptors' replies, anti-entropy,
 stream pages."""
 PAXOS_PURGE_KEYS_PER_SWEEP = 100
-RING_VIEW_KEY = b"rv"
-"""The members' ring fields as this node last saw them (``KvNode._save_view``); no data,
-Paxos, hint or stream key starts with b"r"."""
-_view_encoder = msgspec.msgpack.Encoder()
 BUILTIN_KEYSPACES = {INDEX_KEYSPACE: KeyspaceDef(INDEX_KEYSPACE, INDEX_REPLICATION, "eventual",
                                                  "ONE", "QUORUM")}
 """Eventual system keyspaces with fixed definitions (not in the schema keyspace): the task
@@ -244,12 +245,8 @@ class KvNode:
         self._replication_refresh_at = 0.0
         self.settle_s = settle_s
         """How long a change of the ring takes to reach every member (``core.placement``)."""
-        self._placement: Placement | None = None
-        self._placement_key: tuple[Any, ...] = ()
-        self._ring_history: list[tuple[float, Ring]] = []
-        """(when it was replaced, ring): current rings of the last settle_s."""
-        self._view_saved: tuple[PlacementMember, ...] = ()
-        self._view_saveable_at = float("inf")
+        self._view = PlacementView(settle_s)
+        """The placement over time, with the rings of the last settle_s."""
         self.purged = 0
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -258,8 +255,8 @@ class KvNode:
         self._loop = asyncio.get_running_loop()
         for member in members:
             self._members[member.name] = member
-        self._load_view()
-        self._view_saveable_at = self._now() + self.settle_s
+        if not self._view.restore(self.store.get(RING_VIEW_KEY), self._now()):
+            self.log.warning("ring_view_unreadable", note="starting without the saved view")
         self._rebuild()
         self._background = asyncio.get_running_loop().create_task(self._background_loop())
 
@@ -335,8 +332,7 @@ class KvNode:
                                   placement if placement.changing else None)
 
     def _placement_now(self, now: float) -> Placement:
-        """The placement of the current view (``core.placement``), rebuilt only when a
-        member's ring fields changed or an old ring's settle time ran out."""
+        """The placement of the current view (``core.placement.PlacementView``)."""
         members = tuple(sorted(
             (PlacementMember(m.name, m.meta.token_seed, m.meta.token_count, m.meta.zone,
                              RingState(m.meta.ring_state), m.meta.replacing,
@@ -344,50 +340,7 @@ class KvNode:
              for m in self._members.values()
              if m.meta.token_count > 0 and m.status is not MemberStatus.LEFT),
             key=lambda m: m.name))
-        history = self._ring_history
-        while history and now - history[0][0] > self.settle_s:
-            history.pop(0)
-        previous = tuple(r for _, r in history)
-        old = self._placement
-        if old is not None and self._placement_key == (members, previous):
-            return old
-        placement = Placement(members, previous)
-        if old is not None and placement.current.nodes != old.current.nodes:
-            # Readers with an older view may still use the old ring for settle_s.
-            history.append((now, old.current))
-            placement = Placement(members, (*previous, old.current))
-        self._placement = placement
-        self._placement_key = (members, tuple(r for _, r in history))
-        self._save_view(now, members)
-        return placement
-
-    def _save_view(self, now: float, members: tuple[PlacementMember, ...]) -> None:
-        """Keep the members' ring fields in the store: a node that restarts starts from
-        its last view, so the ring it last served with stays in its write set for
-        settle_s (peers may still read with it). Not in the first settle_s after a start,
-        when the view is still filling in."""
-        if now < self._view_saveable_at or members == self._view_saved or self._closed:
-            return
-        self._view_saved = members
-        data = _view_encoder.encode([dataclasses.astuple(m) for m in members])
-        self.commit.commit([(RING_VIEW_KEY, data)], _ignore)
-
-    def _load_view(self) -> None:
-        """The view saved before the last stop (``_save_view``), as the first placement."""
-        raw = self.store.get(RING_VIEW_KEY)
-        if raw is None:
-            return
-        try:
-            rows = msgspec.msgpack.decode(raw)
-            members = tuple(PlacementMember(name, seed, count, zone, RingState(state),
-                                            replacing, next_count, synced)
-                            for name, seed, count, zone, state, replacing, next_count, synced
-                            in rows)
-        except (msgspec.DecodeError, ValueError, TypeError):
-            self.log.warning("ring_view_unreadable", note="starting without the saved view")
-            return
-        self._placement = Placement(members)
-        self._placement_key = (members, ())
+        return self._view.at(now, members)
 
     @property
     def placement(self) -> Placement:
@@ -398,10 +351,11 @@ class KvNode:
         """Rebuild the topology when an old ring's settle time ran out (called by the ring
         changes loop, ``runtime.ring_changes``)."""
         now = self._now()
-        if self._ring_history and now - self._ring_history[0][0] > self.settle_s:
+        if self._view.expired(now):
             self._rebuild()
-        if self._placement is not None:
-            self._save_view(now, self._placement_key[0])
+        data = self._view.to_save(now)
+        if data is not None and not self._closed:
+            self.commit.commit([(RING_VIEW_KEY, data)], _ignore)
 
     # -- KvService ---------------------------------------------------------------------
 

@@ -49,8 +49,6 @@ import random
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
 from leaderless.core.cells import Cell
 from leaderless.core.coordinator import (
     Coordinator,
@@ -73,7 +71,13 @@ from leaderless.core.kv_messages import (
     ReplicaScanReply,
     ReplicaWrite,
 )
-from leaderless.core.placement import Placement, PlacementMember, RingState
+from leaderless.core.placement import (
+    RING_VIEW_KEY,
+    Placement,
+    PlacementMember,
+    PlacementView,
+    RingState,
+)
 from leaderless.core.replica import Replica
 from leaderless.core.ring import Ring, RingNode
 from leaderless.core.ring_changes import Depart, Me, Publish, RingChanges, SetPlan
@@ -93,9 +97,6 @@ from leaderless.storage.memory import MemoryStore
 from leaderless.storage.store import StorageError
 
 KEYSPACE = "sim"
-RING_VIEW_KEY = b"rv"
-"""Where a node keeps its last ring view (as ``runtime.kv`` does)."""
-_view_encoder = msgspec.msgpack.Encoder()
 BROKEN_VARIANTS = ("no_extra_replicas", "no_settle")
 
 
@@ -237,12 +238,8 @@ class ElasticNode:
         self.plan_given = False
         self.stream_batches = 0
         """Streamed batches written but not yet durable: the fetch is not done before."""
-        self.history: list[tuple[float, Ring]] = []
-        self._placement: Placement | None = None
-        self._placement_key: tuple[Any, ...] = ()
-        self._view_saved: tuple[PlacementMember, ...] = ()
-        self._view_saveable_at = self.sim.clock.now + config.settle_s
-        self._load_view()
+        self.placement_view = PlacementView(config.settle_s)
+        self.placement_view.restore(self.store.get(RING_VIEW_KEY), self.sim.clock.now)
 
     # -- membership view -----------------------------------------------------------------
 
@@ -265,55 +262,23 @@ class ElasticNode:
             self.view[name] = member
 
     def placement(self) -> Placement:
-        """As ``runtime.kv`` ``_placement_now``: rebuilt when the view changed or an old
-        ring's settle time ran out; a change of the current ring keeps the old one for
-        ``settle_s`` (readers with an older view may still use it)."""
-        now = self.sim.clock.now
+        """The production ``core.placement.PlacementView`` over this node's view."""
         members = tuple(sorted((m for m in self.view.values() if m.token_count > 0),
                                key=lambda m: m.name))
-        history = self.history
-        while history and now - history[0][0] > self.sim.config.settle_s:
-            history.pop(0)
-        previous = tuple(r for _, r in history)
-        old = self._placement
-        if old is not None and self._placement_key == (members, previous):
-            return old
-        placement = Placement(members, previous)
-        if old is not None and placement.current.nodes != old.current.nodes:
-            history.append((now, old.current))
-            placement = Placement(members, (*previous, old.current))
-        self._placement = placement
-        self._placement_key = (members, tuple(r for _, r in history))
-        self._save_view(now, members)
-        return placement
+        return self.placement_view.at(self.sim.clock.now, members)
 
-    def _save_view(self, now: float, members: tuple[PlacementMember, ...]) -> None:
-        """As ``runtime.kv`` ``_save_view``: keep the members' ring fields in the store
-        (durable a group commit later), so a restart starts from the ring last served
-        with and keeps it in the write set for ``settle_s``; not in the first
-        ``settle_s`` after a start, while the view fills in."""
-        if now < self._view_saveable_at or members == self._view_saved:
+    def _save_view(self, now: float) -> None:
+        """As ``runtime.kv`` ``refresh_placement``: the view goes to the store (durable a
+        group commit later)."""
+        data = self.placement_view.to_save(now)
+        if data is None:
             return
-        self._view_saved = members
-        data = _view_encoder.encode([dataclasses.astuple(m) for m in members])
         self.store.write([(RING_VIEW_KEY, data)])
         self.sim.clock.after(self.sim.config.fsync_s, self._sync, self.epoch)
 
     def _sync(self, epoch: int, _: Any) -> None:
         if self.up and epoch == self.epoch:
             self.store.sync()
-
-    def _load_view(self) -> None:
-        """The view saved before the last crash, as the first placement (``_save_view``)."""
-        raw = self.store.get(RING_VIEW_KEY)
-        if raw is None:
-            return
-        members = tuple(PlacementMember(name, seed, count, zone, RingState(state), replacing,
-                                        next_count, synced)
-                        for name, seed, count, zone, state, replacing, next_count, synced
-                        in msgspec.msgpack.decode(raw))
-        self._placement = Placement(members)
-        self._placement_key = (members, ())
 
     def topology(self) -> Topology:
         placement = self.placement()
@@ -412,7 +377,7 @@ class ElasticNode:
         sim = self.sim
         now = sim.clock.now
         placement = self.placement()
-        self._save_view(now, self._placement_key[0])  # as runtime.kv refresh_placement
+        self._save_view(now)
         me = Me(self.name, self.me.state, self.me.token_count, self.me.next_token_count,
                 self.me.synced)
         fetched = self.plan_given and self.fetcher.done() and self.stream_batches == 0
