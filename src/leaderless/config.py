@@ -141,7 +141,8 @@ class TasksConfig:
     """Task slots (worker processes) of this node: one per CPU by default, so CPU-bound
     Python tasks use every core; a task needing k slots takes k of them."""
     load_ceiling_pct: float = 90.0
-    """The node claims no task while its CPU load is at or above this (busy nodes get less)."""
+    """The node claims no task while its CPU load is at or above this (busy nodes get
+    less); 100: no ceiling."""
     modules: tuple[str, ...] = ()
     """Python modules whose functions this node may run by name (``module:function``);
     ``--tasks MODULE`` (repeatable) on ``node start``."""

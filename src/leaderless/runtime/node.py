@@ -100,6 +100,8 @@ from leaderless.runtime.ring_changes import (
     save_ring_file,
 )
 from leaderless.runtime.ring_status import gather, own_report, ring_metrics
+from leaderless.runtime.task_workers import WorkerPool
+from leaderless.runtime.tasks import TaskService
 from leaderless.runtime.tcp import ConnectionClosedError, ServerConnection
 from leaderless.runtime.transport import NetTransport, Transport
 from leaderless.runtime.wall_clock import install_fault_skew, wall_ms
@@ -218,6 +220,9 @@ class Node:
         self.cleanup: Cleanup | None = None
         """Deletes the ranges this node no longer holds (``runtime.cleanup``)."""
         self._ring_task: asyncio.Task[None] | None = None
+        self.tasks: TaskService | None = None
+        """Task queues (``runtime.tasks``; None until started): submit, status, claim."""
+        self._tasks_task: asyncio.Task[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -305,6 +310,8 @@ class Node:
         self.doctor_service.start()
         assert self.auth is not None
         self.auth.start(self.joined)  # bootstraps once a seed has answered
+        self.tasks = self._make_tasks(self.kv)
+        self._tasks_task = loop.create_task(self._start_tasks(self.tasks))
         self.log.info("started", address=str(advertise), bind=str(self._transport.address),
                       incarnation=incarnation, data_dir=str(self.config.data_dir),
                       version=__version__,
@@ -318,6 +325,23 @@ class Node:
         self._ring_task = loop.create_task(self._start_ring())
         self.health.start()
         self._alerts_task = loop.create_task(self._evaluate_alerts())
+
+    def _make_tasks(self, kv: KvNode) -> TaskService:
+        tasks = self.config.tasks
+        tags = set(self.config.tags) | {f"{k}={v}" for k, v in self.config.tags.items() if v}
+        pool = WorkerPool(tasks.slots, tasks.modules, tasks.allow_pickle,
+                          log=NodeLogger(self.config.name, "task_workers"))
+        return TaskService(kv, self.config.name, tasks, tags, pool,
+                           load=lambda: self.system.sample().cpu_percent,
+                           now=lambda: wall_ms() / 1000)
+
+    async def _start_tasks(self, tasks: TaskService) -> None:
+        """Start the task workers (a second or so) without holding up the node's start."""
+        try:
+            await tasks.start()
+        except Exception as exc:  # e.g. a registered module that does not import
+            self.log.error("tasks_not_started", error=str(exc),
+                           note="this node runs no tasks; fix [tasks] modules and restart")
 
     def _ring_fields(self, first_start: bool) -> dict[str, Any]:
         """This node's ring state (``runtime.ring_changes``): saved, or on a first start
@@ -427,6 +451,9 @@ class Node:
         self._stopping = True
         if self._join_task is not None:
             self._join_task.cancel()
+        if self.tasks is not None and self.fatal_error is None:
+            # Finish or hand back the running tasks while this node still serves rounds.
+            await self.tasks.stop(self.config.tasks.drain_s)
         membership = self._membership
         if membership is not None and (self.fatal_error is None or self.failover is not None):
             others = membership.live_count() > 1
@@ -471,6 +498,10 @@ class Node:
             abort_connections(self._client_server)
         if self._http_runner is not None:
             await self._http_runner.cleanup()
+        if self._tasks_task is not None:
+            self._tasks_task.cancel()
+        if self.tasks is not None:
+            await self.tasks.stop(0.0)
         if self.auth is not None:
             await self.auth.close()
         if self.kv is not None:

@@ -1,0 +1,817 @@
+"""The task service of a node: submit, claim, run, renew, finish (``core.tasks``).
+
+No leader: every node submits into the index shards, scans the shards it is the first
+replica of (then steals from others while it has free slots), and claims a task with one
+Paxos round on the task's register, which decides (two nodes never both hold a task).
+
+The claim loop is built for throughput: index scans read ONE replica (the index is a
+hint); claimable entries are buffered sorted by priority and claimed several at a time
+(one Paxos round each, concurrently, up to the free slots); a task submitted through this
+node is claimed at once without a scan; the loop sleeps only when no shard has work, backing
+off from ``IDLE_S_MIN`` to ``IDLE_S_MAX``, and a local submit or a freed slot wakes it. A
+claimed task runs at once: ``finish`` carries the start time (no separate ``start`` round),
+so a trivial task costs three Paxos rounds (submit, claim, finish) and two index writes.
+Leases of every running task are renewed in one pass every third of the lease TTL; a
+refused renew means the task was cancelled or reclaimed, and its worker is aborted.
+
+Refusals are remembered (``_skip``: until the holder's lease ends or the back-off passes)
+so that a stale index entry costs one refused round per node, not one per scan; index
+entries of finished or vanished tasks are deleted when met.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import collections
+import contextlib
+import dataclasses
+import os
+import random
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, Protocol
+
+import msgspec
+import xxhash
+
+from leaderless.api.service import KvError
+from leaderless.config import TasksConfig
+from leaderless.core import paxos
+from leaderless.core.keys import token
+from leaderless.core.paxos_messages import Read
+from leaderless.core.schema import KeyspaceDef
+from leaderless.core.tasks import (
+    FINISHED,
+    INDEX_KEYSPACE,
+    QUEUE_BYTES_MAX,
+    SHARDS,
+    TASK_ID_BYTES_MAX,
+    TASK_KEYSPACE,
+    TASK_REPLICATION,
+    IndexEntry,
+    TaskChange,
+    TaskOutcome,
+    TaskSpec,
+    TaskState,
+    claimable,
+    decode_entry,
+    decode_spec,
+    decode_state,
+    encode,
+    index_sort,
+    satisfies,
+    shard_key,
+    shard_of,
+)
+from leaderless.runtime.kv import KvNode
+from leaderless.runtime.logs import NodeLogger, RateLimitedLog
+
+TASK_KEYSPACE_DEF = KeyspaceDef(TASK_KEYSPACE, TASK_REPLICATION, "strong")
+QUEUES_PARTITION = b"queues"
+"""The index partition listing the queues (sort key = queue name): a scanner learns of
+queues submitted through other nodes. No shard key equals it (they all hold a '/')."""
+QUEUES_MAX = 1000
+QUEUES_REFRESH_S = 2.0
+SCAN_ROWS = 64
+"""Index rows read per shard scan."""
+SCANS_IN_FLIGHT = 16
+STEAL_SHARDS = 4
+"""Random shards of other nodes scanned when this node's own have no work."""
+BUFFER_MAX = 512
+"""Claimable entries remembered between scans (sorted by priority, then age)."""
+BUFFER_AGE_S_MAX = 1.0
+"""A buffer older than this is scanned again (entries go stale as others claim them)."""
+IDLE_S_MIN = 0.02
+IDLE_S_MAX = 0.5
+LOAD_WAIT_S = 0.25
+"""How long a node over its load ceiling waits before looking again."""
+SKIP_MAX = 100_000
+RECENT_MAX = 1000
+"""Tasks finished through this node that ``list`` also shows (their index entries are gone)."""
+WAIT_IDS_MAX = 1000
+LIST_LIMIT_MAX = 1000
+FINISH_TRIES = 5
+IDEMPOTENCY_KEY_BYTES_MAX = 256
+
+
+class Pool(Protocol):
+    """What the service needs of ``runtime.task_workers.WorkerPool``."""
+
+    async def start(self) -> None: ...
+    def free_slots(self) -> int: ...
+    async def run(self, spec: TaskSpec, *, key: Hashable | None = None) -> TaskOutcome: ...
+    async def close(self) -> None: ...
+
+
+@dataclasses.dataclass(slots=True)
+class _Candidate:
+    queue: str
+    sort: bytes
+    entry: IndexEntry
+
+
+@dataclasses.dataclass(slots=True)
+class _Run:
+    """A task this node holds: claimed, running in a worker, finishing."""
+
+    task_id: bytes
+    spec: TaskSpec
+    sort: bytes
+    token: int
+    lease_expires_ms: int
+    worker: asyncio.Task[None] | None = None
+    lost: bool = False
+    """A renew was refused: the task was cancelled or reclaimed; its result is dropped."""
+    releasing: bool = False
+    finishing: bool = False
+    """The worker returned: its outcome is being recorded (no renew, no abort)."""
+
+
+def task_id_for(queue: str, idempotency_key: str) -> bytes:
+    """A task's id: derived from (queue, idempotency key) when a key is given (the same
+    key gives the same task), else 16 random bytes."""
+    if not idempotency_key:
+        return os.urandom(16)
+    return xxhash.xxh3_128_digest(queue.encode() + b"\x00" + idempotency_key.encode())
+
+
+class TaskService:
+    def __init__(self, kv: KvNode, node_name: str, config: TasksConfig, tags: set[str],
+                 pool: Pool, load: Callable[[], float],
+                 now: Callable[[], float] = time.time) -> None:
+        self._kv = kv
+        self.node = node_name
+        self.config = config
+        self.tags = set(tags)
+        self._pool = pool
+        self._load = load
+        self._now = now
+        self._ttl_ms = int(config.lease_ttl_s * 1000)
+        self.log = NodeLogger(node_name, "tasks")
+        self._warn = RateLimitedLog(self.log)
+        self._running: dict[bytes, _Run] = {}
+        self._reserved = 0
+        """Slots of claims under way (not yet in ``_running``)."""
+        self._fresh: collections.deque[_Candidate] = collections.deque(maxlen=BUFFER_MAX)
+        """Tasks submitted through this node: claimed without a scan."""
+        self._buffer: builtins.list[_Candidate] = []
+        self._buffer_at = 0.0
+        self._skip: dict[bytes, int] = {}
+        """Task id -> wall ms until which a claim would be refused (held, backing off)."""
+        self._queues: set[str] = {"default"}
+        self._queues_written: set[str] = set()
+        self._queues_read_at = -QUEUES_REFRESH_S
+        self._home: tuple[Any, frozenset[str], list[bytes]] = (None, frozenset(), [])
+        self._recent: collections.OrderedDict[bytes, TaskState] = collections.OrderedDict()
+        self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._wait_results: dict[int, dict[bytes, TaskState]] = {}
+        self._wake = asyncio.Event()
+        self._claiming = False
+        self._stopped = False
+        self._loops: builtins.list[asyncio.Task[None]] = []
+        self._rng = random.Random()
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._done_by_queue: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._pending_seen: dict[str, int] = {}
+        kv.key_listeners.append(self._on_key_changed)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def runs_tasks(self) -> bool:
+        """Whether this node runs tasks at all: only with registered modules (or pickled
+        callables allowed). Without, it still submits, reads, lists, waits and cancels."""
+        return bool(self.config.modules) or self.config.allow_pickle
+
+    async def start(self) -> None:
+        """Start the workers, then claiming (at once: a joining node just scans)."""
+        if not self.runs_tasks or self._stopped:
+            return
+        await self._pool.start()
+        if self._stopped:
+            return
+        self._claiming = True
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._claim_loop()),
+                       loop.create_task(self._renew_loop())]
+
+    async def stop(self, drain_s: float) -> None:
+        """Claim nothing more, wait up to ``drain_s`` for the running tasks, then hand the
+        rest back (``release``: they run elsewhere at once) and close the workers."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._claiming = False
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + drain_s
+        while self._running and loop.time() < deadline:
+            await asyncio.sleep(min(0.05, max(0.0, deadline - loop.time())))
+        if self._running:
+            await asyncio.gather(*(self._release(run) for run in list(self._running.values())),
+                                 return_exceptions=True)
+        for task in self._loops:
+            task.cancel()
+        for task in self._loops:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._loops = []
+        for run in list(self._running.values()):
+            if run.worker is not None:
+                run.worker.cancel()
+        if self.runs_tasks:
+            await self._pool.close()
+        with contextlib.suppress(ValueError):
+            self._kv.key_listeners.remove(self._on_key_changed)
+        for futures in self._waiters.values():
+            for future in futures:
+                if not future.done():
+                    future.set_result(None)
+
+    # -- the API -------------------------------------------------------------------------
+
+    async def submit(self, spec: TaskSpec, task_id: bytes | None = None,
+                     idempotency_key: str = "") -> bytes:
+        """Record a new pending task and index it; returns its id. With an idempotency key
+        the id is derived from it: submitting again returns the first task's id."""
+        spec = _checked_spec(spec)
+        if spec.pickled and not self.config.allow_pickle:
+            raise KvError("bad_request", "this cluster does not run pickled callables; "
+                          "submit a registered function (module:function) or set "
+                          "[tasks] allow_pickle = true on every node")
+        if len(idempotency_key.encode()) > IDEMPOTENCY_KEY_BYTES_MAX:
+            raise KvError("bad_request", f"an idempotency key has at most "
+                          f"{IDEMPOTENCY_KEY_BYTES_MAX} bytes")
+        if task_id is None:
+            task_id = task_id_for(spec.queue, idempotency_key)
+        elif not 1 <= len(task_id) <= TASK_ID_BYTES_MAX:
+            raise KvError("bad_request", f"a task id has 1..{TASK_ID_BYTES_MAX} bytes")
+        outcome = await self._kv.propose(TASK_KEYSPACE_DEF, task_id, b"",
+                                         TaskChange("submit", self.node,
+                                                    payload=encode(spec)), b"")
+        if isinstance(outcome, paxos.Conflict):
+            if outcome.reason != "exists" or outcome.value is None:
+                raise KvError("conflict", f"task {task_id.hex()} was not submitted: "
+                              f"{outcome.reason}")
+            state = decode_state(outcome.value)
+            if state.spec != spec:
+                raise KvError("conflict", f"task {task_id.hex()} exists with another spec "
+                              f"(idempotency key {idempotency_key!r} was used for other work)")
+            if state.state in FINISHED:
+                return task_id
+            # The first submission may have died before its index entry: write it again.
+        else:
+            assert isinstance(outcome, paxos.Done), outcome
+            assert outcome.value is not None
+            state = decode_state(outcome.value)
+            self._counters["submitted"] += 1
+        await self._note_queue(spec.queue)
+        sort = index_sort(spec.priority, state.submitted_ms, task_id)
+        entry = IndexEntry(task_id, spec.slots, list(spec.tags), 0, state.not_before_ms)
+        await self._kv.put(INDEX_KEYSPACE, _shard(spec.queue, task_id), encode(entry), sort)
+        if state.state == "pending" and satisfies(self.tags, spec.tags):
+            self._fresh.append(_Candidate(spec.queue, sort, entry))
+            self._wake.set()
+        return task_id
+
+    async def status(self, task_id: bytes) -> TaskState | None:
+        """The task's state (a linearizable read), or None if there is no such task."""
+        _check_id(task_id)
+        outcome = await self._kv.propose(TASK_KEYSPACE_DEF, task_id, b"", Read(), b"")
+        assert isinstance(outcome, paxos.Done), outcome
+        return None if outcome.value is None else decode_state(outcome.value)
+
+    async def cancel(self, task_id: bytes) -> TaskState:
+        """Cancel a task that has not finished; its holder (if any) aborts it at its next
+        renew. Raises ``not_found`` or ``conflict`` (finished already)."""
+        _check_id(task_id)
+        outcome = await self._kv.propose(TASK_KEYSPACE_DEF, task_id, b"",
+                                         TaskChange("cancel", self.node), b"")
+        if isinstance(outcome, paxos.Conflict):
+            if outcome.value is None:
+                raise KvError("not_found", f"there is no task {task_id.hex()} (never "
+                              "submitted, or deleted after its result TTL)")
+            state = decode_state(outcome.value)
+            raise KvError("conflict", f"task {task_id.hex()} cannot be cancelled: it "
+                          f"{state.state} already")
+        assert isinstance(outcome, paxos.Done) and outcome.value is not None, outcome
+        state = decode_state(outcome.value)
+        self._counters["cancelled"] += 1
+        run = self._running.get(task_id)
+        if run is not None:
+            run.lost = True
+            if run.worker is not None:
+                run.worker.cancel()
+        self._finished_locally(task_id, state)
+        await self._delete_entry(state.spec.queue, task_id,
+                                 index_sort(state.spec.priority, state.submitted_ms, task_id))
+        return state
+
+    async def list(self, queue: str = "default", state: str | None = None,
+                   limit: int = 100) -> builtins.list[tuple[bytes, TaskState]]:
+        """Tasks of ``queue`` (optionally in ``state``), at most ``limit``: the unfinished
+        ones from the index shards (their registers read for the truth) and the ones
+        finished recently through this node."""
+        if not 1 <= limit <= LIST_LIMIT_MAX:
+            raise KvError("bad_request", f"limit must be 1..{LIST_LIMIT_MAX}")
+        _check_queue(queue)
+        ids: builtins.list[bytes] = []
+        gate = asyncio.Semaphore(SCANS_IN_FLIGHT)
+
+        async def scan(shard: int) -> builtins.list[bytes]:
+            async with gate:
+                rows, _ = await self._kv.scan(INDEX_KEYSPACE, shard_key(queue, shard),
+                                              limit=limit, consistency="ONE")
+            return [decode_entry(row.value).task_id for row in rows]
+
+        if state is None or state not in FINISHED:
+            for found in await asyncio.gather(*(scan(s) for s in range(SHARDS))):
+                ids.extend(found)
+        seen = set(ids)
+        ids.extend(i for i, s in reversed(self._recent.items())
+                   if s.spec.queue == queue and i not in seen)
+        result: builtins.list[tuple[bytes, TaskState]] = []
+        read_gate = asyncio.Semaphore(SCANS_IN_FLIGHT)
+
+        async def read(task_id: bytes) -> TaskState | None:
+            async with read_gate:
+                return await self.status(task_id)
+
+        for start in range(0, len(ids), SCANS_IN_FLIGHT * 4):
+            chunk = ids[start:start + SCANS_IN_FLIGHT * 4]
+            for task_id, task in zip(chunk, await asyncio.gather(*(read(i) for i in chunk)),
+                                     strict=True):
+                if task is not None and (state is None or task.state == state):
+                    result.append((task_id, task))
+                    if len(result) >= limit:
+                        return result
+        return result
+
+    async def wait(self, task_ids: builtins.list[bytes], timeout_s: float
+                   ) -> dict[bytes, TaskState]:
+        """The finished ones of ``task_ids`` as soon as at least one has finished, or those
+        finished when ``timeout_s`` passes (maybe none). Learns of changes through watches
+        on the tasks' registers (no polling)."""
+        if len(task_ids) > WAIT_IDS_MAX:
+            raise KvError("bad_request", f"wait for at most {WAIT_IDS_MAX} tasks at once")
+        for task_id in task_ids:
+            _check_id(task_id)
+        found: dict[bytes, TaskState] = {}
+        wanted: set[bytes] = set(task_ids)
+        for task_id in wanted:
+            recent = self._recent.get(task_id)
+            if recent is not None:
+                found[task_id] = recent
+        if found or not wanted:
+            return found
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        results: dict[bytes, TaskState] = {}
+        for task_id in wanted:
+            self._waiters.setdefault(task_id, []).append(future)
+        self._wait_results[id(future)] = results
+        let_go = [self._kv.watches.hold_key(TASK_KEYSPACE_DEF, i) for i in wanted]
+        try:
+            # A watch reads its key when it opens: a task finished before is delivered too.
+            await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            for release in let_go:
+                release()
+            for task_id in wanted:
+                futures = self._waiters.get(task_id, [])
+                with contextlib.suppress(ValueError):
+                    futures.remove(future)
+                if not futures:
+                    self._waiters.pop(task_id, None)
+            self._wait_results.pop(id(future), None)
+        return results
+
+    def counters(self) -> dict[str, int]:
+        names = ("submitted", "claimed", "succeeded", "failed", "retried", "cancelled",
+                 "released", "lost", "zombie_results_rejected", "claim_refusals",
+                 "stale_entries_deleted", "renewals", "renew_refusals")
+        result = {f"tasks_{name}": self._counters[name] for name in names}
+        result["tasks_running"] = len(self._running)
+        result["tasks_free_slots"] = self._free()
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        """For the dashboard: running and free slots here, and per queue the pending tasks
+        last seen in scans, running here, and finished through this node by outcome."""
+        queues: dict[str, dict[str, int]] = {}
+        for queue in sorted(self._queues | {q for q, _ in self._done_by_queue}):
+            queues[queue] = {"pending": self._pending_seen.get(queue, 0), "running": 0,
+                             **{s: self._done_by_queue[(queue, s)]
+                                for s in ("succeeded", "failed", "cancelled")}}
+        for run in self._running.values():
+            queues.setdefault(run.spec.queue, {"pending": 0, "running": 0})
+            queues[run.spec.queue]["running"] += 1
+        return {"node": self.node, "slots": self.config.slots, "running": len(self._running),
+                "free_slots": self._free(), "claiming": self._claiming,
+                "tags": sorted(self.tags), "queues": queues}
+
+    # -- claiming ------------------------------------------------------------------------
+
+    def _free(self) -> int:
+        used = self._reserved + sum(run.spec.slots for run in self._running.values())
+        return max(0, self.config.slots - used)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+        self._wake.clear()
+
+    async def _claim_loop(self) -> None:
+        idle_s = IDLE_S_MIN
+        while self._claiming:
+            if self._free() <= 0:
+                await self._sleep(IDLE_S_MAX)  # a finished task wakes us
+                continue
+            ceiling = self.config.load_ceiling_pct
+            if ceiling < 100 and self._load() >= ceiling:  # 100: no ceiling
+                self._counters["load_pauses"] += 1
+                await self._sleep(LOAD_WAIT_S)
+                continue
+            try:
+                tried = await self._claim_round()
+            except KvError as exc:
+                self._warn.warning(f"claim_{exc.code}", "claim_round_failed",
+                                   time.monotonic(), error=str(exc))
+                tried = 0
+            except Exception as exc:  # a bug must not end the node's claiming for good
+                self.log.error("claim_round_crashed", error=repr(exc))
+                tried = 0
+            if tried:
+                idle_s = IDLE_S_MIN
+                continue
+            await self._sleep(idle_s)
+            idle_s = min(idle_s * 2, IDLE_S_MAX)
+
+    async def _claim_round(self) -> int:
+        """Claim up to the free slots' worth of tasks at once; the number tried."""
+        free = self._free()
+        picked: builtins.list[_Candidate] = []
+        now_ms = int(self._now() * 1000)
+        while self._fresh and free > 0:
+            candidate = self._fresh.popleft()
+            if self._wanted(candidate, now_ms) and candidate.entry.slots <= free:
+                picked.append(candidate)
+                free -= candidate.entry.slots
+        if free > 0:
+            await self._refill(now_ms)
+            keep = []
+            for candidate in self._buffer:
+                if free > 0 and candidate.entry.slots <= free \
+                        and self._wanted(candidate, now_ms):
+                    picked.append(candidate)
+                    free -= candidate.entry.slots
+                elif self._wanted(candidate, now_ms):
+                    keep.append(candidate)
+            self._buffer = keep
+        if not picked:
+            return 0
+        await asyncio.gather(*(self._claim(c) for c in picked))
+        return len(picked)
+
+    def _wanted(self, candidate: _Candidate, now_ms: int) -> bool:
+        task_id = candidate.entry.task_id
+        if task_id in self._running or self._skip.get(task_id, 0) > now_ms:
+            return False
+        entry = candidate.entry
+        return (claimable(entry, now_ms) and entry.slots <= self.config.slots
+                and satisfies(self.tags, entry.tags))
+
+    async def _refill(self, now_ms: int) -> None:
+        loop = asyncio.get_running_loop()
+        if self._buffer and loop.time() - self._buffer_at < BUFFER_AGE_S_MAX:
+            return
+        await self._refresh_queues()
+        home, others = self._shards()
+        found = await self._scan_shards(home, now_ms)
+        if not found and others:
+            found = await self._scan_shards(
+                self._rng.sample(others, min(STEAL_SHARDS, len(others))), now_ms)
+        found.sort(key=lambda c: c.sort)
+        self._buffer = found[:BUFFER_MAX]
+        self._buffer_at = loop.time()
+
+    async def _scan_shards(self, shards: builtins.list[bytes], now_ms: int
+                           ) -> builtins.list[_Candidate]:
+        gate = asyncio.Semaphore(SCANS_IN_FLIGHT)
+        pending: collections.Counter[str] = collections.Counter()
+
+        async def scan(key: bytes) -> builtins.list[_Candidate]:
+            queue = key.rsplit(b"/", 1)[0].decode()
+            async with gate:
+                rows, _ = await self._kv.scan(INDEX_KEYSPACE, key, limit=SCAN_ROWS,
+                                              consistency="ONE")
+            out = []
+            for row in rows:
+                try:
+                    entry = decode_entry(row.value)
+                except msgspec.DecodeError:
+                    continue
+                pending[queue] += 1
+                candidate = _Candidate(queue, row.sort, entry)
+                if self._wanted(candidate, now_ms):
+                    out.append(candidate)
+            return out
+
+        results = await asyncio.gather(*(scan(k) for k in shards), return_exceptions=True)
+        found: builtins.list[_Candidate] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                if not isinstance(result, KvError):
+                    raise result
+                self._warn.warning(f"scan_{result.code}", "index_scan_failed",
+                                   time.monotonic(), error=str(result))
+                continue
+            found.extend(result)
+        for queue in {k.rsplit(b"/", 1)[0].decode() for k in shards}:
+            self._pending_seen[queue] = pending[queue]
+        return found
+
+    def _shards(self) -> tuple[builtins.list[bytes], builtins.list[bytes]]:
+        """(the index shards this node is the first replica of, all the others)."""
+        ring = self._kv.placement.current
+        queues = frozenset(self._queues)
+        if self._home[0] is not ring or self._home[1] != queues:
+            home = []
+            for queue in sorted(queues):
+                for shard in range(SHARDS):
+                    key = shard_key(queue, shard)
+                    if ring.preference_list(token(key), 1)[:1] in ((self.node,), ()):
+                        home.append(key)
+            self._home = (ring, queues, home)
+        home = self._home[2]
+        mine = set(home)
+        others = [shard_key(q, s) for q in sorted(queues) for s in range(SHARDS)
+                  if shard_key(q, s) not in mine]
+        return home, others
+
+    async def _refresh_queues(self) -> None:
+        now = time.monotonic()
+        if now - self._queues_read_at < QUEUES_REFRESH_S:
+            return
+        self._queues_read_at = now
+        try:
+            rows, _ = await self._kv.scan(INDEX_KEYSPACE, QUEUES_PARTITION, limit=QUEUES_MAX,
+                                          consistency="ONE")
+        except KvError as exc:
+            self._warn.warning("queues", "queue_list_unreadable", now, error=str(exc))
+            return
+        self._queues.update(row.sort.decode(errors="replace") for row in rows)
+
+    async def _note_queue(self, queue: str) -> None:
+        if queue in self._queues_written:
+            return
+        await self._kv.put(INDEX_KEYSPACE, QUEUES_PARTITION, b"", queue.encode())
+        self._queues_written.add(queue)
+        self._queues.add(queue)
+
+    async def _claim(self, candidate: _Candidate) -> None:
+        entry = candidate.entry
+        task_id = entry.task_id
+        self._reserved += entry.slots
+        try:
+            try:
+                outcome = await self._kv.propose(
+                    TASK_KEYSPACE_DEF, task_id, b"",
+                    TaskChange("claim", self.node, ttl_ms=self._ttl_ms), b"")
+            except KvError as exc:
+                self._warn.warning(f"claim_{exc.code}", "claim_failed", time.monotonic(),
+                                   task=task_id.hex(), error=str(exc))
+                self._skip_until(task_id, int(self._now() * 1000) + 1000)
+                return
+            if isinstance(outcome, paxos.Conflict):
+                await self._refused(candidate, outcome)
+                return
+            assert isinstance(outcome, paxos.Done) and outcome.value is not None, outcome
+            state = decode_state(outcome.value)
+        finally:
+            self._reserved -= entry.slots
+        if state.state != "claimed":
+            # Its holder was lost on the last attempt allowed: the claim recorded that.
+            self._counters["lost"] += 1
+            self._finished_locally(task_id, state)
+            await self._delete_entry(candidate.queue, task_id, candidate.sort)
+            return
+        self._counters["claimed"] += 1
+        run = _Run(task_id, state.spec, candidate.sort, state.token, state.lease_expires_ms)
+        self._running[task_id] = run
+        run.worker = asyncio.get_running_loop().create_task(self._execute(run, candidate))
+
+    async def _refused(self, candidate: _Candidate, conflict: paxos.Conflict) -> None:
+        task_id = candidate.entry.task_id
+        self._counters["claim_refusals"] += 1
+        state = None if conflict.value is None else decode_state(conflict.value)
+        if state is None or state.state in FINISHED:
+            # The task finished (or its register is gone): its entry is stale.
+            self._counters["stale_entries_deleted"] += 1
+            await self._delete_entry(candidate.queue, task_id, candidate.sort)
+        elif state.state == "retrying":
+            self._skip_until(task_id, state.not_before_ms)
+        else:
+            self._skip_until(task_id, state.lease_expires_ms)
+
+    def _skip_until(self, task_id: bytes, until_ms: int) -> None:
+        if len(self._skip) >= SKIP_MAX:
+            now_ms = int(self._now() * 1000)
+            self._skip = {k: v for k, v in self._skip.items() if v > now_ms}
+            if len(self._skip) >= SKIP_MAX:
+                self._skip.clear()
+        self._skip[task_id] = until_ms
+
+    # -- running -------------------------------------------------------------------------
+
+    async def _execute(self, run: _Run, candidate: _Candidate) -> None:
+        started_ms = int(self._now() * 1000)
+        try:
+            try:
+                outcome = await self._pool.run(run.spec, key=run.task_id)
+            except asyncio.CancelledError:
+                return  # cancelled, reclaimed or released: nothing to record
+            except Exception as exc:
+                outcome = TaskOutcome(False, error=f"the worker pool failed: {exc!r}",
+                                      started_ms=started_ms)
+            if not outcome.started_ms:
+                outcome = msgspec.structs.replace(outcome, started_ms=started_ms)
+            if run.lost or run.releasing:
+                return
+            run.finishing = True
+            await self._finish(run, candidate, outcome)
+        finally:
+            if not run.releasing:
+                self._running.pop(run.task_id, None)
+            self._wake.set()
+
+    async def _finish(self, run: _Run, candidate: _Candidate, outcome: TaskOutcome) -> None:
+        change = TaskChange("finish", self.node, token=run.token, payload=encode(outcome))
+        idempotency = os.urandom(16)  # the same on each try: a retry cannot apply twice
+        for attempt in range(FINISH_TRIES):
+            try:
+                result = await self._kv.propose(TASK_KEYSPACE_DEF, run.task_id, b"", change,
+                                                idempotency)
+                break
+            except KvError as exc:
+                self._warn.warning(f"finish_{exc.code}", "finish_failed", time.monotonic(),
+                                   task=run.task_id.hex(), attempt=attempt + 1,
+                                   error=str(exc))
+                if int(self._now() * 1000) > run.lease_expires_ms:
+                    return  # our lease is over: the task runs again elsewhere
+                await asyncio.sleep(0.1 * 2 ** attempt)
+        else:
+            return
+        if isinstance(result, paxos.Conflict):
+            self._counters["zombie_results_rejected"] += 1
+            self.log.warning("zombie_result_rejected", task=run.task_id.hex(),
+                             token=run.token, holder=self.node, reason=result.reason)
+            return
+        assert isinstance(result, paxos.Done), result
+        if result.value is None:
+            # A retry of a finish that had been applied: its outcome, read back.
+            read = await self.status(run.task_id)
+            if read is None:
+                return
+            state = read
+        else:
+            state = decode_state(result.value)
+        if state.state == "retrying":
+            self._counters["retried"] += 1
+            entry = msgspec.structs.replace(candidate.entry, lease_expires_ms=0,
+                                            not_before_ms=state.not_before_ms)
+            await self._put_entry(candidate.queue, candidate.sort, entry)
+            return
+        if state.state not in FINISHED:
+            return  # read back after a retry: it moved on (claimed again elsewhere)
+        self._counters[state.state] += 1
+        self._finished_locally(run.task_id, state)
+        await self._delete_entry(candidate.queue, run.task_id, candidate.sort)
+
+    def _finished_locally(self, task_id: bytes, state: TaskState) -> None:
+        self._done_by_queue[(state.spec.queue, state.state)] += 1
+        self._recent[task_id] = state
+        self._recent.move_to_end(task_id)
+        while len(self._recent) > RECENT_MAX:
+            self._recent.popitem(last=False)
+
+    async def _renew_loop(self) -> None:
+        period_s = self.config.lease_ttl_s / 3
+        while True:
+            await asyncio.sleep(period_s)
+            runs = [r for r in self._running.values()
+                    if not (r.lost or r.releasing or r.finishing)]
+            if runs:
+                await asyncio.gather(*(self._renew(r) for r in runs))
+
+    async def _renew(self, run: _Run) -> None:
+        try:
+            outcome = await self._kv.propose(
+                TASK_KEYSPACE_DEF, run.task_id, b"",
+                TaskChange("renew", self.node, token=run.token, ttl_ms=self._ttl_ms), b"")
+        except KvError as exc:
+            self._warn.warning(f"renew_{exc.code}", "renew_failed", time.monotonic(),
+                               task=run.task_id.hex(), error=str(exc))
+            if int(self._now() * 1000) > run.lease_expires_ms:
+                self._lose(run, "its lease ran out while renewals failed")
+            return
+        if run.finishing:
+            return
+        if isinstance(outcome, paxos.Conflict):
+            self._counters["renew_refusals"] += 1
+            self._lose(run, outcome.reason)
+            return
+        assert isinstance(outcome, paxos.Done) and outcome.value is not None, outcome
+        self._counters["renewals"] += 1
+        state = decode_state(outcome.value)
+        run.lease_expires_ms = state.lease_expires_ms
+        entry = IndexEntry(run.task_id, run.spec.slots, list(run.spec.tags),
+                           state.lease_expires_ms)
+        with contextlib.suppress(KvError):
+            await self._put_entry(run.spec.queue, run.sort, entry)
+
+    def _lose(self, run: _Run, reason: str) -> None:
+        """The task is no longer ours (cancelled, reclaimed): abort its worker."""
+        if run.lost or run.finishing:
+            return
+        run.lost = True
+        self._counters["lost"] += 1
+        self.log.warning("task_lease_lost", task=run.task_id.hex(), token=run.token,
+                         reason=reason)
+        if run.worker is not None:
+            run.worker.cancel()
+
+    async def _release(self, run: _Run) -> None:
+        run.releasing = True
+        if run.worker is not None:
+            run.worker.cancel()
+        try:
+            outcome = await self._kv.propose(
+                TASK_KEYSPACE_DEF, run.task_id, b"",
+                TaskChange("release", self.node, token=run.token), b"")
+            if isinstance(outcome, paxos.Done):
+                self._counters["released"] += 1
+                entry = IndexEntry(run.task_id, run.spec.slots, list(run.spec.tags))
+                await self._put_entry(run.spec.queue, run.sort, entry)
+        except KvError as exc:
+            self.log.warning("release_failed", task=run.task_id.hex(), error=str(exc),
+                             note="the task runs elsewhere once its lease expires")
+        finally:
+            self._running.pop(run.task_id, None)
+
+    # -- index and notifications ---------------------------------------------------------
+
+    async def _put_entry(self, queue: str, sort: bytes, entry: IndexEntry) -> None:
+        await self._kv.put(INDEX_KEYSPACE, _shard(queue, entry.task_id), encode(entry), sort)
+
+    async def _delete_entry(self, queue: str, task_id: bytes, sort: bytes) -> None:
+        try:
+            await self._kv.delete(INDEX_KEYSPACE, _shard(queue, task_id), sort)
+        except KvError as exc:
+            self._warn.warning(f"index_{exc.code}", "index_delete_failed", time.monotonic(),
+                               task=task_id.hex(), error=str(exc))
+
+    def _on_key_changed(self, keyspace: str, partition: bytes, sort: bytes,
+                        value: bytes | None) -> None:
+        if keyspace != TASK_KEYSPACE or partition not in self._waiters or value is None:
+            return
+        try:
+            state = decode_state(value)
+        except msgspec.DecodeError:
+            return
+        if state.state not in FINISHED:
+            return
+        for future in self._waiters.get(partition, []):
+            results = self._wait_results.get(id(future))
+            if results is not None:
+                results[partition] = state
+            if not future.done():
+                future.set_result(None)
+
+
+def _shard(queue: str, task_id: bytes) -> bytes:
+    return shard_key(queue, shard_of(task_id))
+
+
+def _check_id(task_id: bytes) -> None:
+    if not 1 <= len(task_id) <= TASK_ID_BYTES_MAX:
+        raise KvError("bad_request", f"a task id has 1..{TASK_ID_BYTES_MAX} bytes "
+                      f"(got {len(task_id)})")
+
+
+def _check_queue(queue: str) -> None:
+    if not queue or len(queue.encode()) > QUEUE_BYTES_MAX or "/" in queue:
+        raise KvError("bad_request", f"a queue name has 1..{QUEUE_BYTES_MAX} bytes and no "
+                      f"'/' (got {queue[:80]!r})")
+
+
+def _checked_spec(spec: TaskSpec) -> TaskSpec:
+    """The spec, validated against its declared bounds (a struct built in Python is not)."""
+    _check_queue(spec.queue)
+    try:
+        return decode_spec(encode(spec))
+    except msgspec.ValidationError as exc:
+        raise KvError("bad_request", f"invalid task: {exc}") from None
+
