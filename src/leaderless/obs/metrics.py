@@ -288,6 +288,26 @@ KV_METRICS: Final[Mapping[str, KvMetric]] = {
         "ranges_pending": "Ranges of the current stream plan not started yet.",
         "rate_bytes_per_second": "Range streaming rate over the last 10 s, bytes per second.",
         "eta_seconds": "Estimated seconds until the stream plan is fetched (-1: no estimate)."}),
+    **_kv("tasks", "counter", {
+        "submitted": "Tasks submitted through this node.",
+        "claimed": "Tasks this node claimed (a lease with a new fencing token).",
+        "succeeded": "Tasks this node ran that succeeded.",
+        "failed": "Tasks this node ran that failed for good (retries exhausted or not "
+                  "retryable, or lost on their last attempt).",
+        "retried": "Failed runs here that were scheduled to run again after a back-off.",
+        "cancelled": "Tasks cancelled through this node.",
+        "released": "Tasks this node handed back as it left.",
+        "lost": "Tasks this node lost while holding them (cancelled or reclaimed).",
+        "zombie_results_rejected": "Results of this node refused by the fencing token (its "
+                                   "lease had expired and the task was reclaimed).",
+        "claim_refusals": "Claims refused (held by another node, backing off, finished).",
+        "stale_entries_deleted": "Index entries of finished or vanished tasks deleted.",
+        "renewals": "Task leases renewed.",
+        "renew_refusals": "Task lease renewals refused (the task was cancelled or "
+                          "reclaimed: its worker was stopped)."}),
+    **_kv("tasks", "gauge", {
+        "running": "Tasks this node holds now (claimed, running, finishing).",
+        "free_slots": "Task slots of this node not in use."}),
 }
 """The meaning of every key of ``KvNode.counters()``: its metric name and type."""
 

@@ -311,6 +311,7 @@ class Node:
         assert self.auth is not None
         self.auth.start(self.joined)  # bootstraps once a seed has answered
         self.tasks = self._make_tasks(self.kv)
+        self.kv.tasks = self.tasks  # the client protocols reach it there (api.task_api)
         self._tasks_task = loop.create_task(self._start_tasks(self.tasks))
         self.log.info("started", address=str(advertise), bind=str(self._transport.address),
                       incarnation=incarnation, data_dir=str(self.config.data_dir),
@@ -666,7 +667,9 @@ class Node:
             pending_broadcasts=membership.pending_broadcasts(),
             membership=dataclasses.asdict(membership.counters),
             runtime={**{k: dict(v) for k, v in self.counters.as_dict().items()},
-                     **({"kv": self.kv.counters()} if self.kv is not None else {})})
+                     **({"kv": {**self.kv.counters(),
+                                **(self.tasks.counters() if self.tasks is not None else {})}}
+                        if self.kv is not None else {})})
 
     @property
     def name(self) -> str:
