@@ -325,7 +325,7 @@ def user_totp_disable(name: str, nodes: tuple[str, ...], timeout_s: float,
 
 # -- roles --------------------------------------------------------------------------------
 
-LEVEL_CHOICE = click.Choice(("read", "write", "admin"))
+LEVEL_CHOICE = click.Choice(("read", "write", "execute", "admin"))
 prefix_option = click.option(
     "--prefix", default="", help="Only partition keys starting with this [default: all].")
 
@@ -362,7 +362,7 @@ def role_delete(name: str, nodes: tuple[str, ...], timeout_s: float, as_json: bo
 @_common
 def role_grant(name: str, level: str, keyspace_name: str, prefix: str,
                nodes: tuple[str, ...], timeout_s: float, as_json: bool) -> None:
-    """Let role NAME do LEVEL (read, write, admin) on KEYSPACE ('*': every keyspace)."""
+    """Let role NAME do LEVEL (read, write, execute, admin) on KEYSPACE ('*': every keyspace)."""
     data = os.fsencode(prefix)
     _with_client(nodes, timeout_s, lambda c: c.role_grant(name, level, keyspace_name, data))
     _done(as_json, f"role {name}: {level} on {keyspace_name}"

@@ -4,7 +4,8 @@ A connection carries any number of requests in flight (pipelining): each has a c
 chosen ``id`` and gets exactly one reply with the same id, in whatever order they finish.
 Framing is ``core.codec``'s (4-byte big-endian length, then msgpack). Tags 120-149 are
 this module's data messages, 150-179 its authentication messages (requests 150-169,
-replies 170-179); all append-only.
+replies 170-179), 180-199 its task messages (requests 180-189, replies 190-199); all
+append-only.
 
 Consistency is one of ONE, TWO, QUORUM, ALL (None: the keyspace's default).
 """
@@ -23,6 +24,17 @@ from leaderless.core.kv_messages import (
 )
 from leaderless.core.messages import Name
 from leaderless.core.paxos_messages import LEASE_TTL_MS_MAX, LOCK_NAME_BYTES_MAX, OWNER_BYTES_MAX
+from leaderless.core.tasks import (
+    ERROR_BYTES_MAX,
+    FUNCTION_BYTES_MAX,
+    HISTORY_MAX,
+    QUEUE_BYTES_MAX,
+    RESULT_BYTES_MAX,
+    TAG_BYTES_MAX,
+    TAGS_MAX,
+    TASK_ID_BYTES_MAX,
+    TaskSpec,
+)
 
 CONSISTENCY_LEVELS = ("ONE", "TWO", "QUORUM", "ALL")
 MODES = ("eventual", "strong")
@@ -444,7 +456,7 @@ class DeleteRole(msgspec.Struct, frozen=True, array_like=True, tag=159):
 
 
 class RoleGrant(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=160):
-    """Admins: add to role ``role`` the permission ``level`` (read, write, admin) on
+    """Admins: add to role ``role`` the permission ``level`` (read, write, execute, admin) on
     ``keyspace`` ("*": every keyspace), limited to partition keys starting with ``prefix``
     (b"": the whole keyspace); ``revoke``: remove that permission. ``Done``."""
 
@@ -550,6 +562,138 @@ class TotpProvisioning(msgspec.Struct, frozen=True, array_like=True, tag=174):
     """otpauth://totp/...?secret=...: give it to an authenticator app."""
 
 
+# -- tasks (tags 180-199: requests 180-189, replies 190-199) ----------------------------
+
+TASK_IDS_PER_WAIT_MAX = 1000
+"""Tasks one ``WaitTasks`` watches: a client with more outstanding sends several."""
+TASK_WAIT_MS_MAX = 300_000
+"""The longest one ``WaitTasks`` holds (5 min): a long poll must end some time, and a
+client re-polls at once."""
+TASK_LIST_MAX = 1000
+"""Tasks in one ``ListTasks`` answer."""
+TASK_REPLY_RESULT_BYTES_MAX = 4 * 1024 * 1024
+"""Result and error bytes in one ``TaskInfos``/``TaskList`` answer: beyond, the remaining
+tasks come with ``result_omitted`` (fetch each with ``GetTask``), so a reply stays well
+under the 8 MiB frame however large the results."""
+IDEMPOTENCY_KEY_CHARS_MAX = 256
+
+TaskId = Annotated[bytes, msgspec.Meta(min_length=1, max_length=TASK_ID_BYTES_MAX)]
+
+
+class SubmitTask(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=180):
+    """Queue a task: ``TaskSubmitted``. ``task_id`` (chosen by the client, so a retry of a
+    submit whose reply was lost is the same task, not a second one) or
+    ``idempotency_key`` (the node derives the id from it: submitting the same key again
+    returns the first task's id). ``spec.submitter`` is set by the node (the caller's
+    user). A pickled task needs the cluster to allow them, and with auth the ``execute``
+    permission on ``system_tasks``."""
+
+    id: RequestId
+    spec: TaskSpec
+    task_id: Annotated[bytes, msgspec.Meta(max_length=TASK_ID_BYTES_MAX)] = b""
+    idempotency_key: Annotated[str, msgspec.Meta(max_length=IDEMPOTENCY_KEY_CHARS_MAX)] = ""
+
+
+class GetTask(msgspec.Struct, frozen=True, array_like=True, tag=181):
+    """A task's state, result and history (a linearizable read): ``TaskInfo`` (``found``
+    False: no such task, or its result's TTL has passed)."""
+
+    id: RequestId
+    task_id: TaskId
+
+
+class CancelTask(msgspec.Struct, frozen=True, array_like=True, tag=182):
+    """Cancel a task that has not finished (a running one's worker is stopped at its next
+    lease renewal): the new ``TaskInfo``. ``Failure(not_found)`` for no such task,
+    ``Failure(conflict)`` for one that finished already."""
+
+    id: RequestId
+    task_id: TaskId
+
+
+class ListTasks(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=183):
+    """Unfinished tasks of ``queue`` (from the index; ``state`` filters): ``TaskList``,
+    results omitted."""
+
+    id: RequestId
+    queue: Annotated[str, msgspec.Meta(max_length=QUEUE_BYTES_MAX)] = "default"
+    state: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=TASK_LIST_MAX)] = 100
+
+
+class WaitTasks(msgspec.Struct, frozen=True, array_like=True, tag=184):
+    """Long poll: answered (``TaskInfos``) as soon as at least one of ``task_ids`` has
+    finished, with every finished one, or after ``timeout_ms`` with none. Ids of tasks
+    that do not exist (never submitted, or past their result TTL) come back in
+    ``missing``."""
+
+    id: RequestId
+    task_ids: Annotated[list[TaskId], msgspec.Meta(max_length=TASK_IDS_PER_WAIT_MAX)]
+    timeout_ms: Annotated[int, msgspec.Meta(ge=0, le=TASK_WAIT_MS_MAX)]
+
+
+class TaskSubmitted(msgspec.Struct, frozen=True, array_like=True, tag=190):
+    """The task's id (the first submission's, for an id or key submitted again)."""
+
+    id: RequestId
+    task_id: TaskId
+
+
+class TaskTransition(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    state: Annotated[str, msgspec.Meta(max_length=16)]
+    node: Annotated[str, msgspec.Meta(max_length=64)]
+    at_ms: int
+    note: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+
+
+class TaskInfo(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=191):
+    """A task as its register holds it (``core.tasks.TaskState``), without its arguments.
+    Times are unix milliseconds (0: not yet). ``result`` is the function's encoded return
+    value (msgpack, or cloudpickle for a pickled task); ``error`` the remote traceback."""
+
+    id: RequestId
+    task_id: TaskId
+    found: bool = True
+    state: Annotated[str, msgspec.Meta(max_length=16)] = ""
+    function: Annotated[str, msgspec.Meta(max_length=FUNCTION_BYTES_MAX)] = ""
+    pickled: bool = False
+    queue: Annotated[str, msgspec.Meta(max_length=QUEUE_BYTES_MAX)] = ""
+    priority: int = 0
+    slots: int = 1
+    tags: Annotated[list[Annotated[str, msgspec.Meta(max_length=TAG_BYTES_MAX)]],
+                    msgspec.Meta(max_length=TAGS_MAX)] = []
+    timeout_s: float = 0.0
+    max_retries: int = 0
+    submitter: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    attempt: int = 0
+    holder: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    token: int = 0
+    lease_expires_ms: int = 0
+    not_before_ms: int = 0
+    submitted_ms: int = 0
+    finished_ms: int = 0
+    history: Annotated[list[TaskTransition], msgspec.Meta(max_length=HISTORY_MAX)] = []
+    result: Annotated[bytes, msgspec.Meta(max_length=RESULT_BYTES_MAX)] | None = None
+    error: Annotated[str, msgspec.Meta(max_length=ERROR_BYTES_MAX)] = ""
+    result_omitted: bool = False
+    """The answer had no room for this task's result and full error (``GetTask`` has)."""
+
+
+class TaskInfos(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=192):
+    """``WaitTasks``'s answer: the finished tasks (empty: the wait timed out)."""
+
+    id: RequestId
+    tasks: Annotated[list[TaskInfo], msgspec.Meta(max_length=TASK_IDS_PER_WAIT_MAX)] = []
+    missing: Annotated[list[TaskId], msgspec.Meta(max_length=TASK_IDS_PER_WAIT_MAX)] = []
+
+
+class TaskList(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=193):
+    id: RequestId
+    tasks: Annotated[list[TaskInfo], msgspec.Meta(max_length=TASK_LIST_MAX)] = []
+    more: bool = False
+    """The limit cut the list short."""
+
+
 AuthRequest = (Authenticate | Login | Logout | CreateUser | DeleteUser | SetPassword
                | ListUsers | UserRole | CreateRole | DeleteRole | RoleGrant | ListRoles
                | EnableTotp | DisableTotp | CreateApiToken | RevokeToken)
@@ -559,10 +703,11 @@ AUTH_REQUEST_TYPES: frozenset[type] = frozenset(AuthRequest.__args__)
 
 ClientRequest = (Put | Get | Delete | Scan | CreateKeyspace | DescribeRing | ListKeyspaces
                  | CompareAndSet | Increment | AcquireLock | RenewLock | ReleaseLock
-                 | LockStatus | Watch | Unwatch | AuthRequest)
+                 | LockStatus | Watch | Unwatch | AuthRequest
+                 | SubmitTask | GetTask | CancelTask | ListTasks | WaitTasks)
 ClientReply = (Done | Value | Rows | Failure | RingDescription | Keyspaces | Changed
                | Conflict | Lease | LockInfo | WatchEvent | Authenticated | Token | Users
-               | Roles | TotpProvisioning)
+               | Roles | TotpProvisioning | TaskSubmitted | TaskInfo | TaskInfos | TaskList)
 
 ERROR_CODES = {
     "bad_request": "the request breaks a limit or is malformed; the message says which",
@@ -588,6 +733,7 @@ ERROR_CODES = {
                   "names the offset): it coordinates no strong-mode operation or lock lease "
                   "until it is back within bound; send it to another node, check NTP there",
     "not_supported": "the node does not support this yet",
+    "not_found": "no such task (never submitted, or its result's TTL has passed)",
     "internal": "a bug: please report it with the node's log",
     "unauthenticated": "no token, or the token is invalid, expired or revoked; log in "
                        "(`leaderless login`) or pass a valid token",

@@ -62,6 +62,7 @@ from leaderless.api.kv_messages import (
     AcquireLock,
     Authenticate,
     Authenticated,
+    CancelTask,
     ClientReply,
     ClientRequest,
     CompareAndSet,
@@ -76,11 +77,13 @@ from leaderless.api.kv_messages import (
     EnableTotp,
     Failure,
     Get,
+    GetTask,
     GrantEntry,
     Increment,
     Keyspaces,
     ListKeyspaces,
     ListRoles,
+    ListTasks,
     ListUsers,
     LockStatus,
     Login,
@@ -96,12 +99,14 @@ from leaderless.api.kv_messages import (
     Rows,
     Scan,
     SetPassword,
+    SubmitTask,
     Token,
     TotpProvisioning,
     Unwatch,
     UserEntry,
     UserRole,
     Users,
+    WaitTasks,
     Watch,
     WatchEvent,
 )
@@ -112,6 +117,8 @@ from leaderless.api.kv_messages import (
     Done as DoneReply,
 )
 from leaderless.api.service import Fence, KvError, KvService
+from leaderless.api.task_api import TASK_REQUEST_TYPES, TaskRequest, execute_task
+from leaderless.api.task_api import permission as task_permission
 from leaderless.core.codec import FRAME_BYTES_MAX
 from leaderless.core.kv_messages import ERROR_TEXT_MAX
 from leaderless.core.locks import LOCK_KEYSPACE
@@ -161,7 +168,8 @@ OPERATION_NAMES: dict[type, str] = {
     CreateKeyspace: "create_keyspace", DescribeRing: "describe_ring",
     ListKeyspaces: "list_keyspaces", CompareAndSet: "cas", Increment: "incr",
     AcquireLock: "acquire_lock", RenewLock: "renew_lock", ReleaseLock: "release_lock",
-    LockStatus: "lock_status",
+    LockStatus: "lock_status", SubmitTask: "submit_task", GetTask: "get_task",
+    CancelTask: "cancel_task", ListTasks: "list_tasks",
 }
 """The ``operation`` label of request metrics (``obs.requests``)."""
 
@@ -186,6 +194,7 @@ PERMISSIONS: dict[type, Callable[[Any], Permission]] = {
     RenewLock: lambda r: ("write", LOCK_KEYSPACE, r.name.encode()),
     ReleaseLock: lambda r: ("write", LOCK_KEYSPACE, r.name.encode()),
     LockStatus: lambda r: ("read", LOCK_KEYSPACE, r.name.encode()),
+    **{kind: task_permission for kind in TASK_REQUEST_TYPES},
 }
 """The permission each request needs. A prefix watch's key is its prefix (a grant covers
 it when the grant's prefix starts it). Requests absent here (DescribeRing, ListKeyspaces,
@@ -457,7 +466,7 @@ class ClientConnection(asyncio.Protocol):
         self._in_flight += 1
         on_reply: Callable[[ClientReply], None] = self._on_fast_reply
         stats = self._stats
-        if stats is not None:
+        if stats is not None and kind is not WaitTasks:  # a long poll is not latency
             on_reply = self._timed(request, stats)
         if kind is ListKeyspaces and auth is not None:
             on_reply = self._visible_keyspaces(on_reply)
@@ -466,9 +475,15 @@ class ClientConnection(asyncio.Protocol):
         submit = self._submit
         if submit is not None and submit(request, on_reply):
             return
-        task = self._loop.create_task(self._serve(request, on_reply))
+        run = self._execute_task if kind in TASK_REQUEST_TYPES else None
+        task = self._loop.create_task(self._serve(request, on_reply, run))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _execute_task(self, request: ClientRequest) -> ClientReply:
+        """Task requests run as the connection's user (the submitter they record)."""
+        user = self.principal.user if self._auth is not None and self.principal else ""
+        return await execute_task(self._service, cast(TaskRequest, request), user)
 
     # -- authentication ----------------------------------------------------------------------
 

@@ -9,9 +9,13 @@
 ``AsyncClient`` is the asyncio version with the same methods. Both are token-aware (each
 request goes to a replica of its key) and retry once on another node after a connection
 failure or ``overloaded``; errors are the exceptions below, one per protocol error code.
+
+Tasks: ``with client.executor() as ex: ex.submit(fn, *args)`` runs functions on the
+cluster (a ``concurrent.futures.Executor``; ``AsyncClient.async_executor`` for asyncio),
+see ``leaderless.client.tasks``.
 """
 
-from leaderless.api.kv_messages import KeyspaceInfo, LockInfo, RingMember, Row
+from leaderless.api.kv_messages import KeyspaceInfo, LockInfo, RingMember, Row, TaskInfo
 from leaderless.client.async_client import AsyncClient, Item, KeyChange
 from leaderless.client.errors import (
     BadCredentialsError,
@@ -27,12 +31,14 @@ from leaderless.client.errors import (
     LeaseLostError,
     LockHeldError,
     NoNodeAvailableError,
+    NotFoundError,
     NotSupportedError,
     OverloadedError,
     PermissionDeniedError,
     ReadOnlyError,
     RequestTimeoutError,
     StorageError,
+    TaskFailedError,
     TooManyAttemptsError,
     TotpRequiredError,
     UnauthenticatedError,
@@ -41,10 +47,12 @@ from leaderless.client.errors import (
 )
 from leaderless.client.locks import Lease
 from leaderless.client.sync_client import Client
+from leaderless.client.tasks import AsyncTaskExecutor, TaskExecutor, TaskFuture
 from leaderless.security.tls import ClientTls
 
 __all__ = [
     "AsyncClient",
+    "AsyncTaskExecutor",
     "BadCredentialsError",
     "BadRequestError",
     "ClockSkewError",
@@ -65,6 +73,7 @@ __all__ = [
     "LockHeldError",
     "LockInfo",
     "NoNodeAvailableError",
+    "NotFoundError",
     "NotSupportedError",
     "OverloadedError",
     "PermissionDeniedError",
@@ -73,6 +82,10 @@ __all__ = [
     "RingMember",
     "Row",
     "StorageError",
+    "TaskExecutor",
+    "TaskFailedError",
+    "TaskFuture",
+    "TaskInfo",
     "TooManyAttemptsError",
     "TotpRequiredError",
     "UnauthenticatedError",

@@ -43,13 +43,20 @@ import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
 
 from leaderless.api.kv_messages import (
     CLIENT_SCAN_ROWS_MAX,
+    IDEMPOTENCY_KEY_CHARS_MAX,
+    TASK_IDS_PER_WAIT_MAX,
+    TASK_LIST_MAX,
+    TASK_WAIT_MS_MAX,
     AcquireLock,
     Authenticate,
     Authenticated,
+    CancelTask,
     Changed,
     ClientReply,
     CompareAndSet,
@@ -67,11 +74,13 @@ from leaderless.api.kv_messages import (
     EnableTotp,
     Failure,
     Get,
+    GetTask,
     Increment,
     KeyspaceInfo,
     Keyspaces,
     ListKeyspaces,
     ListRoles,
+    ListTasks,
     ListUsers,
     LockInfo,
     LockStatus,
@@ -90,6 +99,11 @@ from leaderless.api.kv_messages import (
     Rows,
     Scan,
     SetPassword,
+    SubmitTask,
+    TaskInfo,
+    TaskInfos,
+    TaskList,
+    TaskSubmitted,
     Token,
     TotpProvisioning,
     Unwatch,
@@ -97,6 +111,7 @@ from leaderless.api.kv_messages import (
     UserRole,
     Users,
     Value,
+    WaitTasks,
     WatchEvent,
 )
 from leaderless.api.kv_messages import Lease as LeaseReply
@@ -122,7 +137,16 @@ from leaderless.core.locks import LOCK_KEYSPACE, LOCK_REPLICATION
 from leaderless.core.paxos_messages import LEASE_TTL_MS_MAX, LEASE_TTL_MS_MIN, LOCK_NAME_BYTES_MAX
 from leaderless.core.ring import Ring, RingNode
 from leaderless.core.snitch import Snitch
+from leaderless.core.tasks import (
+    RESULT_TTL_S_DEFAULT,
+    TASK_ID_BYTES_MAX,
+    TASK_KEYSPACE,
+    TaskSpec,
+)
 from leaderless.security.tls import ClientTls, client_ssl
+
+if TYPE_CHECKING:
+    from leaderless.client.tasks import AsyncTaskExecutor
 
 DEFAULT_TIMEOUT_S = 10.0
 """Per request, client side. Longer than a node's own replica timeout, so a slow quorum is
@@ -491,6 +515,84 @@ class AsyncClient:
 
         return run()
 
+    # -- tasks (the Executor interface: ``async_executor``, ``client.tasks``) ---------------
+
+    async def submit_task(self, function: str, args: bytes = b"", *, pickled: bool = False,
+                          queue: str = "default", priority: int = 0, slots: int = 1,
+                          tags: Sequence[str] = (), timeout_s: float = 300.0,
+                          max_retries: int = 0, backoff_s: float = 1.0,
+                          result_ttl_s: float = RESULT_TTL_S_DEFAULT,
+                          idempotency_key: str = "", task_id: bytes | None = None) -> bytes:
+        """Queue a task; returns its id. ``function`` is a registered ``module:function``
+        and ``args`` the msgpack of ``[args, kwargs]`` (``client.tasks.encode_call`` makes
+        both; with ``pickled``, ``args`` is cloudpickle of ``(callable, args, kwargs)``).
+        ``idempotency_key``: submitting the same key again returns the first task's id
+        (no second task). Without one the client picks the id, so its own retry after a
+        lost reply is the same task."""
+        spec = task_spec(function, args, pickled=pickled, queue=queue, priority=priority,
+                         slots=slots, tags=tags, timeout_s=timeout_s,
+                         max_retries=max_retries, backoff_s=backoff_s,
+                         result_ttl_s=result_ttl_s)
+        if len(idempotency_key) > IDEMPOTENCY_KEY_CHARS_MAX:
+            raise BadRequestError(f"an idempotency key has at most {IDEMPOTENCY_KEY_CHARS_MAX} "
+                                  "characters")
+        if idempotency_key:
+            reply = await self._request(None, SubmitTask, (spec, b"", idempotency_key),
+                                        retry=True)
+        else:
+            chosen = task_id or _new_id(self._rng)
+            reply = await self._keyed(TASK_KEYSPACE, chosen, SubmitTask, (spec, chosen, ""))
+        assert isinstance(reply, TaskSubmitted)
+        return reply.task_id
+
+    async def task_status(self, task_id: bytes) -> TaskInfo | None:
+        """The task's state, attempts, history, result (encoded) and error; None if there
+        is no such task (or its result's TTL has passed)."""
+        reply = await self._keyed(TASK_KEYSPACE, _task_id(task_id), GetTask, (task_id,))
+        assert isinstance(reply, TaskInfo)
+        return reply if reply.found else None
+
+    async def cancel_task(self, task_id: bytes) -> TaskInfo:
+        """Cancel a task that has not finished (a running one is stopped); its new state.
+        ``NotFoundError`` for no such task; an error for one that finished already."""
+        reply = await self._keyed(TASK_KEYSPACE, _task_id(task_id), CancelTask, (task_id,))
+        assert isinstance(reply, TaskInfo)
+        return reply
+
+    async def list_tasks(self, queue: str = "default", state: str | None = None,
+                         limit: int = 100) -> list[TaskInfo]:
+        """Unfinished tasks of ``queue`` (``state``: only those), highest priority first;
+        results are omitted (``task_status`` has them)."""
+        if not 1 <= limit <= TASK_LIST_MAX:
+            raise BadRequestError(f"limit must be 1..{TASK_LIST_MAX}, got {limit}")
+        reply = await self._request(None, ListTasks, (queue, state or "", limit), retry=True)
+        assert isinstance(reply, TaskList)
+        return list(reply.tasks)
+
+    async def wait_tasks(self, task_ids: Sequence[bytes], timeout_s: float) -> TaskInfos:
+        """Wait until at least one of ``task_ids`` (at most 1,000) has finished, or
+        ``timeout_s``: ``TaskInfos(tasks=finished ones, missing=ids with no task)``. A
+        finished task's ``result_omitted`` means the reply had no room for its result:
+        read it with ``task_status``."""
+        ids = [_task_id(i) for i in task_ids]
+        if len(ids) > TASK_IDS_PER_WAIT_MAX:
+            raise BadRequestError(f"wait for at most {TASK_IDS_PER_WAIT_MAX} tasks at once")
+        wait_ms = int(min(max(0.0, timeout_s), TASK_WAIT_MS_MAX / 1000) * 1000)
+        reply = await self._request(None, WaitTasks, (ids, wait_ms), retry=True,
+                                    timeout_s=self.timeout_s + wait_ms / 1000)
+        assert isinstance(reply, TaskInfos)
+        return reply
+
+    def async_executor(self, *, queue: str = "default", priority: int = 0,
+                       tags: Sequence[str] = (), timeout_s: float = 300.0,
+                       max_retries: int = 0, **options: Any) -> AsyncTaskExecutor:
+        """``async with client.async_executor() as ex: fut = await ex.submit(fn, x)``:
+        run functions on the cluster (``client.tasks.AsyncTaskExecutor``)."""
+        from leaderless.client.tasks import AsyncTaskExecutor
+
+        return AsyncTaskExecutor(self, queue=queue, priority=priority, tags=tags,
+                                 timeout_s=timeout_s, max_retries=max_retries, **options)
+
     # -- watches -----------------------------------------------------------------------------
 
     async def watch(self, keyspace: str, key: BytesLike, *, sort: BytesLike | None = None,
@@ -747,7 +849,8 @@ class AsyncClient:
         # Strong keyspaces: every client sends a key's changes to the same replica (the
         # first reachable in ring order), whose proposer then batches them and keeps the
         # one-round-trip path, instead of proposers on several nodes duelling over ballots.
-        ordered = keyspace == LOCK_KEYSPACE or self._modes.get(keyspace) == "strong"
+        ordered = (keyspace in (LOCK_KEYSPACE, TASK_KEYSPACE)
+                   or self._modes.get(keyspace) == "strong")
         return await self._request(replicas, kind, args, retry=True, ordered=ordered,
                                    timeout_s=timeout_s)
 
@@ -931,6 +1034,24 @@ def _failure_error(reply: Failure) -> LeaderlessError:
 def _ignore_result(task: asyncio.Task[Any]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def _task_id(task_id: bytes) -> bytes:
+    if not isinstance(task_id, bytes) or not 1 <= len(task_id) <= TASK_ID_BYTES_MAX:
+        raise BadRequestError(f"a task id is 1 to {TASK_ID_BYTES_MAX} bytes, as "
+                              "submit_task returned it")
+    return task_id
+
+
+def task_spec(function: str, args: bytes = b"", **fields: Any) -> TaskSpec:
+    """A ``TaskSpec`` checked against its wire limits here (``BadRequestError`` names the
+    field), so a bad one never reaches a node."""
+    tags = list(fields.pop("tags", ()))
+    try:
+        spec = TaskSpec(function, args, tags=tags, **fields)
+        return msgspec.msgpack.decode(msgspec.msgpack.encode(spec), type=TaskSpec)
+    except (msgspec.ValidationError, TypeError) as exc:
+        raise BadRequestError(f"task: {exc}") from None
 
 
 def _fence(fence: FenceLike | None) -> tuple[str, int]:

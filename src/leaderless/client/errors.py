@@ -179,6 +179,35 @@ class PermissionDeniedError(LeaderlessError):
     code = "permission_denied"
 
 
+class NotFoundError(LeaderlessError):
+    """No such task: never submitted, or its result's TTL has passed."""
+
+    code = "not_found"
+
+
+class TaskFailedError(LeaderlessError):
+    """A task ended in failure (its function raised, timed out, or its node was lost on
+    its last attempt): ``remote_traceback`` is the error the node recorded, with the
+    traceback of the raise site; ``task_id`` the task's id; ``attempts`` how many times it
+    ran."""
+
+    code = "task_failed"
+
+    def __init__(self, message: str, *, code: str | None = None, received: int = 0,
+                 required: int = 0, task_id: bytes = b"", remote_traceback: str = "",
+                 attempts: int = 0) -> None:
+        super().__init__(message, code=code, received=received, required=required)
+        self.task_id = task_id
+        self.remote_traceback = remote_traceback
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        text = f"{self.code}: {self.message}"
+        if self.remote_traceback:
+            text += "\n\nremote traceback:\n" + self.remote_traceback.rstrip()
+        return text
+
+
 class NoNodeAvailableError(LeaderlessError):
     """No node in the client's list could be reached (or every one failed the request's
     connection). Check the addresses and that the nodes run."""
@@ -199,7 +228,8 @@ ERRORS_BY_CODE: dict[str, type[LeaderlessError]] = {
                 RequestTimeoutError, OverloadedError, StorageError, NotSupportedError,
                 InternalError, ContentionError, ConflictError, LockHeldError, LeaseLostError,
                 FencedError, UnauthenticatedError, BadCredentialsError, TotpRequiredError,
-                TooManyAttemptsError, PermissionDeniedError, ReadOnlyError, ClockSkewError)
+                TooManyAttemptsError, PermissionDeniedError, ReadOnlyError, ClockSkewError,
+                NotFoundError)
 }
 assert set(ERRORS_BY_CODE) == set(ERROR_CODES), "every protocol code needs an exception"
 

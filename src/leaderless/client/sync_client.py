@@ -17,6 +17,8 @@ from leaderless.api.kv_messages import (
     RingMember,
     RoleEntry,
     Row,
+    TaskInfo,
+    TaskInfos,
     Token,
     UserEntry,
 )
@@ -31,6 +33,8 @@ from leaderless.client.async_client import (
     Item,
 )
 from leaderless.client.locks import Lease
+from leaderless.client.tasks import TaskExecutor, TaskOptions
+from leaderless.core.tasks import RESULT_TTL_S_DEFAULT
 
 T = TypeVar("T")
 
@@ -166,6 +170,38 @@ class Client:
                 raise
         else:
             self._run(manager.__aexit__(None, None, None))
+
+    # -- tasks (see ``AsyncClient`` and ``client.tasks``) -------------------------------------
+
+    def submit_task(self, function: str, args: bytes = b"", **options: Any) -> bytes:
+        return self._run(self._client.submit_task(function, args, **options))
+
+    def task_status(self, task_id: bytes) -> TaskInfo | None:
+        return self._run(self._client.task_status(task_id))
+
+    def cancel_task(self, task_id: bytes) -> TaskInfo:
+        return self._run(self._client.cancel_task(task_id))
+
+    def list_tasks(self, queue: str = "default", state: str | None = None,
+                   limit: int = 100) -> list[TaskInfo]:
+        return self._run(self._client.list_tasks(queue, state, limit))
+
+    def wait_tasks(self, task_ids: Sequence[bytes], timeout_s: float) -> TaskInfos:
+        return self._run(self._client.wait_tasks(task_ids, timeout_s))
+
+    def executor(self, *, queue: str = "default", priority: int = 0, tags: Sequence[str] = (),
+                 timeout_s: float = 300.0, max_retries: int = 0, slots: int = 1,
+                 backoff_s: float = 1.0, result_ttl_s: float = RESULT_TTL_S_DEFAULT,
+                 pickle: bool = False) -> TaskExecutor:
+        """``with client.executor(queue="etl") as ex: ex.submit(fn, *args)``: a
+        ``concurrent.futures.Executor`` whose calls run as tasks on the cluster
+        (``client.tasks.TaskExecutor``). ``timeout_s`` bounds one run; ``max_retries``
+        re-runs a failed task (after ``backoff_s``, doubling); ``tags``: only nodes with
+        every tag run it; ``pickle``: send any callable with cloudpickle (the cluster must
+        allow it)."""
+        options = TaskOptions(queue, priority, tuple(tags), timeout_s, max_retries, slots,
+                              backoff_s, result_ttl_s, pickle)
+        return TaskExecutor(self, options)
 
     def scan(self, keyspace: str, key: BytesLike, *, start: BytesLike | None = None,
              end: BytesLike | None = None, limit: int | None = None,

@@ -201,6 +201,9 @@ class KvNode:
         self.key_listeners.append(self.locks.on_key_changed)
         """Called with (keyspace, partition, sort, new value) for every change of a strong
         key chosen by this node's proposer (and, from watches, by others)."""
+        self.tasks: Any = None
+        """The node's ``runtime.tasks.TaskService`` (set by the node once made), which the
+        client protocols serve task requests from (``api.task_api``)."""
         self.handoff = Handoff(self.hints, HintConfig(hint_window_s=hint_window_s))
         self.anti_entropy = AntiEntropy(name, AntiEntropyConfig(
             interval_s=anti_entropy_interval_s), random.Random(rng_seed), store, self.forest)

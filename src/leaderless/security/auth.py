@@ -49,8 +49,10 @@ API_TOKENS_KEY = b"api_tokens"
 REVOKED_KEY = b"revoked"
 TABLE_KEYS = (SECRET_KEY, USERS_KEY, ROLES_KEY, API_TOKENS_KEY, REVOKED_KEY)
 
-LEVELS = ("read", "write", "admin")
-"""admin ⊃ write ⊃ read: a grant of one level allows the levels before it."""
+LEVELS = ("read", "write", "execute", "admin")
+"""admin ⊃ execute ⊃ write ⊃ read: a grant of one level allows the levels before it.
+``execute`` matters on ``system_tasks`` only: submitting a pickled task (arbitrary code
+run on the nodes) needs it; registered task functions need ``write``."""
 ALL_KEYSPACES = "*"
 ADMIN_ROLE = "admin"
 """The built-in role with ``admin`` on every keyspace: user, role and keyspace management."""
