@@ -84,3 +84,12 @@ def ignore_sigterm_and_sleep(seconds: float) -> None:
 
 
 not_a_function = 42
+
+
+def spawn_child_and_sleep(pid_file: str, seconds: float) -> None:
+    """Start a child process (as a task running a command would), note its pid, sleep."""
+    import subprocess
+
+    child = subprocess.Popen(["sleep", str(seconds)])
+    Path(pid_file).write_text(str(child.pid))
+    time.sleep(seconds)

@@ -4,6 +4,7 @@ registration and pickle rules, slot accounting, abort, and a clean close."""
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -104,6 +105,25 @@ def test_timeout_kills_the_worker_and_the_pool_recovers() -> None:
     with_pool(body)
 
 
+def test_a_timeout_also_kills_what_the_task_started() -> None:
+    async def body(pool: WorkerPool) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            pid_file = os.path.join(tmp, "child.pid")
+            outcome = await pool.run(spec("spawn_child_and_sleep", pid_file, 60,
+                                          timeout_s=1.0))
+            assert outcome.error.startswith("timeout after 1s"), outcome.error
+            child = int(open(pid_file).read())
+            for _ in range(500):  # a killed process takes a moment to finish exiting
+                if not psutil.pid_exists(child) or \
+                        psutil.Process(child).status() == psutil.STATUS_ZOMBIE:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError(f"the task's child {child} outlived the task")
+            assert value(await pool.run(spec("add", 1, 2))) == 3
+    with_pool(body, slots=1)
+
+
 def test_a_crashing_worker_is_replaced() -> None:
     async def body(pool: WorkerPool) -> None:
         first = value(await pool.run(spec("record_pid")))
@@ -197,14 +217,22 @@ def test_a_task_can_take_several_slots() -> None:
                                                          slots=2)))
             await asyncio.sleep(0.1)
             assert pool.free_slots() == 1
-            # Another 2-slot task must wait for the first; a 1-slot one fits beside it.
+            # Another 2-slot task must wait for the first; a 1-slot one behind it in line
+            # waits too (first come, first served: big tasks are not starved).
             second = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "b", 0.3,
                                                          slots=2)))
+            await asyncio.sleep(0.05)
             single = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "c", 0.2)))
-            assert value(await single) == 2  # ran beside the first 2-slot task
-            assert value(await double) <= 2
-            assert value(await second) == 1  # alone: never beside the other 2-slot task
+            assert value(await double) == 1  # alone all along
+            assert value(await second) == 2  # beside the 1-slot task, 3 slots in all
+            assert value(await single) == 2
             assert pool.free_slots() == 3
+            # A 1-slot task fits beside a 2-slot one when nobody waits.
+            double = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "d", 0.8,
+                                                         slots=2)))
+            await asyncio.sleep(0.05)
+            assert value(await pool.run(spec("mark_running", tmp, "e", 0.2))) == 2
+            await double
     with_pool(body, slots=3)
 
 

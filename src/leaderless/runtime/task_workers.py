@@ -31,6 +31,7 @@ The pool uses no threads.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import importlib
@@ -175,8 +176,12 @@ class WorkerPool:
         self._used = 0
         self._idle: list[_Worker] = []
         self._waiters: list[asyncio.Future[None]] = []
+        self._slot_queue: collections.deque[tuple[int, asyncio.Future[None]]] = \
+            collections.deque()
+        """Runs waiting for slots, first come first served (a big task is not starved by
+        small ones behind it)."""
         self._spawners: set[asyncio.Task[None]] = set()
-        self._reapers: set[asyncio.Task[None]] = set()
+        self._reapers: set[asyncio.Task[Any]] = set()
         self._procs: set[subprocess.Popen[bytes]] = set()
         self._runs: dict[Hashable, _Run] = {}
         self._started = False
@@ -278,17 +283,13 @@ class WorkerPool:
         run = _Run(key, asyncio.get_running_loop().create_future())
         self._runs[key] = run
         try:
-            while self._used + spec.slots > self.slots:
-                if self._closed or run.abort.done():
-                    return self._aborted(run, 0)
-                await self._changed(None)
-            if self._closed or run.abort.done():
+            if not await self._take_slots(spec.slots, run):
                 return self._aborted(run, 0)
-            self._used += spec.slots
             try:
                 return await self._run_in_worker(spec, run)
             finally:
                 self._used -= spec.slots
+                self._grant_slots()
                 self._wake()
         finally:
             del self._runs[key]
@@ -297,6 +298,42 @@ class WorkerPool:
         self.counts["aborted"] += 1
         reason = run.abort.result() if run.abort.done() else "worker pool closed"
         return _failure(f"aborted: {reason}", retryable=True, started_ms=started_ms)
+
+    async def _take_slots(self, slots: int, run: _Run) -> bool:
+        """Reserve ``slots`` (waiting in line for them); False if aborted first."""
+        if self._closed or run.abort.done():
+            return False
+        if not self._slot_queue and self._used + slots <= self.slots:
+            self._used += slots
+            return True
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (slots, granted)
+        self._slot_queue.append(entry)
+        try:
+            waits: set[asyncio.Future[Any]] = {granted, run.abort}
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            self._leave_line(entry)
+            raise
+        if granted.done() and not self._closed and not run.abort.done():
+            return True
+        self._leave_line(entry)
+        return False
+
+    def _leave_line(self, entry: tuple[int, asyncio.Future[None]]) -> None:
+        slots, granted = entry
+        if granted.done():
+            self._used -= slots  # granted, but too late: give them back
+        else:
+            granted.cancel()
+            self._slot_queue.remove(entry)
+        self._grant_slots()  # those behind it may fit now
+
+    def _grant_slots(self) -> None:
+        while self._slot_queue and self._used + self._slot_queue[0][0] <= self.slots:
+            slots, granted = self._slot_queue.popleft()
+            self._used += slots
+            granted.set_result(None)
 
     async def _changed(self, timeout: float | None) -> None:
         """Wait until slots or workers free up, a run is aborted or the pool closes (or
@@ -320,7 +357,7 @@ class WorkerPool:
     def _pop_idle(self) -> _Worker | None:
         while self._idle:
             worker = self._idle.pop()
-            if worker.proc.poll() is None:
+            if not _exited(worker.proc):
                 return worker
             self._replace(worker, kill=True)  # it died while idle (killed from outside)
         return None
@@ -359,8 +396,8 @@ class WorkerPool:
             try:
                 outcome = decode_outcome(reply.result())
             except (asyncio.IncompleteReadError, ConnectionError, OSError):
-                code = await self._reap(worker.proc)
-                self._replace(worker, kill=code is None)
+                code = await self._stop(worker.proc, graceful=True)
+                self._replace(worker)
                 self.counts["died"] += 1
                 self._note("task_worker_died", function=spec.function,
                            exit_code=code, pid=worker.proc.pid)
@@ -397,10 +434,9 @@ class WorkerPool:
         new one in its place unless the pool is closing."""
         worker.writer.close()
         if kill:
-            with contextlib.suppress(ProcessLookupError):
-                worker.proc.kill()
+            _signal(worker.proc, signal.SIGKILL)
         if worker.proc in self._procs:
-            task = asyncio.ensure_future(self._reap_quietly(worker.proc))
+            task = asyncio.ensure_future(self._stop(worker.proc))
             self._reapers.add(task)
             task.add_done_callback(self._reapers.discard)
         if not self._closed:
@@ -433,7 +469,8 @@ class WorkerPool:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-c", _BOOT, str(child_sock.fileno())],
-                pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+                pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
+                start_new_session=True)
         except BaseException:
             parent_sock.close()
             raise
@@ -470,50 +507,67 @@ class WorkerPool:
             raise
         return _Worker(proc, reader, writer)
 
-    async def _stop(self, proc: subprocess.Popen[bytes], *, graceful: bool = False) -> None:
-        """Stop ``proc`` and reap it: (graceful: wait for it to exit on its own first,)
-        SIGTERM, SIGKILL after KILL_GRACE_S."""
-        if graceful and await self._wait_exit(proc, KILL_GRACE_S) is not None:
-            self._procs.discard(proc)
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.terminate()
-            if await self._wait_exit(proc, KILL_GRACE_S) is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-        await self._reap(proc)
-
-    async def _reap(self, proc: subprocess.Popen[bytes]) -> int | None:
-        """Wait for ``proc`` to exit (it is dying) and return its exit code."""
-        code = await self._wait_exit(proc, REAP_TIMEOUT_S)
-        if code is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            code = await self._wait_exit(proc, REAP_TIMEOUT_S)
-        if code is not None:
-            self._procs.discard(proc)
-        else:
-            self._note("task_worker_unreaped", pid=proc.pid)
+    async def _stop(self, proc: subprocess.Popen[bytes], *,
+                    graceful: bool = False) -> int | None:
+        """Stop ``proc`` with its process group (what its task started), reap it and
+        return its exit code: (graceful: give it KILL_GRACE_S to exit on its own first,)
+        SIGTERM, then SIGKILL after KILL_GRACE_S. None: it would not die (it is retried
+        at close)."""
+        if not (graceful and await _wait_exit(proc, KILL_GRACE_S)):
+            _signal(proc, signal.SIGTERM)
+            if not await _wait_exit(proc, KILL_GRACE_S):
+                _signal(proc, signal.SIGKILL)
+                if not await _wait_exit(proc, REAP_TIMEOUT_S):
+                    self._note("task_worker_unreaped", pid=proc.pid)
+                    return None
+        # It has exited but is not reaped yet, so its pid (= its group id) is still ours:
+        # kill what is left of its group (a task's own children), then reap it.
+        _signal(proc, signal.SIGKILL)
+        code = proc.wait()  # at once: it has exited
+        self._procs.discard(proc)
         return code
-
-    async def _reap_quietly(self, proc: subprocess.Popen[bytes]) -> None:
-        await self._reap(proc)
-
-    @staticmethod
-    async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int | None:
-        deadline = time.monotonic() + timeout
-        pause = 0.001
-        while True:
-            code = proc.poll()
-            if code is not None or time.monotonic() >= deadline:
-                return code
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.02)
 
     def _note(self, event: str, **fields: Any) -> None:
         if self._log is not None:
             self._log.warning(event, **fields)
+
+
+def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
+    """Signal the process group of ``proc`` (a worker leads its own group) while ``proc``
+    is not reaped (until then its pid cannot be reused)."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        try:
+            os.killpg(proc.pid, sig)
+        except PermissionError:  # not its group after all (it left it): the worker alone
+            proc.send_signal(sig)
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether ``proc`` has exited, without reaping it."""
+    if proc.returncode is not None:
+        return True
+    if not hasattr(os, "waitid"):
+        return proc.poll() is not None
+    try:
+        return os.waitid(os.P_PID, proc.pid,
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # reaped by someone else
+        proc.poll()
+        return True
+
+
+async def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether ``proc`` exits within ``timeout`` (it is not reaped)."""
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while not _exited(proc):
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.02)
+    return True
 
 
 def _write_frame(writer: asyncio.StreamWriter, body: bytes) -> None:
