@@ -12,6 +12,7 @@
     leaderless doctor [--node HOST:PORT] [--json]
     leaderless node decommission|set-capacity W|cleanup [--node HOST:PORT] [--json]
     leaderless ring status [--node HOST:PORT] [--json] [--watch]
+    leaderless task submit|status|cancel|list ... [--json]
 
 Exit codes: 0 success; 1 the node is unreachable, refused the request or failed while
 running; 2 invalid configuration or usage; 3 the node cannot start here (port in use,
@@ -403,3 +404,4 @@ from leaderless.cli_keyring import keyring; main.add_command(keyring)  # noqa: E
 from leaderless.cli_certs import certs; main.add_command(certs)  # noqa: E402, E702, I001
 from leaderless.cli_doctor import doctor; main.add_command(doctor)  # noqa: E402, E702, I001
 from leaderless.cli_ring import register as _register_ring; _register_ring(main, node)  # noqa: E402, E702, I001
+from leaderless.cli_tasks import task; main.add_command(task)  # noqa: E402, E702, I001

@@ -301,10 +301,15 @@ class TaskFuture(concurrent.futures.Future[Any]):
         return self._cancel_locally()
 
     def _cancel_locally(self) -> bool:
-        if not super().cancel():
-            return self.cancelled()
-        self.set_running_or_notify_cancel()  # wakes concurrent.futures.wait/as_completed
-        return True
+        # The caller's cancel() and the resolver thread (the task's cancelled state
+        # arriving) may race: the future's own (reentrant) lock makes it happen once.
+        with self._condition:
+            if self.cancelled():
+                return True
+            if self.done() or not super().cancel():
+                return False
+            self.set_running_or_notify_cancel()  # wakes concurrent.futures.wait/as_completed
+            return True
 
 
 class TaskExecutor(concurrent.futures.Executor):
