@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -14,7 +17,7 @@ import msgspec
 import psutil
 import pytest
 
-from leaderless.core.tasks import RESULT_BYTES_MAX, TaskOutcome, TaskSpec
+from leaderless.core.tasks import ARGS_BYTES_MAX, RESULT_BYTES_MAX, TaskOutcome, TaskSpec
 from leaderless.runtime.task_workers import WorkerPool, module_allowed
 
 pytestmark = pytest.mark.timeout(60)
@@ -186,6 +189,8 @@ def test_a_result_too_big_or_not_encodable_is_refused() -> None:
         big = await pool.run(spec("big_result", RESULT_BYTES_MAX))
         assert not big.ok and not big.retryable
         assert "bytes" in big.error and str(RESULT_BYTES_MAX) in big.error
+        huge_args = await pool.run(spec("add", "x" * ARGS_BYTES_MAX))
+        assert not huge_args.ok and not huge_args.retryable and "bytes" in huge_args.error
         odd = await pool.run(spec("unencodable"))
         assert not odd.ok and not odd.retryable and "object" in odd.error
     with_pool(body, slots=1)
@@ -244,6 +249,11 @@ def test_kill_and_cancel_stop_a_running_task() -> None:
         assert pool.running() == [b"task-1"]
         with pytest.raises(ValueError):
             await pool.run(spec("add", 1), key=b"task-1")
+        # A run still waiting for a slot can be killed too.
+        queued = asyncio.ensure_future(pool.run(spec("add", 1), key=b"task-2"))
+        await asyncio.sleep(0.05)
+        assert pool.kill(b"task-2", "cancelled")
+        assert (await queued).error == "aborted: cancelled"
         assert pool.kill(b"task-1", "lease lost")
         outcome = await task
         assert not outcome.ok and outcome.error == "aborted: lease lost"
@@ -283,3 +293,40 @@ def test_a_module_that_fails_at_start_does_not_stop_the_pool() -> None:
     async def body(pool: WorkerPool) -> None:
         assert value(await pool.run(spec("add", 1, 2))) == 3
     with_pool(body, slots=1, modules=(MOD, "no_such_module_xyz"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal")
+def test_workers_die_with_a_killed_node() -> None:
+    # Busy workers (an idle one also exits at end of input): only the signal stops them.
+    script = (
+        "import asyncio, sys, msgspec\n"
+        "from leaderless.core.tasks import TaskSpec\n"
+        "from leaderless.runtime.task_workers import WorkerPool\n"
+        "async def main():\n"
+        f"    pool = WorkerPool(2, ({MOD!r},), False)\n"
+        "    await pool.start()\n"
+        f"    s = TaskSpec('{MOD}:sleep_for', msgspec.msgpack.encode([[60], {{}}]))\n"
+        "    runs = [asyncio.ensure_future(pool.run(s)) for _ in range(2)]\n"
+        "    await asyncio.sleep(0.3)\n"
+        "    print(' '.join(str(p.pid) for p in pool._procs), flush=True)\n"
+        "    await asyncio.gather(*runs)\n"
+        "asyncio.run(main())\n")
+    node = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    try:
+        assert node.stdout is not None
+        workers = [int(pid) for pid in node.stdout.readline().split()]
+        assert len(workers) == 2
+        node.kill()
+        node.wait(10)
+        for _ in range(500):
+            if not any(psutil.pid_exists(pid) and psutil.Process(pid).status() !=
+                       psutil.STATUS_ZOMBIE for pid in workers):
+                break
+            time.sleep(0.01)
+        else:
+            raise AssertionError("a worker outlived its killed node")
+    finally:
+        if node.poll() is None:
+            node.kill()
+            node.wait(10)

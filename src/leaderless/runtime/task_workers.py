@@ -263,6 +263,10 @@ class WorkerPool:
         names the run for ``kill``. Cancelling this coroutine kills the task's worker."""
         if self._closed or not self._started:
             return _failure("worker pool not running", retryable=True)
+        if len(spec.args) > ARGS_BYTES_MAX:
+            return _failure(f"task arguments are {len(spec.args)} bytes, more than the "
+                            f"{ARGS_BYTES_MAX} allowed: pass a KV key instead",
+                            retryable=False)
         if spec.slots > self.slots:
             return _failure(f"task needs {spec.slots} slots; this node has {self.slots} "
                             f"(run it on a node with more, or lower its slots)",
@@ -468,7 +472,7 @@ class WorkerPool:
         parent_sock, child_sock = socket.socketpair()
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, str(child_sock.fileno())],
+                [sys.executable, "-c", _BOOT, str(child_sock.fileno()), _HOME],
                 pass_fds=(child_sock.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
                 start_new_session=True)
         except BaseException:
@@ -583,8 +587,11 @@ async def _read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
 
 # ----------------------------------------------------------------------------- the worker
 
-_BOOT = "import sys; from leaderless.runtime.task_workers import worker_main; " \
-        "worker_main(int(sys.argv[1]))"
+_BOOT = "import sys; sys.path.insert(0, sys.argv[2]); " \
+        "from leaderless.runtime.task_workers import worker_main; worker_main(int(sys.argv[1]))"
+"""A worker's first line: import this module from where the node has it (the worker's
+sys.path is then set to the node's)."""
+_HOME = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def worker_main(fd: int) -> None:
