@@ -11,6 +11,7 @@ from leaderless.core.locks import CLOCK_SKEW_MAX_MS
 from leaderless.core.paxos_messages import Register
 from leaderless.core.tasks import (
     HISTORY_MAX,
+    LOST_LEASE_RUNS_MAX,
     PRIORITY_MAX,
     SHARDS,
     IndexEntry,
@@ -161,11 +162,17 @@ def test_errors_keep_their_end() -> None:
     assert len(state.error.encode()) <= 16 * 1024
 
 
-def test_lost_on_the_last_attempt_is_a_failure() -> None:
+def test_a_lost_holder_is_not_the_tasks_failure_but_a_poison_task_stops() -> None:
     value = claimed(value=submitted(TaskSpec("m:f", max_retries=0)))
-    state = apply(value, TaskChange("claim", "c", ttl_ms=TTL), T0 + 2 * TTL)
-    assert (state.state, state.holder, state.token) == ("failed", "", 1)
-    assert "lost its node b" in state.error
+    at = T0 + 1
+    for attempt in range(2, LOST_LEASE_RUNS_MAX + 2):
+        at += 2 * TTL
+        state = apply(value, TaskChange("claim", f"n{attempt}", ttl_ms=TTL), at)
+        assert (state.state, state.attempt, state.token) == ("claimed", attempt, attempt)
+        value = encode(state)
+    state = apply(value, TaskChange("claim", "last", ttl_ms=TTL), at + 2 * TTL)
+    assert (state.state, state.holder, state.attempt) == ("failed", "", LOST_LEASE_RUNS_MAX + 1)
+    assert f"lost its node n{LOST_LEASE_RUNS_MAX + 1}" in state.error
 
 
 def test_cancel_from_every_unfinished_state_and_not_after() -> None:

@@ -73,6 +73,11 @@ SLOTS_MAX = 64
 RETRIES_MAX = 100
 TIMEOUT_S_MAX = 7 * 86400.0
 RESULT_TTL_S_DEFAULT = 86400.0
+LOST_LEASE_RUNS_MAX = 3
+"""A task whose holder was lost (its lease expired: the node died or paused) runs again
+even past its ``max_retries`` (execution is at least once: a dead node is not the task's
+failure), but at most this many extra times: a task that kills every node it runs on is
+then recorded as failed."""
 LEASE_TTL_MS_DEFAULT = 10_000
 """A running task's lease; its node renews it every third of this. A dead node's tasks
 run elsewhere within failure detection plus this."""
@@ -264,8 +269,8 @@ def _claim(task: TaskState, change: TaskChange, wall_ms: int) -> TaskState:
     if state in ("claimed", "running"):
         if task.lease_expires_ms >= wall_ms:
             raise TaskRefused(f"held by {task.holder} (token {task.token})")
-        if task.attempt > task.spec.max_retries:
-            # Its holder was lost on the last attempt allowed: that is its failure.
+        if task.attempt > task.spec.max_retries + LOST_LEASE_RUNS_MAX:
+            # Its holders were lost on every attempt allowed: stop (a poison task).
             return _to(task, "failed", change.node, wall_ms, holder="", lease_expires_ms=0,
                        finished_ms=wall_ms, error=f"lost its node {task.holder} "
                        f"(lease expired) on attempt {task.attempt}",
