@@ -63,6 +63,8 @@ inside a key, ``%00`` for a zero byte); values travel raw in the body.
                                              ``lease_lost``
 ``GET    /v1/locks/{name}``                  ``{"name", "held", "holder", "token",
                                              "expires_in_ms"}``
+``POST|GET /v1/tasks``, ``GET|DELETE         tasks: submit, list, status, cancel
+/v1/tasks/{id}``                             (``api.tasks_http``)
 ==========================================  ================================================
 
 Writes (``PUT``/``DELETE /v1/kv``, ``/v1/cas``, ``/v1/incr``) take ``fence=LOCK:TOKEN``: made
@@ -166,6 +168,7 @@ from leaderless.api.ops_http import OpsSource, add_ops_routes
 from leaderless.api.ring_http import add_ring_routes
 from leaderless.api.routing_http import add_routing_routes
 from leaderless.api.service import KvError, KvService
+from leaderless.api.tasks_http import add_task_routes, add_task_stats_routes
 from leaderless.core.cells import VALUE_BYTES_MAX_DEFAULT
 from leaderless.core.locks import LOCK_KEYSPACE
 from leaderless.runtime.counters import RuntimeCounters
@@ -279,6 +282,9 @@ async def serve_http(service: KvService, host: str, port: int, *,
         if ring_status is not None:
             add_ring_routes(app, ring_status)
         add_routing_routes(app, ops.name, service, lambda r: r.get(PRINCIPAL))
+        tls = getattr(ops, "tls", None)  # peers' HTTPS listeners take the node certificate
+        add_task_stats_routes(app, ops.name, service, ops.cluster,
+                              getattr(tls, "node_client", None))
     refusals = drops or Drops(RuntimeCounters(), log or NodeLogger("", "http"))
     return await serve_guarded(app, host, port, drops=refusals, ssl_context=ssl_context)
 
@@ -304,6 +310,7 @@ def make_app(service: KvService, *, value_bytes_max: int = VALUE_BYTES_MAX_DEFAU
     app.router.add_get("/v1/ring", api.ring)
     app.router.add_route("*", "/v1/locks/{tail:.*}", api.locks)
     app.router.add_get("/v1/watch/{tail:.*}", api.watch)
+    add_task_routes(app, service, api._check, lambda r: r.get(PRINCIPAL))
     return app
 
 
