@@ -142,3 +142,25 @@ def test_every_ring_reachable_by_completing_changes_is_covered() -> None:
 
 def _subsets(items: list[PlacementMember]) -> list[tuple[PlacementMember, ...]]:
     return [c for k in range(len(items) + 1) for c in itertools.combinations(items, k)]
+
+
+def test_one_change_alone_fetches_each_range_from_the_member_it_leaves() -> None:
+    """Cassandra's consistent range movement: with one change in progress, the member a
+    range moves away from has every write it served; with several, a read quorum is read."""
+    normal = [member(f"n{i}", i) for i in range(1, 4)]
+    joiner = member("j", 99, RingState.JOINING)
+    placement = Placement([*normal, joiner])
+    future = ring_of(*normal, joiner)
+    fetches = placement.fetches("j", N, 2)
+    assert fetches and all(f.alone for f in fetches)
+    for fetch in fetches:
+        losers = set(fetch.sources) - set(future.preference_list(fetch.range.end, N))
+        assert losers == {fetch.alone}
+    leaving = member("n3", 3, RingState.LEAVING)
+    placement = Placement([*normal[:2], member("n4", 4), leaving])
+    for name in ("n1", "n2", "n4"):
+        assert all(f.alone == "n3" for f in placement.fetches(name, N, 2))
+    two = Placement([*normal, joiner, member("k", 77, RingState.JOINING)])
+    assert all(f.alone == "" for f in two.fetches("j", N, 2))
+    replacing = Placement([*normal, member("r", 3, RingState.JOINING, replacing="n3")])
+    assert all(f.alone == "" for f in replacing.fetches("r", N, 2))

@@ -434,3 +434,21 @@ def test_config_and_plan_are_checked() -> None:
         RangeFetch(KS, 0, 1, ("a", "a"), 1)
     assert StreamConfig(bytes_per_s=1000).request_bytes() == 4096
     assert StreamConfig().request_bytes() == 1 << 20
+
+
+def test_an_alone_source_is_read_by_itself_and_a_quorum_when_it_fails() -> None:
+    a, b, c = filled(30), filled(30), filled(30)
+    only_a = keys_in(WRAP, 1, tag="only-a")[0]
+    put_cell(a, only_a, 5, b"a")
+    pump = Pump({"a": a, "b": b, "c": c}, SMALL)
+    pump.plan([RangeFetch(KS, *WRAP, ("b", "c", "a"), 2, alone="a")])
+    pump.run()
+    assert {to for to, _ in pump.asked} == {"a"}  # consistent range movement: one copy
+    assert data_rows(pump.store) == data_rows(a)
+    silent = Pump({"a": a, "b": b, "c": c}, SMALL)
+    silent.silent.add("a")
+    silent.plan([RangeFetch(KS, *WRAP, ("b", "c", "a"), 2, alone="a")])
+    silent.run()
+    assert {to for to, _ in silent.asked} == {"a", "b", "c"}
+    assert silent.fetcher.counters.timeouts == 1
+    assert data_rows(silent.store) == data_rows(b)  # a read quorum of the others

@@ -89,6 +89,11 @@ class Fetch:
     range: TokenRange
     sources: tuple[str, ...]
     copies: int
+    alone: str = ""
+    """When one change alone is in progress and the range moves away from exactly one
+    member: that member, whose full copy is enough (Cassandra's consistent range movement:
+    what it holds plus the writes that reach the fetching member meanwhile is every write
+    it would have served)."""
 
 
 class Placement:
@@ -143,6 +148,18 @@ class Placement:
         """False in the steady state: writes then go to ``C(k)`` alone."""
         self._digest = _digest(base)
         self._gainers: dict[int, set[str]] = {}
+        changers = [m for m in self.members.values()
+                    if m.token_count > 0 and m.name not in replaced
+                    and (m.state is not RingState.NORMAL or m.next_token_count)]
+        self._single: Ring | None = None
+        """The ring once the one change in progress completes (None: none, several, a
+        replacement -- its member is dead -- or an old ring still settling)."""
+        if len(changers) == 1 and not changers[0].replacing and not self.previous:
+            changer = changers[0]
+            grows = changer.state is RingState.JOINING or (
+                changer.state is RingState.NORMAL
+                and changer.next_token_count > changer.token_count)
+            self._single = self._gain_rings[changer.name] if grows else self.base
 
     # -- reads and writes ----------------------------------------------------------------
 
@@ -182,23 +199,30 @@ class Placement:
                 return []
             ring = self.base
         fetches: list[Fetch] = []
+        single = self._single
         for rng, _ in ring.replica_ranges(me, n):
             for part, sources in self._current_parts(rng, n):
                 if me in sources:
                     continue
+                alone = ""
+                if single is not None:
+                    future = single.preference_list(part.end, n)
+                    losers = [name for name in sources if name not in future]
+                    alone = losers[0] if len(losers) == 1 else ""
                 last = fetches[-1] if fetches else None
                 if (last is not None and last.range.end == part.start
-                        and set(last.sources) == set(sources)):
+                        and set(last.sources) == set(sources) and last.alone == alone):
                     # Adjacent with the same replicas: one fetch (far fewer round trips).
-                    fetches[-1] = Fetch(TokenRange(last.range.start, part.end), last.sources,
-                                        last.copies)
+                    fetches[-1] = dataclasses.replace(
+                        last, range=TokenRange(last.range.start, part.end))
                 else:
-                    fetches.append(Fetch(part, sources, min(quorum, len(sources))))
-        if len(fetches) > 1 and fetches[-1].range.end == fetches[0].range.start and set(
-                fetches[-1].sources) == set(fetches[0].sources):
+                    fetches.append(Fetch(part, sources, min(quorum, len(sources)), alone))
+        if (len(fetches) > 1 and fetches[-1].range.end == fetches[0].range.start
+                and set(fetches[-1].sources) == set(fetches[0].sources)
+                and fetches[-1].alone == fetches[0].alone):
             first, last = fetches[0], fetches.pop()
-            fetches[0] = Fetch(TokenRange(last.range.start, first.range.end), first.sources,
-                               first.copies)
+            fetches[0] = dataclasses.replace(
+                first, range=TokenRange(last.range.start, first.range.end))
         return fetches
 
     def _current_parts(self, rng: TokenRange, n: int) -> list[tuple[TokenRange, tuple[str, ...]]]:

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 
 from leaderless.core.placement import Fetch, Placement, RingState
 from leaderless.core.quorum import required
+from leaderless.core.streaming import RangeFetch
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -34,6 +35,12 @@ class KeyspaceFetch:
 
     keyspace: str
     fetch: Fetch
+
+    def range_fetch(self) -> RangeFetch:
+        """The fetcher's form (``core.streaming``)."""
+        fetch = self.fetch
+        return RangeFetch(self.keyspace, fetch.range.start, fetch.range.end, fetch.sources,
+                          fetch.copies, fetch.alone)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -150,8 +150,14 @@ class RangeFetch:
     end: int
     sources: tuple[str, ...]
     copies: int
+    alone: str = ""
+    """A source whose full copy alone is enough (Cassandra's consistent range movement:
+    the one member the range moves away from, ``core.placement``): it is read first and,
+    while it answers, the only one; if it fails, ``copies`` of the others are read."""
 
     def __post_init__(self) -> None:
+        if self.alone and self.alone not in self.sources:
+            raise ValueError(f"range fetch: alone source {self.alone!r} is not a source")
         if not 0 <= self.start <= TOKEN_MAX or not 0 <= self.end <= TOKEN_MAX:
             raise ValueError(f"range fetch: tokens must be 0..{TOKEN_MAX}")
         if len(set(self.sources)) != len(self.sources):
@@ -482,8 +488,7 @@ class Fetcher:
             old.sources.setdefault(name, _Source())
         old.spec = spec
         old.sources = {name: old.sources[name] for name in spec.sources}  # preference order
-        done = sum(s.done for s in old.sources.values())
-        old.complete = done >= spec.copies
+        old.complete = self._enough(old)
         if old.complete:
             self._cancel(spec.key)
         return old
@@ -497,8 +502,16 @@ class Fetcher:
             if source is not None:
                 saved = _saved_decoder.decode(value)
                 source.after, source.done = saved.after, saved.done
-        fetch.complete = sum(s.done for s in fetch.sources.values()) >= spec.copies
+        fetch.complete = self._enough(fetch)
         return fetch
+
+    @staticmethod
+    def _enough(fetch: _Fetch) -> bool:
+        """Read in full from ``copies`` sources, or from the ``alone`` source."""
+        spec = fetch.spec
+        if spec.alone and fetch.sources[spec.alone].done:
+            return True
+        return sum(s.done for s in fetch.sources.values()) >= spec.copies
 
     def forget_progress(self) -> list[StreamEffect]:
         """Drop the plan and delete every saved cursor (the caller is done with them, e.g.
@@ -620,7 +633,7 @@ class Fetcher:
         spec = fetch.spec
         progress: list[Write] = [(progress_key(*spec.key, sender),
                                   _saved_encoder.encode(_Saved(source.after, source.done)))]
-        if not fetch.complete and sum(s.done for s in fetch.sources.values()) >= spec.copies:
+        if not fetch.complete and self._enough(fetch):
             fetch.complete = True
             self.counters.ranges_completed += 1
             self._cancel(spec.key)
@@ -664,6 +677,13 @@ class Fetcher:
         """Enough sources reading this range to make ``copies`` full reads, skipping the
         set-aside ones: the least loaded first (ranges assigned to each), then in
         preference order, so the ranges of a plan spread over all their sources."""
+        alone = fetch.spec.alone
+        if alone:
+            source = fetch.sources[alone]
+            if source.assigned or source.set_aside_until <= now:
+                # The member the range leaves has it all: read it alone while it answers.
+                source.assigned = True
+                return
         busy = sum(s.done or s.assigned for s in fetch.sources.values())
         if busy >= fetch.spec.copies:
             return
@@ -674,6 +694,11 @@ class Fetcher:
             load[name] = load.get(name, 0) + 1
 
     def _short(self, fetch: _Fetch) -> bool:
+        """Fewer sources reading this range than it needs (the alone source, while it
+        reads, is all it needs)."""
+        alone = fetch.spec.alone
+        if alone and fetch.sources[alone].assigned:
+            return False
         return sum(s.done or s.assigned for s in fetch.sources.values()) < fetch.spec.copies
 
     def _request(self, now: float, fetch: _Fetch, name: str) -> SendStream:

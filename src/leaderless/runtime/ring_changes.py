@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,8 @@ from leaderless.core.locks import LOCK_KEYSPACE, LOCK_REPLICATION
 from leaderless.core.membership import Member
 from leaderless.core.messages import MemberStatus, NodeMeta
 from leaderless.core.placement import Placement, RingState
-from leaderless.core.ring_changes import Depart, KeyspaceFetch, Me, Publish, RingChanges, SetPlan
+from leaderless.core.ring_changes import Depart, Me, Publish, RingChanges, SetPlan
 from leaderless.core.schema import SYSTEM_KEYSPACE
-from leaderless.core.streaming import RangeFetch
 from leaderless.core.tasks import (
     INDEX_KEYSPACE,
     INDEX_REPLICATION,
@@ -112,7 +111,8 @@ class RingService:
                  kv: Any, meta: Callable[[], NodeMeta],
                  publish: Callable[[dict[str, Any]], None],
                  members: Callable[[], list[Member]],
-                 depart: Callable[[], Awaitable[None]], now: Callable[[], float]) -> None:
+                 depart: Callable[[], Coroutine[Any, Any, None]],
+                 now: Callable[[], float]) -> None:
         self.name = name
         self.data_dir = data_dir
         self.fields = fields
@@ -184,7 +184,7 @@ class RingService:
                                     streams.done())
         for action in actions:
             if isinstance(action, SetPlan):
-                streams.set_plan([_range_fetch(f) for f in action.fetches])
+                streams.set_plan([f.range_fetch() for f in action.fetches])
                 self.log.info("fetch_plan", ranges=len(action.fetches),
                               sources=len({s for f in action.fetches for s in f.fetch.sources}))
             elif isinstance(action, Publish):
@@ -278,9 +278,3 @@ class RingService:
 def _state(name: str) -> RingState:
     return {"normal": RingState.NORMAL, "joining": RingState.JOINING,
             "leaving": RingState.LEAVING, "left": RingState.LEAVING}[name]
-
-
-def _range_fetch(item: KeyspaceFetch) -> RangeFetch:
-    fetch = item.fetch
-    return RangeFetch(item.keyspace, fetch.range.start, fetch.range.end, fetch.sources,
-                      fetch.copies)

@@ -84,7 +84,6 @@ from leaderless.core.ring_changes import Depart, Me, Publish, RingChanges, SetPl
 from leaderless.core.streaming import (
     ApplyStreamRows,
     Fetcher,
-    RangeFetch,
     SendStream,
     StreamConfig,
     merge_rows,
@@ -385,9 +384,7 @@ class ElasticNode:
                                     {KEYSPACE: sim.config.replication}, fetched)
         for action in actions:
             if isinstance(action, SetPlan):
-                specs = [RangeFetch(f.keyspace, f.fetch.range.start, f.fetch.range.end,
-                                    f.fetch.sources, f.fetch.copies)
-                         for f in action.fetches]
+                specs = [f.range_fetch() for f in action.fetches]
                 self.plan_given = True
                 self.execute(list(self.fetcher.set_plan(now, specs)))
             elif isinstance(action, Publish):
