@@ -12,6 +12,7 @@
   const POINTS_MAX = 300;
   const KEYSPACES_EVERY_MS = 10000;
   const DOCTOR_EVERY_MS = 10000;  // each diagnosis asks every member for a report
+  const TASKS_EVERY_MS = 5000;  // GET /api/tasks/stats asks every member's HTTP listener
   const RETRY_MS = 5000;  // after a refused stream or an unreachable node
   const STATE_COLOURS = {alive: "#2f9e44", suspect: "#f08c00", dead: "#e03131", left: "#868e96"};
   const PALETTE = ["#1c7ed6", "#7048e8", "#0ca678", "#f76707", "#d6336c", "#1098ad",
@@ -206,6 +207,56 @@
     }
   }
 
+  // -- tasks (plain HTTP, every 5 s): per queue and per node ------------------------------
+  let tasksBusy = false;
+  async function refreshTasks() {
+    if (tasksBusy) return;
+    tasksBusy = true;
+    const queues = $("task-queues").querySelector("tbody");
+    const nodes = $("task-nodes").querySelector("tbody");
+    try {
+      const response = await fetch("/api/tasks/stats", {cache: "no-store"});
+      if (response.status === 401) { sessionEnded(); return; }
+      if (!response.ok) throw new Error("HTTP " + response.status);
+      const body = await response.json();
+      dashboard.tasks = body;
+      const names = Object.keys(body.queues || {}).sort();
+      const total = {pending: 0, running: 0, done: 0};
+      queues.replaceChildren(...(names.length ? names.map((name) => {
+        const q = body.queues[name];
+        total.pending += q.pending || 0;
+        total.running += q.running || 0;
+        total.done += (q.succeeded || 0) + (q.failed || 0) + (q.cancelled || 0);
+        return el("tr", {"data-queue": name}, [
+          el("td", {text: name}), el("td", {class: "num", text: String(q.pending || 0)}),
+          el("td", {class: "num", text: String(q.running || 0)}),
+          el("td", {class: "num", text: String(q.succeeded || 0)}),
+          el("td", {class: "num", text: String(q.failed || 0)}),
+          el("td", {class: "num", text: String(q.cancelled || 0)})]);
+      }) : [el("tr", {}, [el("td", {colspan: "6", class: "muted", text: "no task queues yet"})])]));
+      nodes.replaceChildren(...(body.nodes || []).map((n) => {
+        if (n.error) {
+          return el("tr", {"data-node": text(n.node)}, [el("td", {text: text(n.node)}),
+            el("td", {colspan: "5", class: "muted", text: text(n.error)})]);
+        }
+        const qs = Object.values(n.queues || {});
+        const sum = (key) => qs.reduce((acc, q) => acc + (q[key] || 0), 0);
+        return el("tr", {"data-node": text(n.node)}, [
+          el("td", {text: text(n.node)}), el("td", {class: "num", text: String(n.running || 0)}),
+          el("td", {class: "num", text: `${n.free_slots ?? 0} / ${n.slots ?? 0}`}),
+          el("td", {text: n.claiming ? "yes" : "no"}),
+          el("td", {class: "num", text: String(sum("pending"))}),
+          el("td", {class: "num", text: String(sum("succeeded") + sum("failed") + sum("cancelled"))})]);
+      }));
+      $("tasks-summary").textContent = `${total.pending} pending, ${total.running} running, ${total.done} done`;
+    } catch (err) {
+      queues.replaceChildren(el("tr", {}, [el("td", {colspan: "6", class: "muted",
+        text: "could not read the task stats: " + err.message})]));
+    } finally {
+      tasksBusy = false;
+    }
+  }
+
   // -- alerts ----------------------------------------------------------------------------
   function updateAlerts(alerts) {
     const list = $("alerts");
@@ -322,6 +373,7 @@
   let chartsMade = false;
   let keyspacesTimer = null;
   let doctorTimer = null;
+  let tasksTimer = null;
   let lockoutTimer = null;
 
   // An error's code, message and retry time, whichever shape the node answers in
@@ -364,6 +416,8 @@
     keyspacesTimer = null;
     clearInterval(doctorTimer);
     doctorTimer = null;
+    clearInterval(tasksTimer);
+    tasksTimer = null;
   }
 
   function showDashboard(who) {
@@ -391,6 +445,8 @@
     keyspacesTimer = setInterval(refreshKeyspaces, KEYSPACES_EVERY_MS);
     refreshDoctor();
     doctorTimer = setInterval(refreshDoctor, DOCTOR_EVERY_MS);
+    refreshTasks();
+    tasksTimer = setInterval(refreshTasks, TASKS_EVERY_MS);
     setConnection("connecting", "connecting…");
     connect();
   }
