@@ -104,6 +104,7 @@ from leaderless.runtime.task_workers import WorkerPool
 from leaderless.runtime.tasks import TaskService
 from leaderless.runtime.tcp import ConnectionClosedError, ServerConnection
 from leaderless.runtime.transport import NetTransport, Transport
+from leaderless.runtime.fault_partition import install_fault_partition
 from leaderless.runtime.wall_clock import install_fault_skew, wall_ms
 from leaderless.security.data_keys import DataKeyError, load_data_keys
 from leaderless.security.keyring import SEAL_OVERHEAD_BYTES, KeyringError, OpenError
@@ -232,6 +233,7 @@ class Node:
         self._data_dir.open()
         try:
             install_fault_skew(os.environ, self.log)  # test-only; warns when set
+            install_fault_partition(os.environ, self.log)  # test-only; warns when set
             last = self._data_dir.load_incarnation()
             # The data-dir copy of the gossip keyring (kept by rotations) wins over the
             # initial file; without either, gossip stays plaintext.

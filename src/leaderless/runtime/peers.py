@@ -23,6 +23,7 @@ from typing import Any, cast
 from leaderless.core.codec import FrameDecoder, MalformedInput, encode_frame
 from leaderless.core.messages import Address
 from leaderless.runtime.drops import Drops
+from leaderless.runtime.fault_partition import blocked
 from leaderless.security.tls import NODE_ROLE, PeerIdentity, tls_failure_reason
 
 LINK_BUFFER_BYTES_MAX = 64 << 20
@@ -58,6 +59,9 @@ class PeerLink(asyncio.Protocol):
         self._flush()
 
     def data_received(self, data: bytes) -> None:
+        if blocked(self.address.host, self.address.port):  # test-only partition fault
+            self.close()
+            return
         try:
             messages = self._decoder.feed(data)
         except MalformedInput as exc:
@@ -121,6 +125,11 @@ class PeerLinks:
 
     def send(self, name: str, address: Address, message: Any) -> bool:
         """Queue ``message`` to the peer; False if it was dropped (unreachable, full)."""
+        if blocked(address.host, address.port):  # test-only partition fault: unreachable
+            link = self._links.pop(name, None)
+            if link is not None:
+                link.close()
+            return False
         link = self._links.get(name)
         if link is not None and link.address != address:
             link.close()  # the peer came back on another address

@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from leaderless.core.messages import Address, Packet
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.errors import PortInUseError, StartupError
+from leaderless.runtime.fault_partition import blocked
 from leaderless.runtime.tcp import FrameClient, FrameHandler, ServerConnection
 from leaderless.runtime.udp import GossipSealer, UdpEndpoint
 
@@ -112,6 +113,8 @@ class NetTransport:
 
     async def request(self, to: Address, message: Any, reply_type: Any,
                       timeout_s: float) -> Any:
+        if blocked(to.host, to.port):  # test-only partition fault: as if unreachable
+            raise TimeoutError(f"{to} is cut off by the test-only partition fault")
         client = await FrameClient.connect(to, reply_type, timeout_s, self._client_ssl)
         try:
             client.send(message)

@@ -21,6 +21,7 @@ from leaderless.config import is_ip_literal
 from leaderless.core.codec import PACKET_BYTES_MAX, MalformedInput, decode_packet, encode_packet
 from leaderless.core.messages import Address, Packet
 from leaderless.runtime.drops import Drops
+from leaderless.runtime.fault_partition import blocked
 from leaderless.security.keyring import OpenError, is_sealed
 
 PEER_QUEUE_DATAGRAMS_MAX = 64
@@ -62,6 +63,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
         self._transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
+        if blocked(*addr[:2]):  # test-only partition fault (off: one call)
+            return
         self._packets["received"] += 1
         self._bytes["received"] += len(data)
         if len(data) > PACKET_BYTES_MAX:
@@ -116,6 +119,8 @@ class UdpEndpoint(asyncio.DatagramProtocol):
             if not is_ip_literal(to.host):
                 # Members advertise IP addresses; a name here came from a bad peer.
                 self._drops.send_error("udp_address", to, "not an IP address")
+                continue
+            if blocked(to.host, to.port):  # test-only partition fault (off: one call)
                 continue
             for data in datagrams:
                 if _buffered_bytes(transport) > SEND_BUFFER_BYTES_MAX:
