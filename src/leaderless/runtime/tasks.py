@@ -4,13 +4,13 @@ No leader: every node submits into the index shards, scans the shards it is the 
 replica of (then steals from others while it has free slots), and claims a task with one
 Paxos round on the task's register, which decides (two nodes never both hold a task).
 
-The claim loop is built for throughput: index scans read ONE replica (the index is a
-hint); claimable entries are buffered sorted by priority and claimed several at a time
-(one Paxos round each, concurrently, up to the free slots); a task submitted through this
-node is claimed at once without a scan; the loop sleeps only when no shard has work, backing
-off from ``IDLE_S_MIN`` to ``IDLE_S_MAX``, and a local submit or a freed slot wakes it. A
-claimed task runs at once: ``finish`` carries the start time (no separate ``start`` round),
-so a trivial task costs three Paxos rounds (submit, claim, finish) and two index writes.
+The claim loop is built for throughput: claimable entries are buffered sorted by priority
+and claimed several at a time (one Paxos round each, concurrently, up to the free slots);
+a task submitted through this node is claimed at once without a scan; the loop sleeps only
+when no shard has work, backing off from ``IDLE_S_MIN`` to ``IDLE_S_MAX``, and a local
+submit or a freed slot wakes it. A claimed task runs at once: ``finish`` carries the start
+time (no separate ``start`` round), so a trivial task costs three Paxos rounds (submit,
+claim, finish) and two index writes.
 Leases of every running task are renewed in one pass every third of the lease TTL; a
 refused renew means the task was cancelled or reclaimed, and its worker is aborted.
 
@@ -73,11 +73,18 @@ QUEUES_PARTITION = b"queues"
 queues submitted through other nodes. No shard key equals it (they all hold a '/')."""
 QUEUES_MAX = 1000
 QUEUES_REFRESH_S = 2.0
+SCAN_CONSISTENCY = "QUORUM"
+"""Index scans read a majority of a shard's replicas (index writes are QUORUM too): one
+replica may lack an entry (a joiner not yet filled, a replica that missed the write), and
+a task no scan shows would wait for anti-entropy. Scans are per buffer refill, not per
+task, so the second replica costs little."""
 SCAN_ROWS = 64
 """Index rows read per shard scan."""
 SCANS_IN_FLIGHT = 16
-STEAL_SHARDS = 4
-"""Random shards of other nodes scanned when this node's own have no work."""
+STEAL_SHARDS = 8
+"""Shards of other nodes scanned per round when this node's own have no work: the next
+ones of a cycle through all of them from a random start, so an idle node covers every
+shard within a few rounds."""
 BUFFER_MAX = 512
 """Claimable entries remembered between scans (sorted by priority, then age)."""
 BUFFER_AGE_S_MAX = 1.0
@@ -162,7 +169,9 @@ class TaskService:
         self._queues: set[str] = {"default"}
         self._queues_written: set[str] = set()
         self._queues_read_at = -QUEUES_REFRESH_S
-        self._home: tuple[Any, frozenset[str], list[bytes]] = (None, frozenset(), [])
+        self._home: tuple[Any, frozenset[str], frozenset[str], list[bytes], list[bytes]] = (
+            None, frozenset(), frozenset(), [], [])
+        self._steal_at = 0
         self._recent: collections.OrderedDict[bytes, TaskState] = collections.OrderedDict()
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
         self._wait_results: dict[int, dict[bytes, TaskState]] = {}
@@ -247,9 +256,8 @@ class TaskService:
             task_id = task_id_for(spec.queue, idempotency_key)
         elif not 1 <= len(task_id) <= TASK_ID_BYTES_MAX:
             raise KvError("bad_request", f"a task id has 1..{TASK_ID_BYTES_MAX} bytes")
-        outcome = await self._kv.propose(TASK_KEYSPACE_DEF, task_id, b"",
-                                         TaskChange("submit", self.node,
-                                                    payload=encode(spec)), b"")
+        outcome = await self._change(task_id, TaskChange("submit", self.node,
+                                                         payload=encode(spec)))
         if isinstance(outcome, paxos.Conflict):
             if outcome.reason != "exists" or outcome.value is None:
                 raise KvError("conflict", f"task {task_id.hex()} was not submitted: "
@@ -286,8 +294,7 @@ class TaskService:
         """Cancel a task that has not finished; its holder (if any) aborts it at its next
         renew. Raises ``not_found`` or ``conflict`` (finished already)."""
         _check_id(task_id)
-        outcome = await self._kv.propose(TASK_KEYSPACE_DEF, task_id, b"",
-                                         TaskChange("cancel", self.node), b"")
+        outcome = await self._change(task_id, TaskChange("cancel", self.node))
         if isinstance(outcome, paxos.Conflict):
             if outcome.value is None:
                 raise KvError("not_found", f"there is no task {task_id.hex()} (never "
@@ -322,7 +329,7 @@ class TaskService:
         async def scan(shard: int) -> builtins.list[bytes]:
             async with gate:
                 rows, _ = await self._kv.scan(INDEX_KEYSPACE, shard_key(queue, shard),
-                                              limit=limit, consistency="ONE")
+                                              limit=limit, consistency=SCAN_CONSISTENCY)
             return [decode_entry(row.value).task_id for row in rows]
 
         if state is None or state not in FINISHED:
@@ -491,8 +498,10 @@ class TaskService:
         home, others = self._shards()
         found = await self._scan_shards(home, now_ms)
         if not found and others:
-            found = await self._scan_shards(
-                self._rng.sample(others, min(STEAL_SHARDS, len(others))), now_ms)
+            start = self._steal_at % len(others)
+            self._steal_at = start + STEAL_SHARDS
+            found = await self._scan_shards((others + others)[start:start + STEAL_SHARDS],
+                                            now_ms)
         found.sort(key=lambda c: c.sort)
         self._buffer = found[:BUFFER_MAX]
         self._buffer_at = loop.time()
@@ -506,7 +515,7 @@ class TaskService:
             queue = key.rsplit(b"/", 1)[0].decode()
             async with gate:
                 rows, _ = await self._kv.scan(INDEX_KEYSPACE, key, limit=SCAN_ROWS,
-                                              consistency="ONE")
+                                              consistency=SCAN_CONSISTENCY)
             out = []
             for row in rows:
                 try:
@@ -534,22 +543,23 @@ class TaskService:
         return found
 
     def _shards(self) -> tuple[builtins.list[bytes], builtins.list[bytes]]:
-        """(the index shards this node is the first replica of, all the others)."""
+        """(the index shards whose first live replica this node is, all the others in a
+        shuffled order). A dead node's shards get a home among the live at once."""
         ring = self._kv.placement.current
         queues = frozenset(self._queues)
-        if self._home[0] is not ring or self._home[1] != queues:
-            home = []
+        up = frozenset(self._kv._members_up())
+        if self._home[:3] != (ring, queues, up):
+            home: builtins.list[bytes] = []
+            others: builtins.list[bytes] = []
             for queue in sorted(queues):
                 for shard in range(SHARDS):
                     key = shard_key(queue, shard)
-                    if ring.preference_list(token(key), 1)[:1] in ((self.node,), ()):
-                        home.append(key)
-            self._home = (ring, queues, home)
-        home = self._home[2]
-        mine = set(home)
-        others = [shard_key(q, s) for q in sorted(queues) for s in range(SHARDS)
-                  if shard_key(q, s) not in mine]
-        return home, others
+                    live = [n for n in ring.preference_list(token(key), TASK_REPLICATION)
+                            if n in up]
+                    (home if live[:1] in ([self.node], []) else others).append(key)
+            self._rng.shuffle(others)
+            self._home = (ring, queues, up, home, others)
+        return self._home[3], self._home[4]
 
     async def _refresh_queues(self) -> None:
         now = time.monotonic()
@@ -558,7 +568,7 @@ class TaskService:
         self._queues_read_at = now
         try:
             rows, _ = await self._kv.scan(INDEX_KEYSPACE, QUEUES_PARTITION, limit=QUEUES_MAX,
-                                          consistency="ONE")
+                                          consistency=SCAN_CONSISTENCY)
         except KvError as exc:
             self._warn.warning("queues", "queue_list_unreadable", now, error=str(exc))
             return
@@ -577,27 +587,36 @@ class TaskService:
         self._reserved += entry.slots
         try:
             try:
-                outcome = await self._kv.propose(
-                    TASK_KEYSPACE_DEF, task_id, b"",
-                    TaskChange("claim", self.node, ttl_ms=self._ttl_ms), b"")
+                outcome = await self._change(
+                    task_id, TaskChange("claim", self.node, ttl_ms=self._ttl_ms))
             except KvError as exc:
+                # The claim may still have been applied (a timeout, contention): read the
+                # task, and run it if it is ours, else its lease would expire unused.
                 self._warn.warning(f"claim_{exc.code}", "claim_failed", time.monotonic(),
                                    task=task_id.hex(), error=str(exc))
                 self._skip_until(task_id, int(self._now() * 1000) + 1000)
-                return
+                try:
+                    read = await self._kv.propose(TASK_KEYSPACE_DEF, task_id, b"", Read(),
+                                                  b"")
+                except KvError:
+                    return
+                assert isinstance(read, paxos.Done), read
+                outcome = read
             if isinstance(outcome, paxos.Conflict):
                 await self._refused(candidate, outcome)
                 return
-            assert isinstance(outcome, paxos.Done) and outcome.value is not None, outcome
-            state = decode_state(outcome.value)
+            state = None if outcome.value is None else decode_state(outcome.value)
         finally:
             self._reserved -= entry.slots
-        if state.state != "claimed":
-            # Its holder was lost on the last attempt allowed: the claim recorded that.
-            self._counters["lost"] += 1
+        if state is not None and state.state in FINISHED:
+            # Its holder was lost on the last attempt allowed: the claim recorded that
+            # failure (or a retried round read back a task finished since).
+            self._counters[state.state] += 1
             self._finished_locally(task_id, state)
             await self._delete_entry(candidate.queue, task_id, candidate.sort)
             return
+        if state is None or state.state != "claimed" or state.holder != self.node:
+            return  # a retried round read back a state that moved on
         self._counters["claimed"] += 1
         run = _Run(task_id, state.spec, candidate.sort, state.token, state.lease_expires_ms)
         self._running[task_id] = run
@@ -652,8 +671,7 @@ class TaskService:
         idempotency = os.urandom(16)  # the same on each try: a retry cannot apply twice
         for attempt in range(FINISH_TRIES):
             try:
-                result = await self._kv.propose(TASK_KEYSPACE_DEF, run.task_id, b"", change,
-                                                idempotency)
+                result = await self._change(run.task_id, change, idempotency)
                 break
             except KvError as exc:
                 self._warn.warning(f"finish_{exc.code}", "finish_failed", time.monotonic(),
@@ -669,15 +687,9 @@ class TaskService:
             self.log.warning("zombie_result_rejected", task=run.task_id.hex(),
                              token=run.token, holder=self.node, reason=result.reason)
             return
-        assert isinstance(result, paxos.Done), result
         if result.value is None:
-            # A retry of a finish that had been applied: its outcome, read back.
-            read = await self.status(run.task_id)
-            if read is None:
-                return
-            state = read
-        else:
-            state = decode_state(result.value)
+            return  # deleted since (its result TTL ran out)
+        state = decode_state(result.value)
         if state.state == "retrying":
             self._counters["retried"] += 1
             entry = msgspec.structs.replace(candidate.entry, lease_expires_ms=0,
@@ -708,9 +720,9 @@ class TaskService:
 
     async def _renew(self, run: _Run) -> None:
         try:
-            outcome = await self._kv.propose(
-                TASK_KEYSPACE_DEF, run.task_id, b"",
-                TaskChange("renew", self.node, token=run.token, ttl_ms=self._ttl_ms), b"")
+            outcome = await self._change(
+                run.task_id, TaskChange("renew", self.node, token=run.token,
+                                        ttl_ms=self._ttl_ms))
         except KvError as exc:
             self._warn.warning(f"renew_{exc.code}", "renew_failed", time.monotonic(),
                                task=run.task_id.hex(), error=str(exc))
@@ -748,9 +760,8 @@ class TaskService:
         if run.worker is not None:
             run.worker.cancel()
         try:
-            outcome = await self._kv.propose(
-                TASK_KEYSPACE_DEF, run.task_id, b"",
-                TaskChange("release", self.node, token=run.token), b"")
+            outcome = await self._change(
+                run.task_id, TaskChange("release", self.node, token=run.token))
             if isinstance(outcome, paxos.Done):
                 self._counters["released"] += 1
                 entry = IndexEntry(run.task_id, run.spec.slots, list(run.spec.tags))
@@ -762,6 +773,18 @@ class TaskService:
             self._running.pop(run.task_id, None)
 
     # -- index and notifications ---------------------------------------------------------
+
+    async def _change(self, task_id: bytes, change: TaskChange, idempotency: bytes = b""
+                      ) -> paxos.Done | paxos.Conflict:
+        """One change of a task register. A change applied by an earlier round of the same
+        proposal comes back as a duplicate without a value: the value is read then."""
+        outcome = await self._kv.propose(TASK_KEYSPACE_DEF, task_id, b"", change, idempotency)
+        if isinstance(outcome, paxos.Done) and outcome.duplicate and outcome.value is None:
+            read = await self._kv.propose(TASK_KEYSPACE_DEF, task_id, b"", Read(), b"")
+            assert isinstance(read, paxos.Done), read
+            outcome = paxos.Done(read.version, read.value, True)
+        assert isinstance(outcome, paxos.Done | paxos.Conflict), outcome
+        return outcome
 
     async def _put_entry(self, queue: str, sort: bytes, entry: IndexEntry) -> None:
         await self._kv.put(INDEX_KEYSPACE, _shard(queue, entry.task_id), encode(entry), sort)
