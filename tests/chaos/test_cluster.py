@@ -155,22 +155,29 @@ def test_netns_kill_restart_pause_resume(netns_cluster: ChaosCluster) -> None:
 
 
 @needs_netns
-def test_netns_disk_full_and_clock_skew_files(netns_cluster: ChaosCluster) -> None:
+def test_netns_disk_full_and_clock_skew(netns_cluster: ChaosCluster) -> None:
     c = netns_cluster
     node = c.node("n1")
     assert node.disk_mounted, c.disk_reason
+    # The node itself has its data dir on the harness's tmpfs.
+    mountinfo = Path(f"/proc/{node.pid}/mountinfo").read_text()
+    assert any(f" {node.data_dir} " in line and " - tmpfs " in line
+               for line in mountinfo.splitlines())
     written = c.fill_disk("n1")
     stat = os.statvfs(node.data_dir)
     assert written > 0 and stat.f_bavail * stat.f_frsize < 1 << 20
     c.free_disk("n1")
     stat = os.statvfs(node.data_dir)
     assert stat.f_bavail * stat.f_frsize > written // 2
-    # The live clock-skew hook reads this file (the hook's own test checks the node moves).
+    # The running node's live clock-skew hook picks the skew up (and says so).
     c.set_clock_skew("n2", -300)
-    assert c.node("n2").skew_file.read_text().strip() == "-300"
+    c.wait_for(lambda: "now shifted by -300 ms" in c.node("n2").log_path.read_text(),
+               "n2 logs its new skew", 10)
     with pytest.raises(ValueError, match="bound"):
         c.set_clock_skew("n2", 5000)
     c.set_clock_skew("n2", 0)
+    c.wait_for(lambda: "now shifted by 0 ms" in c.node("n2").log_path.read_text(),
+               "n2 logs its skew is gone", 10)
 
 
 @needs_netns
@@ -189,19 +196,25 @@ def test_two_clusters_at_once_do_not_collide(tmp_path: Path) -> None:
 
 
 @needs_netns
-def test_sweep_deletes_only_leftovers_of_dead_runs() -> None:
+def test_sweep_deletes_only_leftovers_of_dead_runs(tmp_path: Path) -> None:
+    tmp = tmp_path / "data"
     gone = subprocess.Popen(["true"])
     gone.wait()
     orphan = f"{NAME_PREFIX}{gone.pid}z-n1"
     mine = f"{NAME_PREFIX}{os.getpid()}z-n1"
     subprocess.run(["ip", "netns", "add", orphan], check=True)
     subprocess.run(["ip", "netns", "add", mine], check=True)
+    tmp.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", orphan, str(tmp)], check=True)
     try:
         deleted = sweep_leftovers()
         assert orphan in deleted and mine not in deleted
+        assert f"{orphan} on {tmp}" in deleted and not os.path.ismount(tmp)
     finally:
         for ns in (orphan, mine):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        if os.path.ismount(tmp):
+            subprocess.run(["umount", str(tmp)], capture_output=True)
 
 
 def test_loopback_partition_through_the_fault_hook(tmp_path: Path) -> None:

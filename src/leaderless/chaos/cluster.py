@@ -55,6 +55,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from leaderless.core.locks import CLOCK_SKEW_MAX_MS
+from leaderless.runtime.fault_partition import FAULT_DROP_FILE_ENV, REFRESH_S
+from leaderless.runtime.wall_clock import FAULT_CLOCK_SKEW_FILE_ENV, write_fault_skew_file
 
 Mode = Literal["netns", "loopback"]
 T = TypeVar("T")
@@ -67,12 +69,6 @@ NODE_PORT, CLIENT_PORT, HTTP_PORT = 7946, 7950, 7951
 """netns mode: every node has its own IP, so all use the same ports."""
 CHAIN = "llchaos"
 """The iptables chain in each namespace that holds the partition's DROP rules."""
-CLOCK_SKEW_FILE_ENV = "LEADERLESS_FAULT_CLOCK_SKEW_FILE"
-"""The live clock-skew hook: a file holding the node's skew in whole milliseconds."""
-DROP_FILE_ENV = "LEADERLESS_FAULT_DROP_FILE"
-"""The loopback partition hook (``runtime.fault_partition``)."""
-DROP_REFRESH_S = 0.1
-"""How soon a node sees a rewritten drop file (``runtime.fault_partition.REFRESH_S``)."""
 TMPFS_MIB_DEFAULT = 64
 FILL_FILE = ".chaos-disk-fill"
 COMMAND_TIMEOUT_S = 20.0
@@ -181,6 +177,11 @@ class ChaosCluster:
         try:
             self.mode, self.mode_reason = self._choose_mode()
             self.root_dir.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0:
+                with _net_lock():
+                    swept = sweep_leftovers()
+                if swept:
+                    self._echo(f"chaos cluster: removed leftovers of dead runs: {swept}")
             if self.mode == "netns":
                 self._setup_netns()
             else:
@@ -252,7 +253,7 @@ class ChaosCluster:
         data_dir.mkdir(parents=True, exist_ok=True)
         node = ChaosNode(name, ip, *ports, data_dir=data_dir, namespace=namespace,
                          log_path=self.root_dir / f"{name}.log")
-        node.skew_file.write_text("0\n")
+        write_fault_skew_file(str(node.skew_file), 0)
         return node
 
     def _setup_loopback(self) -> None:
@@ -273,7 +274,6 @@ class ChaosCluster:
     def _setup_netns(self) -> None:
         bridge = f"{self.tag}b"
         with _net_lock():
-            sweep_leftovers()
             self.subnet = _free_subnet()
             hosts = list(self.subnet.hosts())
             self.host_ip = str(hosts[0])
@@ -332,9 +332,9 @@ class ChaosCluster:
             args = ["ip", "netns", "exec", node.namespace, *args]
         env = {k: v for k, v in os.environ.items() if not k.startswith("LEADERLESS_")}
         env.update(self.env)
-        env[CLOCK_SKEW_FILE_ENV] = str(node.skew_file)
+        env[FAULT_CLOCK_SKEW_FILE_ENV] = str(node.skew_file)
         if self.mode == "loopback":
-            env[DROP_FILE_ENV] = str(node.drop_file)
+            env[FAULT_DROP_FILE_ENV] = str(node.drop_file)
         with node.log_path.open("ab") as log:
             log.write(f"--- chaos: start {' '.join(args)}\n".encode())
             log.flush()
@@ -438,7 +438,7 @@ class ChaosCluster:
             else:
                 _write_atomic(node.drop_file, "".join(f"{p.address}\n" for p in peers))
         if self.mode == "loopback":
-            time.sleep(2 * DROP_REFRESH_S)  # every node has re-read its file
+            time.sleep(2 * REFRESH_S)  # every node has re-read its file
         self.blocked = {a: b for a, b in blocked.items() if b}
 
     # -- clock and disk ----------------------------------------------------------------
@@ -450,7 +450,7 @@ class ChaosCluster:
         if not beyond_bound and abs(ms) > CLOCK_SKEW_MAX_MS:
             raise ValueError(f"clock skew {ms} ms is beyond the documented bound of "
                              f"{CLOCK_SKEW_MAX_MS} ms (pass beyond_bound=True to test that)")
-        _write_atomic(self.node(name).skew_file, f"{int(ms)}\n")
+        write_fault_skew_file(str(self.node(name).skew_file), ms)
 
     def fill_disk(self, name: str) -> int:
         """Fill the node's data dir (its tmpfs) until no byte is left; returns the bytes
@@ -571,9 +571,17 @@ def netns_unavailable() -> str | None:
 
 
 def sweep_leftovers() -> list[str]:
-    """Delete namespaces and links named ``llc<pid>...`` whose process is gone (a run that
-    was killed before its cleanup); returns what was deleted."""
+    """Unmount tmpfs data dirs and delete namespaces and links named ``llc<pid>...``
+    whose process is gone (a run killed before its cleanup); returns what was deleted."""
     deleted = []
+    mounts = Path("/proc/mounts").read_text() if Path("/proc/mounts").exists() else ""
+    for line in mounts.splitlines():
+        source, target = (line.split(" ") + ["", ""])[:2]
+        if _is_orphan(source):
+            target = target.replace("\\040", " ")
+            if _run(["umount", target], check=False).returncode != 0:
+                _run(["umount", "-l", target], check=False)
+            deleted.append(f"{source} on {target}")
     names = _run(["ip", "netns", "list"], check=False).stdout.split("\n")
     for line in names:
         ns = line.split(" ")[0]
@@ -631,8 +639,11 @@ def _iptables_restore(namespace: str, rules: str) -> None:
 
 def _run(cmd: Sequence[str], *, check: bool = True, stdin: str | None = None
          ) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(list(cmd), capture_output=True, text=True, input=stdin,
-                          timeout=COMMAND_TIMEOUT_S)
+    try:
+        done = subprocess.run(list(cmd), capture_output=True, text=True, input=stdin,
+                              timeout=COMMAND_TIMEOUT_S)
+    except FileNotFoundError as exc:  # the tool is not installed
+        done = subprocess.CompletedProcess(list(cmd), 127, "", str(exc))
     if check and done.returncode != 0:
         raise ChaosUnsupported(f"{' '.join(cmd)} failed ({done.returncode}): "
                                f"{done.stderr.strip()}")
