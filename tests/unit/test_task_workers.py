@@ -199,7 +199,7 @@ def test_a_result_too_big_or_not_encodable_is_refused() -> None:
 def test_slots_bound_concurrency() -> None:
     async def body(pool: WorkerPool) -> None:
         with tempfile.TemporaryDirectory() as tmp:
-            runs = [asyncio.ensure_future(pool.run(spec("mark_running", tmp, f"t{i}", 0.3)))
+            runs = [asyncio.ensure_future(pool.run(spec("mark_running", tmp, f"t{i}", 0.5)))
                     for i in range(6)]
             await asyncio.sleep(0.1)
             assert pool.free_slots() == 0 and len(pool.running()) == 6
@@ -207,7 +207,7 @@ def test_slots_bound_concurrency() -> None:
             assert max(seen) == 2  # two at once, never three
             assert pool.free_slots() == 2
             # Separate processes: two tasks at once run in two workers.
-            pids = await asyncio.gather(*(pool.run(spec("mark_running", tmp, f"p{i}", 0.2))
+            pids = await asyncio.gather(*(pool.run(spec("mark_running", tmp, f"p{i}", 0.5))
                                           for i in range(2)))
             assert [value(p) for p in pids] == [2, 2]
     with_pool(body, slots=2)
@@ -224,10 +224,10 @@ def test_a_task_can_take_several_slots() -> None:
             assert pool.free_slots() == 1
             # Another 2-slot task must wait for the first; a 1-slot one behind it in line
             # waits too (first come, first served: big tasks are not starved).
-            second = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "b", 0.3,
+            second = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "b", 0.8,
                                                          slots=2)))
             await asyncio.sleep(0.05)
-            single = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "c", 0.2)))
+            single = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "c", 0.6)))
             assert value(await double) == 1  # alone all along
             assert value(await second) == 2  # beside the 1-slot task, 3 slots in all
             assert value(await single) == 2
@@ -236,7 +236,7 @@ def test_a_task_can_take_several_slots() -> None:
             double = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "d", 0.8,
                                                          slots=2)))
             await asyncio.sleep(0.05)
-            assert value(await pool.run(spec("mark_running", tmp, "e", 0.2))) == 2
+            assert value(await pool.run(spec("mark_running", tmp, "e", 0.3))) == 2
             await double
     with_pool(body, slots=3)
 
@@ -260,15 +260,25 @@ def test_kill_and_cancel_stop_a_running_task() -> None:
         assert not pool.kill(b"task-1")
         assert first not in {p.pid for p in psutil.Process().children()}
         # Cancelling the coroutine kills the worker too.
-        task = asyncio.ensure_future(pool.run(spec("sleep_for", 60)))
-        await asyncio.sleep(0.2)
-        busy = [p.pid for p in psutil.Process().children()]
+        with tempfile.TemporaryDirectory() as tmp:
+            task = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "m", 60)))
+            mark = os.path.join(tmp, "m.running")
+            for _ in range(3000):  # until the task runs (a new worker is starting)
+                if os.path.exists(mark) and open(mark).read():
+                    break
+                await asyncio.sleep(0.01)
+            busy = [int(open(mark).read())]
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         assert pool.free_slots() == 1
         assert value(await pool.run(spec("add", 2, 2))) == 4
-        assert not set(busy) & {p.pid for p in psutil.Process().children()}
+        for _ in range(500):  # it was killed at once and is reaped in the background
+            if not set(busy) & {p.pid for p in psutil.Process().children()}:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError(f"the cancelled task's worker {busy} is still there")
     with_pool(body, slots=1)
 
 
