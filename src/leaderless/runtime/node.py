@@ -512,7 +512,14 @@ class Node:
         if self._transport is not None:
             await self._transport.close()
         if self._store is not None:
-            self._store.close()
+            try:
+                self._store.close()
+            except StorageError as exc:
+                if self.fatal_error is None:
+                    raise
+                # Stepping out because the store failed (a full disk): closing it fails
+                # too ("Writer has previous error"); what it synced is intact. Exit anyway.
+                self.log.warning("store_close_failed", error=str(exc))
         self._data_dir.close()
         self.log.info("stopped")
         self.stopped.set()
