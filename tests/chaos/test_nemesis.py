@@ -298,3 +298,45 @@ def test_cancelling_a_run_heals_what_it_started(cluster: ChaosCluster) -> None:
     assert len(nemesis.faults) == 1 and nemesis.faults[0]["end"] is not None
     assert sample(c)["stopped"] == set()
     c.wait_healthy(60)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_a_disk_fault_fills_a_data_dir_then_frees_it_and_the_node_is_back(
+        cluster: ChaosCluster) -> None:
+    c = cluster
+    if c.disk_reason:
+        pytest.skip(f"disk faults unavailable: {c.disk_reason}")
+    nemesis = Nemesis(c, {"disk"}, seed=1, interval_s=1.0, log=print)
+    planned = nemesis.schedule(12.0)[:1]
+    target = planned[0].targets[0]
+
+    async def main() -> None:
+        run = asyncio.create_task(nemesis.run(12.0))
+        # Writes while the disk is full: the node fails one and steps out (exit 4).
+        async with AsyncClient(c.client_addresses(), timeout_s=5) as kv:
+            await kv.create_keyspace("nemesis", 3, "eventual", read_consistency="QUORUM",
+                                     write_consistency="QUORUM", if_not_exists=True)
+            i = 0
+            while not run.done():
+                i += 1
+                try:
+                    await kv.put("nemesis", f"disk-{i}".encode(), b"x" * 1000)
+                except Exception:  # noqa: BLE001 (a node stepping out: others serve)
+                    pass
+                await asyncio.sleep(0.02)
+        await run
+
+    asyncio.run(main())
+    fault = nemesis.faults[0]
+    assert (fault["kind"], fault["targets"]) == ("disk", [target])
+    assert fault["detail"]["bytes"] > 0 and "error" not in fault["detail"], fault
+    # Every write reaches its replica (N=3): it met the full disk, stepped out, and was
+    # started again once the disk was freed.
+    assert fault["detail"].get("restarted"), fault
+    assert node_log(c, target, "passive_failover")
+    assert all(f["end"] is not None for f in nemesis.faults)
+    assert set(c.running()) == set(c.names)
+    assert not (c.node(target).data_dir / ".chaos-disk-fill").exists()
+    c.wait_healthy(60)
+    assert asyncio.run(put_get(c.client_addresses(), b"after-disk", b"ok")) == b"ok"

@@ -12,8 +12,9 @@ Kinds (``KINDS``):
 - ``clock``: one node's wall clock shifted live (``LEADERLESS_FAULT_CLOCK_SKEW_FILE``) by
   ``CLOCK_SKEW_MIN_MS``..``CLOCK_SKEW_FAULT_MAX_MS`` either way, inside the bound the
   system assumes (``core.locks.CLOCK_SKEW_MAX_MS``); set back to 0 at the end;
-- ``disk``: one node's data dir (a small tmpfs) filled; the node steps out (passive
-  failover, exit status 4, docs/health.md); freed and the node restarted at the end.
+- ``disk``: one node's data dir (a small tmpfs) filled; a node whose write meets it steps
+  out (passive failover, exit status 4, docs/health.md); at the end the disk is freed and
+  a node that stepped out (it exited, or its log says ``passive_failover``) restarted.
 
 The schedule (``plan``) is a pure function of the node names, kinds, seed, interval and
 duration, computed up front and printed, so a run can be repeated. Every ``interval_s``
@@ -38,6 +39,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from leaderless.chaos.cluster import ChaosUnsupported
@@ -262,6 +264,7 @@ class Nemesis:
         """Every fault injected: kind, targets, start, end (``time.monotonic()``; end None
         while active), detail (the planned detail, plus ``error`` if healing it failed)."""
         self._active: list[tuple[PlannedFault, dict[str, Any]]] = []
+        self._log_marks: dict[str, int] = {}  # node -> its log's size when its disk filled
         self._lock = threading.Lock()  # heal_all may run from another thread
 
     def usable_kinds(self) -> set[str]:
@@ -325,6 +328,34 @@ class Nemesis:
 
     # -- one fault ------------------------------------------------------------------
 
+    def _log_path(self, name: str) -> Path | None:
+        node = next((n for n in self.cluster.nodes if n.name == name), None)
+        path = getattr(node, "log_path", None)
+        return Path(path) if path is not None else None
+
+    def _log_size(self, name: str) -> int:
+        path = self._log_path(name)
+        try:
+            return path.stat().st_size if path is not None else 0
+        except OSError:
+            return 0
+
+    def _stepped_out(self, name: str) -> bool:
+        """Whether the node met the full disk: it exited, or it logged ``passive_failover``
+        since its disk was filled (it hands off hints for up to 10 s, then exits with
+        status 4, docs/health.md). Such a node is started again, as an operator would."""
+        if name not in self.cluster.running():
+            return True
+        path = self._log_path(name)
+        if path is None:
+            return False
+        try:
+            with path.open("rb") as f:
+                f.seek(self._log_marks.get(name, 0))
+                return b'"msg":"passive_failover"' in f.read()
+        except OSError:
+            return False
+
     def _start(self, fault: PlannedFault) -> None:
         record: dict[str, Any] = {"kind": fault.kind, "targets": list(fault.targets),
                                   "start": time.monotonic(), "end": None,
@@ -352,6 +383,7 @@ class Nemesis:
         elif fault.kind == "clock":
             c.set_clock_skew(fault.targets[0], fault.detail["skew_ms"])
         elif fault.kind == "disk":
+            self._log_marks[fault.targets[0]] = self._log_size(fault.targets[0])
             record["detail"]["bytes"] = c.fill_disk(fault.targets[0])
 
     def _end(self, fault: PlannedFault) -> None:
@@ -375,7 +407,7 @@ class Nemesis:
                 c.set_clock_skew(fault.targets[0], 0)
             elif fault.kind == "disk":
                 c.free_disk(fault.targets[0])
-                if fault.targets[0] not in c.running():  # stepped out (passive failover)
+                if self._stepped_out(fault.targets[0]):
                     record["detail"]["restarted"] = True
                     c.restart(fault.targets[0])
         except Exception as exc:
