@@ -403,5 +403,6 @@ from leaderless.cli_encryption import encryption; main.add_command(encryption)  
 from leaderless.cli_keyring import keyring; main.add_command(keyring)  # noqa: E402, E702, I001
 from leaderless.cli_certs import certs; main.add_command(certs)  # noqa: E402, E702, I001
 from leaderless.cli_doctor import doctor; main.add_command(doctor)  # noqa: E402, E702, I001
+from leaderless.cli_chaos import chaos; main.add_command(chaos)  # noqa: E402, E702, I001
 from leaderless.cli_ring import register as _register_ring; _register_ring(main, node)  # noqa: E402, E702, I001
 from leaderless.cli_tasks import task; main.add_command(task)  # noqa: E402, E702, I001
