@@ -92,7 +92,7 @@ def test_schedules_keep_a_serving_majority_and_their_bounds(n: int) -> None:
                 shapes.add(f.detail["shape"])
             if f.kind == "pause" and f.detail["long"]:
                 long_pauses += 1
-                assert f.duration_s > FAILURE_DETECTION_S or f.end_s == duration_s
+                assert f.duration_s > FAILURE_DETECTION_S
         # At every moment: a majority serves, one partition and one skew at most, a node
         # carries one fault.
         for t in sorted({f.at_s for f in faults} | {f.end_s - 1e-6 for f in faults}):

@@ -177,9 +177,11 @@ def plan(names: Sequence[str], kinds: Iterable[str], seed: int, interval_s: floa
         for kind in rng.sample(kinds, len(kinds)):
             fault = _draw(rng, kind, at_s, names, minority, active)
             if fault is not None:
-                end_s = min(fault.end_s, duration_s)
-                faults.append(PlannedFault(fault.kind, at_s, round(end_s - at_s, 2),
-                                           fault.targets, fault.detail))
+                lasts_s = round(min(fault.end_s, duration_s) - at_s, 2)
+                detail = dict(fault.detail)
+                if "long" in detail:  # cut short by the run's end: long only if still so
+                    detail["long"] = lasts_s > FAILURE_DETECTION_S
+                faults.append(PlannedFault(fault.kind, at_s, lasts_s, fault.targets, detail))
                 break
 
 
