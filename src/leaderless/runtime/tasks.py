@@ -97,6 +97,9 @@ SKIP_MAX = 100_000
 RECENT_MAX = 1000
 """Tasks finished through this node that ``list`` also shows (their index entries are gone)."""
 WAIT_IDS_MAX = 1000
+HOLD_LINGER_S = 10.0
+HELD_MAX = 20_000
+"""Task registers watched for waiters at once; beyond it ``wait`` answers overloaded."""
 LIST_LIMIT_MAX = 1000
 FINISH_TRIES = 5
 IDEMPOTENCY_KEY_BYTES_MAX = 256
@@ -175,6 +178,8 @@ class TaskService:
         self._recent: collections.OrderedDict[bytes, TaskState] = collections.OrderedDict()
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
         self._wait_results: dict[int, dict[bytes, TaskState]] = {}
+        self._held: dict[bytes, tuple[Callable[[], None], float]] = {}
+        """Task registers watched for waiters: (let go, until when after the last wait)."""
         self._wake = asyncio.Event()
         self._claiming = False
         self._stopped = False
@@ -233,6 +238,9 @@ class TaskService:
             await self._pool.close()
         with contextlib.suppress(ValueError):
             self._kv.key_listeners.remove(self._on_key_changed)
+        for release, _ in self._held.values():
+            release()
+        self._held.clear()
         for futures in self._waiters.values():
             for future in futures:
                 if not future.done():
@@ -364,6 +372,11 @@ class TaskService:
             raise KvError("bad_request", f"wait for at most {WAIT_IDS_MAX} tasks at once")
         for task_id in task_ids:
             _check_id(task_id)
+        if len(self._held) + len(task_ids) > HELD_MAX:
+            self._hold(set())  # let go of the expired ones first
+            if len(self._held) + len(task_ids) > HELD_MAX:
+                raise KvError("overloaded", f"{HELD_MAX} tasks are waited on through this "
+                              "node; wait through another node or later")
         found: dict[bytes, TaskState] = {}
         wanted: set[bytes] = set(task_ids)
         for task_id in wanted:
@@ -377,16 +390,18 @@ class TaskService:
         for task_id in wanted:
             self._waiters.setdefault(task_id, []).append(future)
         self._wait_results[id(future)] = results
-        let_go = [self._kv.watches.hold_key(TASK_KEYSPACE_DEF, i) for i in wanted]
+        self._hold(wanted)
         try:
             # A watch reads its key when it opens: a task finished before is delivered too.
             await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except TimeoutError:
             pass
         finally:
-            for release in let_go:
-                release()
+            linger = time.monotonic() + HOLD_LINGER_S
             for task_id in wanted:
+                held = self._held.get(task_id)
+                if held is not None:
+                    self._held[task_id] = (held[0], linger)
                 futures = self._waiters.get(task_id, [])
                 with contextlib.suppress(ValueError):
                     futures.remove(future)
@@ -702,8 +717,28 @@ class TaskService:
         self._finished_locally(run.task_id, state)
         await self._delete_entry(candidate.queue, run.task_id, candidate.sort)
 
+    def _hold(self, task_ids: set[bytes]) -> None:
+        """Watch these registers, and keep watching them ``HOLD_LINGER_S`` after the wait:
+        a client waiting on many tasks calls ``wait`` again for the rest, and a watch
+        costs a read and a subscription at every member to open."""
+        now = time.monotonic()
+        for task_id, (release, until) in list(self._held.items()):
+            if until < now and task_id not in self._waiters:
+                release()
+                del self._held[task_id]
+        for task_id in task_ids:
+            held = self._held.get(task_id)
+            if held is None:
+                release = self._kv.watches.hold_key(TASK_KEYSPACE_DEF, task_id)
+                self._held[task_id] = (release, float("inf"))
+            else:
+                self._held[task_id] = (held[0], float("inf"))
+
     def _finished_locally(self, task_id: bytes, state: TaskState) -> None:
         self._done_by_queue[(state.spec.queue, state.state)] += 1
+        self._remember(task_id, state)
+
+    def _remember(self, task_id: bytes, state: TaskState) -> None:
         self._recent[task_id] = state
         self._recent.move_to_end(task_id)
         while len(self._recent) > RECENT_MAX:
@@ -798,7 +833,8 @@ class TaskService:
 
     def _on_key_changed(self, keyspace: str, partition: bytes, sort: bytes,
                         value: bytes | None) -> None:
-        if keyspace != TASK_KEYSPACE or partition not in self._waiters or value is None:
+        if keyspace != TASK_KEYSPACE or value is None or (
+                partition not in self._waiters and partition not in self._held):
             return
         try:
             state = decode_state(value)
@@ -806,6 +842,7 @@ class TaskService:
             return
         if state.state not in FINISHED:
             return
+        self._remember(partition, state)
         for future in self._waiters.get(partition, []):
             results = self._wait_results.get(id(future))
             if results is not None:
