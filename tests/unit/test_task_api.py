@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import json
 import threading
+import types
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -141,7 +142,7 @@ def test_functions_resolve_to_module_and_qualified_name() -> None:
         function_name(nested)
     with pytest.raises(TypeError, match="bound method"):
         function_name(threading.Thread().start)
-    main_function = type(nested)(nested.__code__, {"__name__": "__main__"}, "fn")
+    main_function = types.FunctionType(nested.__code__, {"__name__": "__main__"}, "fn")
     main_function.__module__ = "__main__"
     main_function.__qualname__ = "fn"
     with pytest.raises(TypeError, match="__main__"):
