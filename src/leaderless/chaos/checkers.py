@@ -251,7 +251,8 @@ def check_lock(history: History | Iterable[Entry], *,
                  for a in lock_check.check_lock_history(lock_history)]
     grants = lock_check.grants(lock_history)
     return _result(ops, anomalies, grants=len(grants),
-                   expiry_takeovers=lock_check.expiry_takeovers(lock_history),
+                   releases_ok=sum(op.kind == "release" and op.status == "ok"
+                                   for op in lock_history.locks),
                    fenced_writes_ok=sum(w.status == "ok" for w in lock_history.writes))
 
 
