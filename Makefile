@@ -44,5 +44,18 @@ fuzz: $(VENV)/.installed-test
 	$(BIN)/python tests/fuzz/atheris_native.py -runs=$(FUZZ_RUNS) -max_len=4096
 	$(BIN)/python tests/fuzz/atheris_gossip.py -runs=$(FUZZ_RUNS) -max_len=2048
 
+# Longer chaos runs: every workload under every fault kind on 5 nodes, for several seeds
+# (the bounded run of `make test` is tests/chaos/test_chaos_run.py). Stops at the first
+# invalid history; each run's history, faults and timeline are in $(CHAOS_OUT)/<workload>-<seed>.
+CHAOS_SEEDS ?= 1 2 3
+CHAOS_S ?= 60
+CHAOS_OUT ?= chaos-out
+.PHONY: chaos
+chaos: $(VENV)/.installed-test
+	@for seed in $(CHAOS_SEEDS); do for w in register set counter lock; do \
+		$(BIN)/leaderless chaos --nodes 5 --workload $$w --nemesis all --duration $(CHAOS_S) \
+			--seed $$seed --out $(CHAOS_OUT)/$$w-$$seed || exit 1; \
+	done; done
+
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
