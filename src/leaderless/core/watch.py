@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Any
 
 from leaderless.core.keys import keyspace_prefix, prefix_end
 from leaderless.core.paxos import PAXOS_PREFIX, decode_state, parse_paxos_key
@@ -64,6 +65,11 @@ class Subscriptions:
     def __init__(self, subs_max: int = SUBSCRIPTIONS_MAX) -> None:
         self._subs: dict[tuple[str, int], _Sub] = {}
         self._by_keyspace: dict[str, set[tuple[str, int]]] = {}
+        self._exact: dict[tuple[str, bytes, bytes], set[tuple[str, int]]] = {}
+        """Subscriptions to one key, by that key: an accept finds its watchers in one
+        lookup however many keys are watched (a task waiter watches thousands)."""
+        self._prefixes: dict[str, set[tuple[str, int]]] = {}
+        """Prefix subscriptions by keyspace (matched one by one)."""
         self._subs_max = subs_max
         self.reports = 0
 
@@ -80,20 +86,26 @@ class Subscriptions:
             self._drop(key)
             sub = self._subs[key] = _Sub(msg.filter, 0.0)
             self._by_keyspace.setdefault(msg.filter.keyspace, set()).add(key)
+            self._index(msg.filter).setdefault(_slot(msg.filter), set()).add(key)
         sub.expires_at = now + msg.lease_s
         return WatchSubscribed(msg.sub, fresh, sub.seq)
 
     def unsubscribe(self, subscriber: str, sub: int) -> None:
         self._drop((subscriber, sub))
 
+    def _index(self, flt: WatchFilter) -> dict[Any, set[tuple[str, int]]]:
+        return self._prefixes if flt.prefix else self._exact
+
     def _drop(self, key: tuple[str, int]) -> None:
         sub = self._subs.pop(key, None)
         if sub is not None:
-            keys = self._by_keyspace.get(sub.filter.keyspace)
-            if keys is not None:
-                keys.discard(key)
-                if not keys:
-                    del self._by_keyspace[sub.filter.keyspace]
+            for index, slot in ((self._by_keyspace, sub.filter.keyspace),
+                                (self._index(sub.filter), _slot(sub.filter))):
+                keys = index.get(slot)
+                if keys is not None:
+                    keys.discard(key)
+                    if not keys:
+                        del index[slot]
 
     def expire(self, now: float) -> None:
         for key in [k for k, s in self._subs.items() if s.expires_at <= now]:
@@ -106,7 +118,9 @@ class Subscriptions:
                     register: Register) -> list[tuple[str, WatchAccepted]]:
         """(subscriber, report) for every subscription matching this durable accept."""
         out: list[tuple[str, WatchAccepted]] = []
-        for key in self._by_keyspace.get(keyspace, ()):
+        exact = self._exact.get((keyspace, partition, sort), ())
+        prefixes = self._prefixes.get(keyspace, ())
+        for key in (*exact, *prefixes):
             sub = self._subs[key]
             if sub.filter.matches(keyspace, partition, sort):
                 sub.seq += 1
@@ -234,3 +248,8 @@ class Learner:
         while len(self._tally) > self._tally_keys_max:
             self._tally.popitem(last=False)
         return None
+
+
+def _slot(flt: WatchFilter) -> Any:
+    """Where a subscription is indexed: its key, or (prefix) its keyspace."""
+    return flt.keyspace if flt.prefix else (flt.keyspace, flt.partition, flt.sort)
