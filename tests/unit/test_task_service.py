@@ -256,3 +256,24 @@ def test_the_index_keyspace_is_readable(tmp_path: Path) -> None:
         assert [r.sort for r in rows] == [b"q1"]
 
     with_nodes(tmp_path, body, [{}, {}, {}])
+
+
+def test_finished_tasks_are_deleted_past_their_result_ttl(tmp_path: Path) -> None:
+    async def body(nodes: list[Node]) -> None:
+        short = await svc(nodes[0]).submit(spec("add", 1, 2, result_ttl_s=0.2))
+        kept = await svc(nodes[0]).submit(spec("add", 3, 4))
+        done = await wait_all(svc(nodes[1]), [short, kept])
+        assert result(done[short]) == 3 and result(done[kept]) == 7
+        await asyncio.sleep(0.5)
+        deleted = 0
+        for node in nodes:  # each task is expired by one node: its first live replica
+            deleted += await svc(node).sweep_expired()
+        assert deleted == 1
+        assert await svc(nodes[2]).status(short) is None
+        kept_state = await svc(nodes[2]).status(kept)
+        assert kept_state is not None and result(kept_state) == 7
+        # A waiter on a task that does not exist learns it (None), instead of waiting on.
+        assert await svc(nodes[1]).wait([b"no-such-task"], 0.2) == {b"no-such-task": None}
+        assert sum(svc(n).counters()["tasks_expired"] for n in nodes) == 1
+
+    with_nodes(tmp_path, body)

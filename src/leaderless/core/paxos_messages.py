@@ -269,9 +269,11 @@ class Release(msgspec.Struct, frozen=True, array_like=True, tag="release"):
 
 class TaskChange(msgspec.Struct, frozen=True, array_like=True, tag="task"):
     """A change of a task register (``core.tasks.apply_task``): submit, claim, start,
-    renew, finish, release or cancel."""
+    renew, finish, release, cancel, or expire (delete a finished task past its result
+    TTL)."""
 
-    kind: Literal["submit", "claim", "start", "renew", "finish", "release", "cancel"]
+    kind: Literal["submit", "claim", "start", "renew", "finish", "release", "cancel",
+                  "expire"]
     node: Annotated[str, msgspec.Meta(max_length=64)] = ""
     token: Counter = 0
     ttl_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 0

@@ -20,6 +20,7 @@ paused: the task runs again elsewhere -- execution is at least once). ``start`` 
 the worker began. ``renew`` extends the lease. ``finish`` records the outcome: success, or a
 failure that is retried (after ``backoff_s * 2**(attempt-1)``) while attempts remain.
 ``release`` hands a task back (a node that leaves gracefully). ``cancel`` ends it.
+``expire`` deletes a finished task once its result TTL (``spec.result_ttl_s``) has passed.
 
 Discovery: every task not yet finished also has an entry in the eventual keyspace
 ``system_task_index``, in one of ``SHARDS`` shards (partition ``<queue>/<shard>``), sorted
@@ -224,6 +225,12 @@ def apply_task(value: bytes | None, change: TaskChange, wall_ms: int) -> bytes |
     task = decode_state(value)
     if change.kind == "claim":
         return encode(_claim(task, change, wall_ms))
+    if change.kind == "expire":
+        if task.state not in FINISHED:
+            raise TaskRefused(f"not finished ({task.state})")
+        if task.finished_ms + int(task.spec.result_ttl_s * 1000) > wall_ms:
+            raise TaskRefused("its result is still within its TTL")
+        return None  # deleted (a strong tombstone, purged after the grace period)
     if change.kind == "cancel":
         if task.state in FINISHED:
             raise TaskRefused(f"finished ({task.state})")

@@ -38,7 +38,7 @@ import xxhash
 from leaderless.api.service import KvError
 from leaderless.config import TasksConfig
 from leaderless.core import paxos
-from leaderless.core.keys import token
+from leaderless.core.keys import keyspace_prefix, prefix_end, token
 from leaderless.core.paxos_messages import Read
 from leaderless.core.schema import KeyspaceDef
 from leaderless.core.tasks import (
@@ -96,6 +96,14 @@ LOAD_WAIT_S = 0.25
 SKIP_MAX = 100_000
 RECENT_MAX = 1000
 """Tasks finished through this node that ``list`` also shows (their index entries are gone)."""
+SWEEP_INTERVAL_S = 30.0
+"""How often a node looks for finished tasks past their result TTL."""
+SWEEP_KEYS_PER_PASS = 2000
+"""Task registers read per pass (from this node's own store, a slice at a time): the
+sweep is background work; a later pass goes on where this one stopped."""
+MISSING_CHECKS_PER_WAIT = 16
+"""A wait that ends with nothing finished reads this many of its ids (strong reads) to
+report the ones with no task (never submitted, or deleted past their TTL)."""
 WAIT_IDS_MAX = 1000
 HOLD_LINGER_S = 10.0
 HELD_MAX = 20_000
@@ -177,7 +185,7 @@ class TaskService:
         self._steal_at = 0
         self._recent: collections.OrderedDict[bytes, TaskState] = collections.OrderedDict()
         self._waiters: dict[bytes, list[asyncio.Future[None]]] = {}
-        self._wait_results: dict[int, dict[bytes, TaskState]] = {}
+        self._wait_results: dict[int, dict[bytes, TaskState | None]] = {}
         self._held: dict[bytes, tuple[Callable[[], None], float]] = {}
         """Task registers watched for waiters: (let go, until when after the last wait)."""
         self._wake = asyncio.Event()
@@ -186,6 +194,8 @@ class TaskService:
         self._loops: builtins.list[asyncio.Task[None]] = []
         self._rng = random.Random()
         self._counters: collections.Counter[str] = collections.Counter()
+        self._sweep_cursor = b""
+        """Where the next sweep of expired tasks goes on (``sweep_expired``)."""
         self._done_by_queue: collections.Counter[tuple[str, str]] = collections.Counter()
         self._pending_seen: dict[str, int] = {}
         kv.key_listeners.append(self._on_key_changed)
@@ -208,7 +218,8 @@ class TaskService:
         self._claiming = True
         loop = asyncio.get_running_loop()
         self._loops = [loop.create_task(self._claim_loop()),
-                       loop.create_task(self._renew_loop())]
+                       loop.create_task(self._renew_loop()),
+                       loop.create_task(self._sweep_loop())]
 
     async def stop(self, drain_s: float) -> None:
         """Claim nothing more, wait up to ``drain_s`` for the running tasks, then hand the
@@ -364,9 +375,10 @@ class TaskService:
         return result
 
     async def wait(self, task_ids: builtins.list[bytes], timeout_s: float
-                   ) -> dict[bytes, TaskState]:
+                   ) -> dict[bytes, TaskState | None]:
         """The finished ones of ``task_ids`` as soon as at least one has finished, or those
-        finished when ``timeout_s`` passes (maybe none). Learns of changes through watches
+        finished when ``timeout_s`` passes (maybe none; then also, as None, some of the ids
+        with no task). Learns of changes through watches
         on the tasks' registers (no polling)."""
         if len(task_ids) > WAIT_IDS_MAX:
             raise KvError("bad_request", f"wait for at most {WAIT_IDS_MAX} tasks at once")
@@ -377,7 +389,7 @@ class TaskService:
             if len(self._held) + len(task_ids) > HELD_MAX:
                 raise KvError("overloaded", f"{HELD_MAX} tasks are waited on through this "
                               "node; wait through another node or later")
-        found: dict[bytes, TaskState] = {}
+        found: dict[bytes, TaskState | None] = {}
         wanted: set[bytes] = set(task_ids)
         for task_id in wanted:
             recent = self._recent.get(task_id)
@@ -386,7 +398,7 @@ class TaskService:
         if found or not wanted:
             return found
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        results: dict[bytes, TaskState] = {}
+        results: dict[bytes, TaskState | None] = {}
         for task_id in wanted:
             self._waiters.setdefault(task_id, []).append(future)
         self._wait_results[id(future)] = results
@@ -395,7 +407,12 @@ class TaskService:
             # A watch reads its key when it opens: a task finished before is delivered too.
             await asyncio.wait_for(asyncio.shield(future), timeout_s)
         except TimeoutError:
-            pass
+            # Nothing finished: some ids may have no task at all (never submitted, or
+            # deleted past their TTL); read a few, so a waiter learns of them in time.
+            for task_id in random.sample(sorted(wanted),
+                                         min(MISSING_CHECKS_PER_WAIT, len(wanted))):
+                if await self.status(task_id) is None:
+                    results[task_id] = None
         finally:
             linger = time.monotonic() + HOLD_LINGER_S
             for task_id in wanted:
@@ -410,10 +427,62 @@ class TaskService:
             self._wait_results.pop(id(future), None)
         return results
 
+    # -- results past their TTL ----------------------------------------------------------
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S * random.uniform(0.5, 1.5))
+            try:
+                await self.sweep_expired()
+            except KvError as exc:
+                self._warn.warning(f"sweep_{exc.code}", "task_sweep_failed", time.monotonic(),
+                                   error=str(exc))
+
+    async def sweep_expired(self) -> int:
+        """Delete finished tasks whose result TTL has passed (``TaskChange("expire")``, which
+        the register itself checks). This node reads the task registers of its own store,
+        ``SWEEP_KEYS_PER_PASS`` per pass, and expires those it is the first live replica
+        of, so each task is swept by one node. Returns how many it deleted."""
+        prefix = paxos.PAXOS_PREFIX + keyspace_prefix(TASK_KEYSPACE)
+        start = max(self._sweep_cursor, prefix)
+        wall_ms = int(self._now() * 1000)
+        placement = self._kv.placement
+        up = set(self._kv._members_up())
+        due: list[bytes] = []
+        last = None
+        for key, raw in self._kv.store.scan(start, prefix_end(prefix),
+                                            limit=SWEEP_KEYS_PER_PASS):
+            last = key
+            accepted = paxos.decode_state(raw).register
+            if accepted is None or accepted.value is None:
+                continue
+            try:
+                task = decode_state(accepted.value)
+            except msgspec.DecodeError:
+                continue
+            if (task.state not in FINISHED
+                    or task.finished_ms + int(task.spec.result_ttl_s * 1000) > wall_ms):
+                continue
+            _, task_id, _ = paxos.parse_paxos_key(key)
+            replicas = [r for r in placement.current.preference_list(
+                token(task_id), TASK_REPLICATION) if r in up]
+            if replicas and replicas[0] == self.node:
+                due.append(task_id)
+        self._sweep_cursor = (last + b"\x00") if last is not None else b""
+        deleted = 0
+        for task_id in due:
+            outcome = await self._kv.propose(TASK_KEYSPACE_DEF, task_id, b"",
+                                             TaskChange("expire", self.node), b"")
+            if isinstance(outcome, paxos.Done):
+                deleted += 1
+                self._recent.pop(task_id, None)
+        self._counters["expired"] += deleted
+        return deleted
+
     def counters(self) -> dict[str, int]:
         names = ("submitted", "claimed", "succeeded", "failed", "retried", "cancelled",
                  "released", "lost", "zombie_results_rejected", "claim_refusals",
-                 "stale_entries_deleted", "renewals", "renew_refusals")
+                 "stale_entries_deleted", "renewals", "renew_refusals", "expired")
         result = {f"tasks_{name}": self._counters[name] for name in names}
         result["tasks_running"] = len(self._running)
         result["tasks_free_slots"] = self._free()
