@@ -10,9 +10,10 @@ Reads ask R live replicas in the dynamic snitch's order (``core.snitch``: this n
 it is one, then the local zone's replicas by reply latency and requests outstanding, suspect
 ones last; near-ties keep ring order) and answer with the newest cell by (HLC, writer). If a
 replica is slower than the speculative delay (the recent p99 of replica reads, at least
-``speculative_floor_s``), one more replica is asked: the snitch's best of those not asked. Replicas that answered with an older cell are repaired before the read returns
-(blocking read repair, as Cassandra does for QUORUM), so a value once read is never
-"un-read" by a later QUORUM read.
+``speculative_floor_s``), one more replica is asked: the snitch's best of those not asked.
+Replicas that answered with an older cell are repaired before the read returns (blocking
+read repair, as Cassandra does for QUORUM), so a value once read is never "un-read" by a
+later QUORUM read.
 
 The state machine is sans-I/O: the caller passes the ring and the set of live nodes
 (``Topology``), feeds replica replies to ``on_reply`` and calls ``on_tick`` by

@@ -82,6 +82,7 @@ from leaderless.runtime.doctor import NodeDoctor
 from leaderless.runtime.drops import Drops
 from leaderless.runtime.errors import DataDirError, StartupError
 from leaderless.runtime.failover import PassiveFailover, classify, hand_off_hints
+from leaderless.runtime.fault_partition import install_fault_partition
 from leaderless.runtime.health import HealthMonitor, StoreErrors
 from leaderless.runtime.keyring_service import (
     KeyringService,
@@ -104,7 +105,6 @@ from leaderless.runtime.task_workers import WorkerPool
 from leaderless.runtime.tasks import TaskService
 from leaderless.runtime.tcp import ConnectionClosedError, ServerConnection
 from leaderless.runtime.transport import NetTransport, Transport
-from leaderless.runtime.fault_partition import install_fault_partition
 from leaderless.runtime.wall_clock import install_fault_skew, wall_ms
 from leaderless.security.data_keys import DataKeyError, load_data_keys
 from leaderless.security.keyring import SEAL_OVERHEAD_BYTES, KeyringError, OpenError
