@@ -187,7 +187,7 @@ def test_restarted_node_rejoins_with_a_higher_incarnation() -> None:
 def test_metadata_update_spreads_as_updated_event() -> None:
     net = Net(["a", "b", "c"])
     net.converge()
-    meta = NodeMeta(zone="z1", weight=2.0, tags={"role": "io"}, version="0.1.0")
+    meta = NodeMeta(zone="z1", weight_milli=2000, tags={"role": "io"}, version="0.1.0")
     net.apply("b", net.nodes["b"].update_meta(1.0, meta), 1.0)
     net.run(1.0, 2.0)
     for observer in ["a", "c"]:

@@ -73,11 +73,27 @@ class LoadSummary(msgspec.Struct, frozen=True, array_like=True, omit_defaults=Tr
     p99_ms: Annotated[float, msgspec.Meta(ge=0, le=1e6)] = 0.0
 
 
+class RingMeta(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
+    """A member's ring-change fields (``core.placement``)."""
+
+    state: Annotated[int, msgspec.Meta(ge=0, le=2)] = 0
+    """``core.placement.RingState``: normal, joining (streaming its ranges in) or leaving
+    (streaming them away)."""
+    replacing: Annotated[str, msgspec.Meta(max_length=NAME_BYTES_MAX)] = ""
+    """The dead member whose tokens this joining member takes over (``--replace``)."""
+    next_token_count: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+    """A capacity change in progress: the token count this member is moving to."""
+    synced: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """Digest of the base ring (``core.placement``) whose ranges this member holds."""
+
+
 class NodeMeta(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     """What a member says about itself; spreads like any other update."""
 
     zone: Annotated[str, msgspec.Meta(max_length=ZONE_BYTES_MAX)] = ""
-    weight: Annotated[float, msgspec.Meta(gt=0, le=1000)] = 1.0
+    weight_milli: Annotated[int, msgspec.Meta(gt=0, le=1_000_000)] = 1000
+    """Capacity weight in thousandths (``weight``): 3 bytes on the wire where a float
+    takes 9, in every alive update."""
     tags: Annotated[dict[TagKey, TagValue], msgspec.Meta(max_length=TAG_COUNT_MAX)] = {}
     version: Annotated[str, msgspec.Meta(max_length=VERSION_BYTES_MAX)] = ""
     token_seed: Annotated[int, msgspec.Meta(ge=0)] = 0
@@ -93,15 +109,47 @@ class NodeMeta(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True)
     """What the member says of its own health (``core.health``); None: healthy, or a
     member from before health was gossiped. At most ~70 bytes (REASON_BYTES_MAX), so an
     alive update with load and health still fits one datagram."""
-    ring_state: Annotated[int, msgspec.Meta(ge=0, le=2)] = 0
-    """``core.placement.RingState``: normal, joining (streaming its ranges in) or leaving
-    (streaming them away)."""
-    replacing: Annotated[str, msgspec.Meta(max_length=NAME_BYTES_MAX)] = ""
-    """The dead member whose tokens this joining member takes over (``--replace``)."""
-    next_token_count: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
-    """A capacity change in progress: the token count this member is moving to."""
-    synced: Annotated[int, msgspec.Meta(ge=0)] = 0
-    """Digest of the base ring (``core.placement``) whose ranges this member holds."""
+    ring: RingMeta | None = None
+    """Where the member stands in ring changes (``core.placement``); None: normal, no
+    change, nothing synced (one byte on the wire: every alive update carries the meta, and
+    its size is what a datagram's piggybacked updates are counted in)."""
+
+    @property
+    def weight(self) -> float:
+        return self.weight_milli / 1000
+
+    @property
+    def ring_state(self) -> int:
+        return self.ring.state if self.ring is not None else 0
+
+    @property
+    def replacing(self) -> str:
+        return self.ring.replacing if self.ring is not None else ""
+
+    @property
+    def next_token_count(self) -> int:
+        return self.ring.next_token_count if self.ring is not None else 0
+
+    @property
+    def synced(self) -> int:
+        return self.ring.synced if self.ring is not None else 0
+
+
+RING_FIELDS = ("ring_state", "replacing", "next_token_count", "synced")
+"""``NodeMeta``'s ring fields (in ``NodeMeta.ring``), as ``with_fields`` takes them."""
+
+
+def with_fields(meta: NodeMeta, **fields: object) -> NodeMeta:
+    """``meta`` with the given fields changed: top-level ones, and the ring fields
+    (``RING_FIELDS``), which live in ``meta.ring``."""
+    ring = {name: fields.pop(name) for name in RING_FIELDS if name in fields}
+    if ring:
+        current = meta.ring or RingMeta()
+        names = {"ring_state": "state"}
+        changed = msgspec.structs.replace(
+            current, **{names.get(k, k): v for k, v in ring.items()})
+        fields["ring"] = None if changed == RingMeta() else changed
+    return msgspec.structs.replace(meta, **fields)
 
 
 class MemberStatus(enum.IntEnum):

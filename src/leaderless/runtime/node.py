@@ -64,6 +64,7 @@ from leaderless.core.messages import (
     PushPull,
     SealedPushPull,
     UserEvent,
+    with_fields,
 )
 from leaderless.core.paxos_messages import PaxosRequest
 from leaderless.core.ring import token_count_for
@@ -280,7 +281,8 @@ class Node:
             self._data_dir.close()
             raise
         token_seed = int(ring_fields.get("token_seed", token_seed))
-        meta = NodeMeta(zone=self.config.zone, weight=self.config.weight,
+        meta = NodeMeta(zone=self.config.zone,
+                        weight_milli=max(1, round(self.config.weight * 1000)),
                         tags=dict(self.config.tags), version=__version__,
                         token_seed=token_seed,
                         client_port=self.client_address.port if self.client_address else 0,
@@ -291,7 +293,7 @@ class Node:
             settle_s=self.config.ring.settle_s, kv=self.kv,
             meta=lambda: self._require().meta, publish=self._publish_ring,
             members=lambda: self._require().members(), depart=self.stop, now=self._now)
-        meta = msgspec.structs.replace(meta, **self.ring.meta_fields())
+        meta = with_fields(meta, **self.ring.meta_fields())
         kv = self.kv
         self.cleanup = Cleanup(kv, self.config.name, grace_s=self.config.ring.cleanup_grace_s,
                                replication=lambda: held_replication(kv))
@@ -372,7 +374,7 @@ class Node:
         """Gossip new ring fields (``runtime.ring_changes`` saved them first)."""
         membership = self._membership
         if membership is not None:
-            self._feed(membership.update_meta(self._now(), msgspec.structs.replace(
+            self._feed(membership.update_meta(self._now(), with_fields(
                 membership.meta, **fields)))
 
     async def _start_data_plane(self) -> None:
