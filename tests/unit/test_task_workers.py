@@ -37,16 +37,28 @@ def value(outcome: TaskOutcome) -> Any:
     return msgspec.msgpack.decode(outcome.result)
 
 
+_OTHERS: set[int] = set()
+"""Children of the test process that are not the pool's (e.g. a multiprocessing resource
+tracker an earlier test in the same session left behind)."""
+
+
+def children(recursive: bool = False) -> list[psutil.Process]:
+    """The test process's children, less those that were there before the pool started."""
+    return [p for p in psutil.Process().children(recursive=recursive) if p.pid not in _OTHERS]
+
+
 def with_pool(body: Callable[[WorkerPool], Awaitable[T]], slots: int = 2,
               modules: tuple[str, ...] = (MOD,), allow_pickle: bool = False) -> T:
     async def main() -> T:
+        _OTHERS.clear()
+        _OTHERS.update(p.pid for p in psutil.Process().children(recursive=True))
         pool = WorkerPool(slots, modules, allow_pickle)
         await pool.start()
         try:
             return await body(pool)
         finally:
             await pool.close()
-            assert psutil.Process().children(recursive=True) == []
+            assert children(recursive=True) == []
     return asyncio.run(main())
 
 
@@ -62,7 +74,7 @@ def test_module_allowed() -> None:
 
 def test_results_args_kwargs_and_async() -> None:
     async def body(pool: WorkerPool) -> None:
-        before = psutil.Process().children()
+        before = children()
         assert len(before) == 2 and pool.free_slots() == 2
         outcome = await pool.run(spec("add", 2, 3))
         assert value(outcome) == 5 and outcome.started_ms > 0
@@ -90,7 +102,7 @@ def test_exception_is_a_retryable_failure_with_its_traceback() -> None:
 
 def test_timeout_kills_the_worker_and_the_pool_recovers() -> None:
     async def body(pool: WorkerPool) -> None:
-        pids = {p.pid for p in psutil.Process().children()}
+        pids = {p.pid for p in children()}
         slow, stubborn = await asyncio.gather(
             pool.run(spec("sleep_for", 60, timeout_s=0.3)),
             pool.run(spec("ignore_sigterm_and_sleep", 60, timeout_s=0.3)))
@@ -103,8 +115,8 @@ def test_timeout_kills_the_worker_and_the_pool_recovers() -> None:
         results = await asyncio.gather(*(pool.run(spec("record_pid")) for _ in range(4)))
         new_pids = {value(r) for r in results}
         assert new_pids and not new_pids & pids
-        children = {p.pid for p in psutil.Process().children()}
-        assert len(children) == 2 and new_pids <= children and not pids & children
+        now_children = {p.pid for p in children()}
+        assert len(now_children) == 2 and new_pids <= now_children and not pids & now_children
     with_pool(body)
 
 
@@ -136,7 +148,7 @@ def test_a_crashing_worker_is_replaced() -> None:
         assert pool.counts["died"] == 1
         results = await asyncio.gather(*(pool.run(spec("add", i, 1)) for i in range(6)))
         assert [value(r) for r in results] == [i + 1 for i in range(6)]
-        assert len(psutil.Process().children()) == 1
+        assert len(children()) == 1
         assert value(await pool.run(spec("record_pid"))) != first
     with_pool(body, slots=1)
 
@@ -258,7 +270,7 @@ def test_kill_and_cancel_stop_a_running_task() -> None:
         outcome = await task
         assert not outcome.ok and outcome.error == "aborted: lease lost"
         assert not pool.kill(b"task-1")
-        assert first not in {p.pid for p in psutil.Process().children()}
+        assert first not in {p.pid for p in children()}
         # Cancelling the coroutine kills the worker too.
         with tempfile.TemporaryDirectory() as tmp:
             task = asyncio.ensure_future(pool.run(spec("mark_running", tmp, "m", 60)))
@@ -274,7 +286,7 @@ def test_kill_and_cancel_stop_a_running_task() -> None:
         assert pool.free_slots() == 1
         assert value(await pool.run(spec("add", 2, 2))) == 4
         for _ in range(500):  # it was killed at once and is reaped in the background
-            if not set(busy) & {p.pid for p in psutil.Process().children()}:
+            if not set(busy) & {p.pid for p in children()}:
                 break
             await asyncio.sleep(0.01)
         else:
@@ -284,15 +296,17 @@ def test_kill_and_cancel_stop_a_running_task() -> None:
 
 def test_close_stops_running_tasks_and_leaves_no_children() -> None:
     async def main() -> None:
+        _OTHERS.clear()
+        _OTHERS.update(p.pid for p in psutil.Process().children(recursive=True))
         pool = WorkerPool(3, (MOD,), False)
         await pool.start()
-        assert len(psutil.Process().children(recursive=True)) == 3
+        assert len(children(recursive=True)) == 3
         runs = [asyncio.ensure_future(pool.run(spec("sleep_for", 60))) for _ in range(4)]
         await asyncio.sleep(0.2)
         await pool.close()
         outcomes = await asyncio.gather(*runs)
         assert all(not o.ok and "closed" in o.error for o in outcomes)
-        assert psutil.Process().children(recursive=True) == []
+        assert children(recursive=True) == []
         assert pool.free_slots() == 0
         assert not (await pool.run(spec("add", 1))).ok
     asyncio.run(main())
