@@ -1,4 +1,4 @@
-"""The bounded chaos run of ``make test``: three workloads, ~20 s each, on a real 3-node
+"""The bounded chaos run of ``make test``: three workloads, ~12 s each, on a real 3-node
 cluster (network namespaces when this machine allows, else loopback; the output says which)
 while the nemesis kills nodes and partitions the network. Each must come out valid, with
 zero lost acknowledged writes and every register key decided linearizable.
@@ -19,13 +19,13 @@ from leaderless.chaos.history import read_jsonl
 from leaderless.chaos.runner import ChaosConfig, run_chaos
 
 pytestmark = pytest.mark.integration
-DURATION_S = float(os.environ.get("LEADERLESS_CHAOS_CI_S", "20"))
+DURATION_S = float(os.environ.get("LEADERLESS_CHAOS_CI_S", "12"))
 LEADERLESS = str(Path(sys.executable).parent / "leaderless")
 
 
 def _config(workload: str, seed: int, out: Path) -> ChaosConfig:
     return ChaosConfig(workload=workload, nodes=3, nemesis="kill,partition",
-                       duration_s=DURATION_S, seed=seed, out_dir=out, interval_s=3.0,
+                       duration_s=DURATION_S, seed=seed, out_dir=out, interval_s=2.0,
                        settle_s=2.0)
 
 
@@ -68,7 +68,7 @@ def test_lock_through_the_cli_grants_no_lock_twice(tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = subprocess.run(
         [LEADERLESS, "chaos", "--nodes", "3", "--workload", "lock", "--nemesis",
-         "kill,partition", "--duration", str(DURATION_S), "--interval", "3", "--settle", "2",
+         "kill,partition", "--duration", str(DURATION_S), "--interval", "2", "--settle", "2",
          "--seed", "13", "--json", "--out", str(out)],
         capture_output=True, text=True, timeout=220, stdin=subprocess.DEVNULL,
         env={k: v for k, v in os.environ.items() if not k.startswith("LEADERLESS_")})

@@ -240,7 +240,7 @@ def sample(c: ChaosCluster) -> dict[str, Any]:
 def test_a_short_run_injects_every_fault_and_heals(cluster: ChaosCluster) -> None:
     c = cluster
     kinds = {"kill", "pause", "partition"}
-    duration_s, interval_s = 20.0, 3.0
+    duration_s, interval_s = 14.0, 2.5
     seed = next(s for s in range(1000)  # the first seed whose run has each kind
                 if {f.kind for f in plan(c.names, kinds, s, interval_s, duration_s)} == kinds)
     nemesis = Nemesis(c, kinds, seed, interval_s, log=print)
