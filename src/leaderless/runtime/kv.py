@@ -10,6 +10,7 @@ replays hints to returning peers, runs anti-entropy sessions and purges old tomb
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import random
@@ -150,6 +151,13 @@ PeerReply = ReplicaReply | AntiEntropyMessage | PaxosReply | StreamPage
 """What arrives on our outbound links: replicas' and acceptors' replies, anti-entropy,
 stream pages."""
 PAXOS_PURGE_KEYS_PER_SWEEP = 100
+SCAN_PAGES_MAX = 16
+"""Pages a scan reads past deleted (tombstone) or expired rows to fill its limit: rows are
+merged across replicas with their tombstones (a newer delete must win over an older
+value), so a page can come back empty of live rows; beyond this many pages the scan
+answers with what it found and ``more``."""
+SCAN_SKIP_PAGE_ROWS = 256
+"""Rows per page once a scan reads on past deleted rows (up to 4,096 of them in all)."""
 BUILTIN_KEYSPACES = {INDEX_KEYSPACE: KeyspaceDef(INDEX_KEYSPACE, INDEX_REPLICATION, "eventual",
                                                  "ONE", "QUORUM")}
 """Eventual system keyspaces with fixed definitions (not in the schema keyspace): the task
@@ -419,15 +427,31 @@ class KvNode:
         self._check_key(key, start or b"")
         level = self._level(definition, consistency, definition.read_consistency)
         self.hot_partitions.record(self._now(), definition.name, key, False)
-        op_id = next(self._op_ids)
-        result = await self._run(op_id, lambda: self.coordinator.scan(
-            self._now(), op_id, self._topology, definition.name, definition.replication,
-            key, start, end, limit, level))
-        assert isinstance(result, ScanDone)
-        wall_ms = _wall_ms()
-        rows = [Row(r.sort, r.cell.value, r.cell.hlc, r.cell.expires_at_ms)
-                for r in result.rows if r.cell.visible(wall_ms)]
-        return rows, result.more
+        rows: list[Row] = []
+        more = False
+        page_rows = limit
+        for _ in range(SCAN_PAGES_MAX):
+            op_id = next(self._op_ids)
+            result = await self._run(op_id, functools.partial(
+                self._scan_page, op_id, definition, key, start, end, page_rows, level))
+            assert isinstance(result, ScanDone)
+            wall_ms = _wall_ms()
+            rows.extend(Row(r.sort, r.cell.value, r.cell.hlc, r.cell.expires_at_ms)
+                        for r in result.rows if r.cell.visible(wall_ms))
+            more = result.more
+            if not more or len(rows) >= limit or not result.rows:
+                break
+            # The page was mostly deleted or expired rows: read on past them, so live rows
+            # behind many deleted ones are found (a queue's index, say).
+            start = result.rows[-1].sort + b"\x00"
+            page_rows = max(limit, SCAN_SKIP_PAGE_ROWS)
+        return rows[:limit], more or len(rows) > limit
+
+    def _scan_page(self, op_id: int, definition: KeyspaceDef, key: bytes,
+                   start: bytes | None, end: bytes | None, limit: int,
+                   level: str) -> list[Any]:
+        return self.coordinator.scan(self._now(), op_id, self._topology, definition.name,
+                                     definition.replication, key, start, end, limit, level)
 
     async def cas(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
                   expected_version: int | None = None, expected_value: bytes | None = None,
