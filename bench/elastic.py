@@ -38,7 +38,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -47,6 +46,8 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from processes import free_ports
 
 from leaderless.client import AsyncClient, LeaderlessError
 
@@ -193,18 +194,6 @@ def summarize(samples: list[tuple[float, float, str]], since: float, until: floa
 
 
 # -- cluster ------------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Node:

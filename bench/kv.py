@@ -39,7 +39,6 @@ import multiprocessing
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -48,6 +47,8 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from processes import free_ports, stop
 
 from leaderless.client import AsyncClient, LeaderlessError
 
@@ -202,18 +203,6 @@ def run_phase(pool: Any, nodes: list[str], op: str, clients: int, procs: int, ra
 # -- cluster ------------------------------------------------------------------------------
 
 
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
 def security_files(n: int, workdir: Path, encrypt_at_rest: bool) -> dict[str, Any]:
     """A CA, node certificates, a gossip key, an admin password (and data keys)."""
     from leaderless.security import pki
@@ -274,16 +263,7 @@ def start_cluster(n: int, workdir: Path, security: dict[str, Any] | None = None
 
 
 def stop_cluster(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+    stop(procs, grace_s=5.0)
 
 
 async def wait_ready(nodes: list[str], members: int, timeout_s: float,

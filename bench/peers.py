@@ -49,14 +49,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import base64
-import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -68,6 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from processes import free_ports, spawn, stop, stop_all
 
 from leaderless.client import AsyncClient, LeaderlessError
 
@@ -118,57 +116,6 @@ class Latencies:
 
 
 # -- processes ------------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGKILL when the bench dies (PR_SET_PDEATHSIG), so nothing outlives it."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-_LIVE: list[subprocess.Popen[bytes]] = []
-
-
-def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    _LIVE.append(proc)
-    return proc
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        if p in _LIVE:
-            _LIVE.remove(p)
-
-
-@atexit.register
-def _stop_all() -> None:
-    stop(list(_LIVE))
 
 
 def cpu_seconds(pids: list[int]) -> float:
@@ -859,7 +806,7 @@ def main() -> None:
             trials = ([] if opts.no_availability else
                       runner.run(availability(systems, workdir, opts)))
     finally:
-        _stop_all()
+        stop_all()
         if opts.keep_logs:
             log(opts, f"logs kept in {workdir}")
         else:

@@ -28,10 +28,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
 import collections
 import concurrent.futures
-import ctypes
 import json
 import os
 import shutil
@@ -44,6 +42,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from processes import free_ports, live, spawn, stop, stop_all
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "tasks.json"
@@ -80,61 +80,6 @@ if os.environ.get("BENCH_CELERY_BROKER"):
 
 
 # -- processes ------------------------------------------------------------------------------
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _die_with_parent() -> None:
-    """In the child: SIGKILL when the bench dies (PR_SET_PDEATHSIG), so nothing outlives it."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-_LIVE: list[subprocess.Popen[bytes]] = []
-
-
-def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None,
-          cwd: Path = REPO) -> subprocess.Popen[bytes]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("LEADERLESS_")}
-    full_env.update(env or {})
-    with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
-                                env=full_env, cwd=cwd)
-    _LIVE.append(proc)
-    return proc
-
-
-def stop(procs: list[subprocess.Popen[bytes]]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        if p in _LIVE:
-            _LIVE.remove(p)
-
-
-@atexit.register
-def _stop_all() -> None:
-    stop(list(_LIVE))
 
 
 def log(text: str) -> None:
@@ -176,7 +121,7 @@ class Cluster:
                 cmd += ["--tag", f"{tag}=1"]
             if i:
                 cmd += ["--join", seed]
-            self.procs.append(spawn(cmd, self.workdir / f"{name}.log", env))
+            self.procs.append(spawn(cmd, self.workdir / f"{name}.log", env, cwd=REPO))
             self.clients.append(f"127.0.0.1:{client}")
 
     async def ready(self, timeout_s: float = 60) -> None:
@@ -590,7 +535,7 @@ class Redis:
         cmd = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                "--appendonly", "no", "--dir", str(self.workdir), "--protected-mode", "no",
                "--loglevel", "warning"]
-        self.proc = spawn(cmd, self.workdir / "redis.log")
+        self.proc = spawn(cmd, self.workdir / "redis.log", cwd=REPO)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             try:
@@ -690,7 +635,7 @@ def celery_bench(workdir: Path, n: int, concurrency: int, lost_n: int) -> dict[s
         log(f"celery broker killed: {out['broker_killed']}")
     finally:
         stop([worker])
-        stop([p for p in list(_LIVE) if isinstance(p.args, list) and p.args
+        stop([p for p in live() if isinstance(p.args, list) and p.args
               and p.args[0] == "redis-server"])
     return out
 
@@ -869,7 +814,7 @@ def main() -> None:
             (workdir / "celery").mkdir()
             result["celery"] = celery_bench(workdir / "celery", opts.tasks, 2, opts.lost_tasks)
     finally:
-        _stop_all()
+        stop_all()
         if opts.keep_logs:
             log(f"logs kept in {workdir}")
         else:
