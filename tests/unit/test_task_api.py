@@ -325,8 +325,9 @@ def test_async_executor_submits_maps_and_fails(tmp_path: Path) -> None:
                     await asyncio.wait_for(await ex.submit(task_functions.raise_error), 60)
             async with client.async_executor(queue="nowhere", tags=["gpu"]) as stuck:
                 waiting = await stuck.submit(task_functions.add, 1, 1)
-                waiting.cancel()
+                # Its id before the cancel: once cancelled, its index entry may be gone.
                 task_id = next(iter(await client.list_tasks("nowhere"))).task_id
+                waiting.cancel()
 
                 async def cancelled() -> bool:
                     info = await client.task_status(task_id)
