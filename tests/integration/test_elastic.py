@@ -34,6 +34,18 @@ def start(processes: Processes, name: str, join: str | None = None, *,
     return node, client
 
 
+def first_members(processes: Processes, count: int) -> tuple[list[NodeProcess], list[str]]:
+    """The first ``count`` members of a new cluster (n1 .. n<count>), all seeing all alive."""
+    first, first_client = start(processes, "n1")
+    nodes, clients = [first], [first_client]
+    for i in range(2, count + 1):
+        node, client = start(processes, f"n{i}", first.address)
+        nodes.append(node)
+        clients.append(client)
+    wait_until(lambda: all(alive_count(n) == count for n in nodes), f"{count} nodes alive")
+    return nodes, clients
+
+
 def ring_state(node: NodeProcess) -> str:
     try:
         return str(json.loads((node.data_dir / "ring.json").read_text())["state"])
@@ -162,13 +174,8 @@ def check_load(load: Load) -> None:
 
 
 def test_two_nodes_join_at_once_under_load(processes: Processes) -> None:
-    first, first_client = start(processes, "n1")
-    nodes, clients = [first], [first_client]
-    for name in ("n2", "n3"):
-        node, client = start(processes, name, first.address)
-        nodes.append(node)
-        clients.append(client)
-    wait_until(lambda: all(alive_count(n) == 3 for n in nodes), "three nodes alive")
+    nodes, clients = first_members(processes, 3)
+    first, first_client = nodes[0], clients[0]
     known = create_and_fill(first_client, 20_000)
     joiners: list[NodeProcess] = []
 
@@ -201,14 +208,8 @@ def test_two_nodes_join_at_once_under_load(processes: Processes) -> None:
 
 
 def test_decommission_one_of_five_under_load(processes: Processes) -> None:
-    first, first_client = start(processes, "n1")
-    nodes, clients = [first], [first_client]
-    for name in ("n2", "n3", "n4", "n5"):
-        node, client = start(processes, name, first.address)
-        nodes.append(node)
-        clients.append(client)
-    wait_until(lambda: all(alive_count(n) == 5 for n in nodes), "five nodes alive")
-    known = create_and_fill(first_client, 5_000)
+    nodes, clients = first_members(processes, 5)
+    known = create_and_fill(clients[0], 5_000)
     leaving = nodes[4]
 
     def decommission() -> None:
@@ -232,13 +233,8 @@ def test_decommission_one_of_five_under_load(processes: Processes) -> None:
 
 
 def test_a_killed_node_is_replaced_with_its_data(processes: Processes) -> None:
-    first, first_client = start(processes, "n1")
-    nodes, clients = [first], [first_client]
-    for name in ("n2", "n3", "n4"):
-        node, client = start(processes, name, first.address)
-        nodes.append(node)
-        clients.append(client)
-    wait_until(lambda: all(alive_count(n) == 4 for n in nodes), "four nodes alive")
+    nodes, clients = first_members(processes, 4)
+    first, first_client = nodes[0], clients[0]
     known = create_and_fill(first_client, 5_000)
     dead = nodes[3]
     dead.process.send_signal(signal.SIGKILL)
@@ -263,14 +259,8 @@ def test_a_killed_node_is_replaced_with_its_data(processes: Processes) -> None:
 
 
 def test_a_capacity_change_moves_a_share_of_the_data_under_load(processes: Processes) -> None:
-    first, first_client = start(processes, "n1")
-    nodes, clients = [first], [first_client]
-    for name in ("n2", "n3", "n4"):
-        node, client = start(processes, name, first.address)
-        nodes.append(node)
-        clients.append(client)
-    wait_until(lambda: all(alive_count(n) == 4 for n in nodes), "four nodes alive")
-    known = create_and_fill(first_client, 4_000)
+    nodes, clients = first_members(processes, 4)
+    known = create_and_fill(clients[0], 4_000)
     bigger = nodes[3]
 
     def grow() -> None:
