@@ -488,3 +488,34 @@ def test_a_stuck_round_is_restarted_before_the_change_times_out() -> None:
     net.run()
     assert net.results[op] == Done(1, b"a")
     assert net.proposers["n1"].counters.rounds == 2  # (waiting out timeout_s would fail)
+
+
+def test_a_retried_change_forgotten_by_the_register_is_not_applied_twice() -> None:
+    """A proposer's accept reaches one acceptor; another proposer adopts it (so the change
+    is chosen) and then makes more changes than the register remembers ids of. When the
+    first proposer retries, the id is gone from the register: applying the change again
+    would count it twice (found by the chaos counter workload, seed 98). It must fail as
+    "may have been applied" instead."""
+    net = Net(config=ProposerConfig(round_timeout_s=5.0, timeout_s=100.0,
+                                    backoff_base_s=0.01))
+    net.drop = lambda sender, to, message: (
+        sender == "n1" and to != "n1" and isinstance(message, Accept))
+    first = net.propose("n1", Incr(1), b"client-1")
+    net.run(until_s=0.0)
+    net.up.discard("n3")  # n2's rounds must hear n1's acceptor, which holds the change
+    others = []
+    for i in range(RECENT_CHANGES_MAX + 8):
+        others.append(net.propose("n2", Incr(1), f"other-{i}".encode()))
+        net.run(until_s=1.0)
+    assert all(isinstance(net.results[op], Done) for op in others)
+    # n2 adopted n1's change in its first round: its own changes counted from 2.
+    total = RECENT_CHANGES_MAX + 9
+    assert net.results[others[-1]] == Done(total, str(total).encode())
+    net.up.add("n3")
+    net.drop = lambda sender, to, message: False
+    net.run()
+    result = net.results[first]
+    assert isinstance(result, Failed) and result.maybe_applied, result
+    read = net.propose("n3", Read())
+    net.run()
+    assert net.results[read] == Done(total, str(total).encode())

@@ -31,7 +31,12 @@ round per batch, not per change.
 of its last ``RECENT_CHANGES_MAX`` changes with the version each made. A change whose id is
 remembered is not applied again: it is answered with the original outcome. This covers the
 proposer's own retries (an accept that reached a minority may still be chosen later) and a
-client retrying after a timeout.
+client retrying after a timeout. The window is bounded: a proposer retrying a change whose
+accept went out remembers the version it first proposed it on, and if more changes landed
+since than the register remembers ids of (another proposer adopted the change, then kept
+changing the key while this one backed off), the change fails as ``maybe_applied`` instead
+of being applied a second time. A client's own retry with the same id is safe while fewer
+than ``RECENT_CHANGES_MAX`` changes of the key land in between (it is sent at once).
 
 **Deletion.** A delete writes a tombstone (``value`` None, version + 1) through Paxos, so
 it is ordered after every earlier change. The acceptor's state for a key is removed only by
@@ -277,6 +282,16 @@ def apply_change(register: Register, change: Change, idempotency_id: bytes,
             Done(version, new_value))
 
 
+def remembers_since(register: Register, base_version: int) -> bool:
+    """Whether ``register`` remembers the id of every change made above ``base_version``
+    (each change adds one version and one remembered id, the last ``RECENT_CHANGES_MAX``
+    kept). If not, a change first proposed on ``base_version`` may have been chosen and
+    forgotten since: applying it again could apply it twice."""
+    if register.version <= base_version:
+        return True
+    return bool(register.recent) and register.recent[0].version <= base_version + 1
+
+
 def _expectation_holds(register: Register, change: Cas) -> bool:
     if change.expected_version is not None:
         return register.version == change.expected_version
@@ -465,6 +480,9 @@ class _Op:
     attempts: int = 0
     accept_sent: bool = False
     grace_ms: int = 0
+    base_version: int | None = None
+    """The register version this change was first proposed on: once an accept carrying it
+    was sent, it may be chosen at any version above this one."""
 
 
 @dataclasses.dataclass
@@ -642,6 +660,15 @@ class Proposer:
         rnd.outcomes = []
         for op in rnd.ops:
             assert op.change is not None
+            if op.base_version is not None and not remembers_since(register, op.base_version):
+                rnd.outcomes.append(Failed(
+                    "contention", "the change may have been chosen by an earlier round, and "
+                    f"more than {RECENT_CHANGES_MAX} changes of the key landed since, so the "
+                    "register no longer remembers its id: it was not applied again; read "
+                    "the key to learn whether it took effect", maybe_applied=True))
+                continue
+            if op.base_version is None:
+                op.base_version = register.version
             register, outcome = apply_change(register, op.change, op.idempotency_id,
                                              op.wall_ms)
             rnd.outcomes.append(outcome)
