@@ -93,7 +93,8 @@ class DictKvService:
 
     async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
                   consistency: str | None = None, ttl_s: float | None = None,
-                  idempotency: bytes = b"", fence: tuple[str, int] | None = None) -> int:
+                  idempotency: bytes = b"", fence: tuple[str, int] | None = None, *,
+                  retry_ms: int = 0) -> int:
         await self._enter(keyspace, key, sort)
         self._fence(fence)
         if len(value) > VALUE_LIMIT:
@@ -113,7 +114,7 @@ class DictKvService:
 
     async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
                      consistency: str | None = None, idempotency: bytes = b"",
-                     fence: tuple[str, int] | None = None) -> int:
+                     fence: tuple[str, int] | None = None, *, retry_ms: int = 0) -> int:
         await self._enter(keyspace, key, sort)
         self._fence(fence)
         self.rows.pop((keyspace, key, sort), None)

@@ -519,3 +519,34 @@ def test_a_retried_change_forgotten_by_the_register_is_not_applied_twice() -> No
     read = net.propose("n3", Read())
     net.run()
     assert net.results[read] == Done(total, str(total).encode())
+
+
+def test_a_client_retry_is_applied_only_if_the_register_would_remember_the_first_try() -> None:
+    """A client lost its connection after sending an increment and retries it elsewhere
+    with the same id and how long ago it first sent it (``retry_ms``)."""
+    net = Net()
+
+    def propose(via: str, change: Change, idempotency_id: bytes, retry_ms: int = 0) -> int:
+        op_id = next(net._op_ids)
+        net.execute(via, net.proposers[via].propose(
+            net.now, op_id, net.topology(), KS, 3, KEY, b"", change, idempotency_id,
+            net.wall_ms, retry_ms))
+        net.run()
+        return op_id
+
+    first = propose("n1", Incr(1), b"lost-reply")  # applied; the client never heard
+    assert net.results[first] == Done(1, b"1")
+    # Still remembered: the retry gets the first outcome.
+    again = propose("n2", Incr(1), b"lost-reply", retry_ms=40)
+    assert net.results[again] == Done(1, b"1", duplicate=True)
+    for i in range(RECENT_CHANGES_MAX):
+        propose("n3", Incr(1), f"other-{i}".encode())
+    # Forgotten, and the register changed since the first try: not applied again.
+    late = propose("n2", Incr(1), b"lost-reply", retry_ms=40)
+    result = net.results[late]
+    assert isinstance(result, Failed) and result.maybe_applied, result
+    # A retry whose first try went out after every change the register forgot is applied
+    # (it cannot be among them).
+    net.wall_ms += 10_000
+    fresh = propose("n2", Incr(1), b"never-arrived", retry_ms=40)
+    assert net.results[fresh] == Done(RECENT_CHANGES_MAX + 2, str(RECENT_CHANGES_MAX + 2).encode())

@@ -66,6 +66,11 @@ class Put(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=
     """Write under a lock: the lock's name, with ``fence_token`` the lease's fencing token.
     The write is refused (``fenced``) if the lock has granted a newer token."""
     fence_token: Annotated[int, msgspec.Meta(ge=0)] = 0
+    retry_ms: Annotated[int, msgspec.Meta(ge=0, le=86_400_000)] = 0
+    """A retry after an ambiguous failure (the connection was lost after sending): how
+    long ago, by the client's clock, it first sent this change; 0: the first attempt. With
+    the same ``idempotency`` the node applies it only if it can tell it was not applied
+    already, else answers ``contention`` (maybe applied)."""
 
 
 class Get(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=121):
@@ -87,6 +92,11 @@ class Delete(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, t
     """Write under a lock: the lock's name, with ``fence_token`` the lease's fencing token.
     The write is refused (``fenced``) if the lock has granted a newer token."""
     fence_token: Annotated[int, msgspec.Meta(ge=0)] = 0
+    retry_ms: Annotated[int, msgspec.Meta(ge=0, le=86_400_000)] = 0
+    """A retry after an ambiguous failure (the connection was lost after sending): how
+    long ago, by the client's clock, it first sent this change; 0: the first attempt. With
+    the same ``idempotency`` the node applies it only if it can tell it was not applied
+    already, else answers ``contention`` (maybe applied)."""
 
 
 class Scan(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=123):
@@ -132,6 +142,11 @@ class CompareAndSet(msgspec.Struct, frozen=True, array_like=True, omit_defaults=
     """Write under a lock: the lock's name, with ``fence_token`` the lease's fencing token.
     The write is refused (``fenced``) if the lock has granted a newer token."""
     fence_token: Annotated[int, msgspec.Meta(ge=0)] = 0
+    retry_ms: Annotated[int, msgspec.Meta(ge=0, le=86_400_000)] = 0
+    """A retry after an ambiguous failure (the connection was lost after sending): how
+    long ago, by the client's clock, it first sent this change; 0: the first attempt. With
+    the same ``idempotency`` the node applies it only if it can tell it was not applied
+    already, else answers ``contention`` (maybe applied)."""
 
 
 class Increment(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True, tag=128):
@@ -147,6 +162,11 @@ class Increment(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True
     """Write under a lock: the lock's name, with ``fence_token`` the lease's fencing token.
     The write is refused (``fenced``) if the lock has granted a newer token."""
     fence_token: Annotated[int, msgspec.Meta(ge=0)] = 0
+    retry_ms: Annotated[int, msgspec.Meta(ge=0, le=86_400_000)] = 0
+    """A retry after an ambiguous failure (the connection was lost after sending): how
+    long ago, by the client's clock, it first sent this change; 0: the first attempt. With
+    the same ``idempotency`` the node applies it only if it can tell it was not applied
+    already, else answers ``contention`` (maybe applied)."""
 
 
 LockName = Annotated[str, msgspec.Meta(max_length=LOCK_NAME_BYTES_MAX)]

@@ -740,7 +740,7 @@ async def execute(service: KvService, request: ClientRequest) -> ClientReply:
         put = cast(Put, request)
         hlc = await service.put(put.keyspace, put.key, put.value, put.sort, put.consistency,
                                 put.ttl_s, put.idempotency,
-                                _fence(put.fence_lock, put.fence_token))
+                                _fence(put.fence_lock, put.fence_token), retry_ms=put.retry_ms)
         return DoneReply(put.id, hlc)
     if kind is Get:
         get = cast(Get, request)
@@ -750,7 +750,8 @@ async def execute(service: KvService, request: ClientRequest) -> ClientReply:
         delete = cast(DeleteRequest, request)
         hlc = await service.delete(delete.keyspace, delete.key, delete.sort,
                                    delete.consistency, delete.idempotency,
-                                   _fence(delete.fence_lock, delete.fence_token))
+                                   _fence(delete.fence_lock, delete.fence_token),
+                                   retry_ms=delete.retry_ms)
         return DoneReply(delete.id, hlc)
     if kind is Scan:
         scan = cast(Scan, request)
@@ -768,12 +769,14 @@ async def execute(service: KvService, request: ClientRequest) -> ClientReply:
         outcome = await service.cas(cas.keyspace, cas.key, cas.value, cas.sort,
                                     cas.expected_version, cas.expected_value,
                                     cas.expected_absent, cas.idempotency,
-                                    _fence(cas.fence_lock, cas.fence_token))
+                                    _fence(cas.fence_lock, cas.fence_token),
+                                    retry_ms=cas.retry_ms)
         return msgspec.structs.replace(outcome, id=cas.id)
     if kind is Increment:
         incr = cast(Increment, request)
         changed = await service.incr(incr.keyspace, incr.key, incr.delta, incr.sort,
-                                     incr.idempotency, _fence(incr.fence_lock, incr.fence_token))
+                                     incr.idempotency, _fence(incr.fence_lock, incr.fence_token),
+                                     retry_ms=incr.retry_ms)
         return msgspec.structs.replace(changed, id=incr.id)
     if kind is AcquireLock:
         acquire = cast(AcquireLock, request)

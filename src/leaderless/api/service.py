@@ -61,7 +61,8 @@ class WatchEventLike(Protocol):
 class KvService(Protocol):
     async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
                   consistency: str | None = None, ttl_s: float | None = None,
-                  idempotency: bytes = b"", fence: Fence | None = None) -> int:
+                  idempotency: bytes = b"", fence: Fence | None = None, *,
+                  retry_ms: int = 0) -> int:
         """Write; returns the write's HLC timestamp once ``consistency`` replicas have it
         durably."""
 
@@ -71,7 +72,7 @@ class KvService(Protocol):
 
     async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
                      consistency: str | None = None, idempotency: bytes = b"",
-                     fence: Fence | None = None) -> int:
+                     fence: Fence | None = None, *, retry_ms: int = 0) -> int:
         """Write a tombstone; returns its HLC timestamp."""
 
     async def scan(self, keyspace: str, key: bytes, start: bytes | None = None,
@@ -82,11 +83,12 @@ class KvService(Protocol):
     async def cas(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
                   expected_version: int | None = None, expected_value: bytes | None = None,
                   expected_absent: bool = False, idempotency: bytes = b"",
-                  fence: Fence | None = None) -> Changed | Conflict:
+                  fence: Fence | None = None, *, retry_ms: int = 0) -> Changed | Conflict:
         """Strong keyspaces: compare-and-set (``Changed``/``Conflict`` with id 0)."""
 
     async def incr(self, keyspace: str, key: bytes, delta: int = 1, sort: bytes = b"",
-                   idempotency: bytes = b"", fence: Fence | None = None) -> Changed:
+                   idempotency: bytes = b"", fence: Fence | None = None, *,
+                   retry_ms: int = 0) -> Changed:
         """Strong keyspaces: add ``delta`` to a counter; the new value in ``Changed``."""
 
     async def acquire_lock(self, name: str, owner: str, ttl_ms: int, wait_ms: int = 0,

@@ -578,10 +578,21 @@ class AsyncClient:
         if len(ids) > TASK_IDS_PER_WAIT_MAX:
             raise BadRequestError(f"wait for at most {TASK_IDS_PER_WAIT_MAX} tasks at once")
         wait_ms = int(min(max(0.0, timeout_s), TASK_WAIT_MS_MAX / 1000) * 1000)
-        reply = await self._request(None, WaitTasks, (ids, wait_ms), retry=True,
-                                    timeout_s=self.timeout_s + wait_ms / 1000)
+        if not ids:
+            return TaskInfos(0)
+        # To the first id's node: the one a task is submitted through runs it if it can,
+        # and learns of its end without watching (``TaskWatcher`` groups ids by node).
+        reply = await self._keyed(TASK_KEYSPACE, ids[0], WaitTasks, (ids, wait_ms),
+                                  timeout_s=self.timeout_s + wait_ms / 1000)
         assert isinstance(reply, TaskInfos)
         return reply
+
+    def task_home(self, task_id: bytes) -> str | None:
+        """The node a task's requests go to first (its register's first replica), by this
+        client's view of the ring; None before the ring is known."""
+        if not len(self._ring):
+            return None
+        return self._ring.preference_list(token(task_id), 1)[0]
 
     def async_executor(self, *, queue: str = "default", priority: int = 0,
                        tags: Sequence[str] = (), timeout_s: float = 300.0,
@@ -881,17 +892,28 @@ class AsyncClient:
         failed: str | None = None
         last: LeaderlessError | None = None
         tried_connect: set[str] = set()
+        first_sent: float | None = None  # set once an attempt was lost after sending
         while attempts > 0:
             conn = await self._any_connection(self._candidates(preferred, failed, ordered),
                                               tried_connect)
             if conn is None:
                 break
             attempts -= 1
+            sent = args
+            if first_sent is not None and kind in _RETRY_MARKED:
+                # Tell the node how long ago the lost attempt went out: a strong change is
+                # then applied only if the key provably did not take it already.
+                assert len(args) == len(kind.__struct_fields__) - 2, kind
+                elapsed_ms = int((asyncio.get_running_loop().time() - first_sent) * 1000)
+                sent = (*args, max(1, elapsed_ms))
+            started = asyncio.get_running_loop().time()
             try:
-                reply = await self._timed_call(conn, kind, args, timeout_s or self.timeout_s)
+                reply = await self._timed_call(conn, kind, sent, timeout_s or self.timeout_s)
             except ConnectionLostError as exc:
                 last, failed = exc, conn.address
                 self._mark_down(conn.address)
+                if first_sent is None:
+                    first_sent = started
                 continue
             if isinstance(reply, Failure):
                 err = _failure_error(reply)
@@ -1024,6 +1046,10 @@ async def _authenticate(conn: NodeConnection, credential: str, timeout_s: float
         raise _failure_error(reply)
     assert isinstance(reply, Authenticated)
     return reply
+
+
+_RETRY_MARKED: frozenset[type[Any]] = frozenset({Put, Delete, CompareAndSet, Increment})
+"""Requests that carry ``retry_ms`` as their last field (strong changes)."""
 
 
 def _failure_error(reply: Failure) -> LeaderlessError:

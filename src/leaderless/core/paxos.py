@@ -73,7 +73,7 @@ import xxhash
 
 from leaderless.core.coordinator import Topology
 from leaderless.core.keys import data_key, parse_data_key, token
-from leaderless.core.locks import LockState, apply_lock, encode_lock
+from leaderless.core.locks import CLOCK_SKEW_MAX_MS, LockState, apply_lock, encode_lock
 from leaderless.core.paxos_messages import (
     COUNTER_MAX,
     EMPTY_REGISTER,
@@ -120,6 +120,12 @@ the same token order, so a token range's Paxos state is one contiguous key range
 FLOOR_KEY = b"pf"
 """The node's purge floor (an encoded ``Ballot``); data keys start with b"d", so no
 ``paxos_key`` can be this key."""
+
+
+RETRY_TRANSIT_MS = 1000
+"""How long a client's retry may take from being sent to being proposed (its ``retry_ms``
+is measured at the client): the assumed bound that makes retried changes safe, in the
+same spirit as the clock bound."""
 
 
 def paxos_key(keyspace: str, partition: bytes, sort: bytes) -> bytes:
@@ -274,7 +280,8 @@ def apply_change(register: Register, change: Change, idempotency_id: bytes,
         number = total
     assert register.version < COUNTER_MAX, "version space exhausted"
     version = register.version + 1
-    recent = [*register.recent[-(RECENT_CHANGES_MAX - 1):], Recent(digest, version, number)]
+    recent = [*register.recent[-(RECENT_CHANGES_MAX - 1):],
+              Recent(digest, version, number, max(0, wall_ms))]
     if fence is None or (register.fence is not None and register.fence.lock == fence.lock
                          and register.fence.token > fence.token):
         fence = register.fence
@@ -290,6 +297,31 @@ def remembers_since(register: Register, base_version: int) -> bool:
     if register.version <= base_version:
         return True
     return bool(register.recent) and register.recent[0].version <= base_version + 1
+
+
+def remembers_after(register: Register, after_ms: int) -> bool:
+    """Whether ``register`` remembers the id of every change applied after wall time
+    ``after_ms``: it remembers every change it ever had, or its oldest remembered change
+    is older than that (a forgotten change was chosen before the oldest remembered one,
+    and clocks differ by less than the widening ``after_ms`` got)."""
+    if not register.recent:
+        return register.version == 0
+    oldest = register.recent[0]
+    return oldest.version == 1 or 0 < oldest.at_ms < after_ms
+
+
+def _forgotten(register: Register, op: _Op) -> str:
+    """Why ``op`` must not be applied to ``register`` ("" if it may be): an earlier attempt
+    of it may be among the changes the register no longer remembers the ids of."""
+    assert op.change is not None
+    digest = id_digest(op.idempotency_id)
+    if any(seen.id == digest for seen in register.recent):
+        return ""  # remembered: answered with its outcome, not applied again
+    if op.base_version is not None and not remembers_since(register, op.base_version):
+        return "an earlier round of this proposer"
+    if op.earlier_after_ms and not remembers_after(register, op.earlier_after_ms):
+        return "the client's earlier attempt"
+    return ""
 
 
 def _expectation_holds(register: Register, change: Cas) -> bool:
@@ -483,6 +515,10 @@ class _Op:
     base_version: int | None = None
     """The register version this change was first proposed on: once an accept carrying it
     was sent, it may be chosen at any version above this one."""
+    earlier_after_ms: int = 0
+    """A client's retry: an earlier attempt of this change (same idempotency id) may have
+    been applied after this wall time (this node's clock, widened by the clock bound and
+    ``RETRY_TRANSIT_MS``); 0: the first attempt."""
 
 
 @dataclasses.dataclass
@@ -542,16 +578,23 @@ class Proposer:
 
     def propose(self, now: float, op_id: int, topology: Topology, keyspace: str,
                 replication: int, partition: bytes, sort: bytes, change: Change,
-                idempotency_id: bytes = b"", wall_ms: int = 0) -> list[Effect]:
+                idempotency_id: bytes = b"", wall_ms: int = 0,
+                retry_ms: int = 0) -> list[Effect]:
         """Apply ``change`` to the key through Paxos; the outcome comes as ``Respond``.
 
         ``idempotency_id`` (1-64 bytes): the client's id for this change, the same on each
         of its retries; empty: this proposer draws a random one (which still makes its own
         internal retries safe). ``wall_ms``: this node's wall clock, stamped on the new
-        register (a tombstone's age for purging)."""
+        register (a tombstone's age for purging). ``retry_ms``: a client's retry of a change
+        it sent this long ago (an earlier attempt may have been applied): if the register no
+        longer remembers every change since then and not this id, the retry fails as
+        ``maybe_applied`` instead of applying the change twice."""
         self.counters.changes += 1
         op_id_bytes = idempotency_id or self._rng.getrandbits(128).to_bytes(16, "big")
         op = _Op(op_id, change, op_id_bytes, wall_ms, now + self.config.timeout_s)
+        if retry_ms and idempotency_id:
+            op.earlier_after_ms = max(
+                1, wall_ms - retry_ms - CLOCK_SKEW_MAX_MS - RETRY_TRANSIT_MS)
         return self._enqueue(now, op, topology, (keyspace, partition, sort), replication)
 
     def purge(self, now: float, op_id: int, topology: Topology, keyspace: str,
@@ -660,9 +703,10 @@ class Proposer:
         rnd.outcomes = []
         for op in rnd.ops:
             assert op.change is not None
-            if op.base_version is not None and not remembers_since(register, op.base_version):
+            forgotten = _forgotten(register, op)
+            if forgotten:
                 rnd.outcomes.append(Failed(
-                    "contention", "the change may have been chosen by an earlier round, and "
+                    "contention", f"the change may have been chosen by {forgotten}, and "
                     f"more than {RECENT_CHANGES_MAX} changes of the key landed since, so the "
                     "register no longer remembers its id: it was not applied again; read "
                     "the key to learn whether it took effect", maybe_applied=True))

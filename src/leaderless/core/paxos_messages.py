@@ -83,6 +83,10 @@ class Recent(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     id: IdempotencyId
     version: Version
     number: Number | None = None
+    at_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
+    """When it was applied (the proposer's wall clock): a client's retry whose first
+    attempt was sent after the oldest remembered change is safe to apply if its id is not
+    remembered (``core.paxos.remembers_after``). 0: not known (registers from before)."""
 
 
 class Fence(msgspec.Struct, frozen=True, array_like=True):
@@ -278,7 +282,8 @@ class TaskChange(msgspec.Struct, frozen=True, array_like=True, tag="task"):
     token: Counter = 0
     ttl_ms: Annotated[int, msgspec.Meta(ge=0, le=3_600_000)] = 0
     payload: Annotated[bytes, msgspec.Meta(max_length=(256 + 8) * 1024)] = b""
-    """submit: an encoded ``TaskSpec``; finish: an encoded ``TaskOutcome``."""
+    """submit: an encoded ``TaskSpec``; finish: an encoded ``TaskOutcome``. A submit with
+    ``ttl_ms`` is also the submitting node's claim."""
 
 
 LockChange = Acquire | Renew | Release

@@ -372,14 +372,15 @@ class KvNode:
 
     async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
                   consistency: str | None = None, ttl_s: float | None = None,
-                  idempotency: bytes = b"", fence: Fence | None = None) -> int:
+                  idempotency: bytes = b"", fence: Fence | None = None, *,
+                  retry_ms: int = 0) -> int:
         definition = await self._keyspace(keyspace)
         self._check_key(key, sort)
         if definition.mode == "strong":
             change = self._put_change(value, ttl_s)
             if fence is not None:
                 change = msgspec.structs.replace(change, fence=await self._fence(fence))
-            done = await self._strong(definition, key, sort, change, idempotency)
+            done = await self._strong(definition, key, sort, change, idempotency, retry_ms)
             return done.version
         cell = self._new_cell(value, ttl_s)
         await self._fence(fence)
@@ -387,12 +388,13 @@ class KvNode:
 
     async def delete(self, keyspace: str, key: bytes, sort: bytes = b"",
                      consistency: str | None = None, idempotency: bytes = b"",
-                     fence: Fence | None = None) -> int:
+                     fence: Fence | None = None, *, retry_ms: int = 0) -> int:
         definition = await self._keyspace(keyspace)
         self._check_key(key, sort)
         if definition.mode == "strong":
             done = await self._strong(definition, key, sort,
-                                      DeleteChange(await self._fence(fence)), idempotency)
+                                      DeleteChange(await self._fence(fence)), idempotency,
+                                      retry_ms)
             return done.version
         await self._fence(fence)
         cell = Cell(self.clock.now(_wall_ms()), self.name, b"", True)
@@ -456,25 +458,26 @@ class KvNode:
     async def cas(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
                   expected_version: int | None = None, expected_value: bytes | None = None,
                   expected_absent: bool = False, idempotency: bytes = b"",
-                  fence: Fence | None = None) -> Changed | Conflict:
+                  fence: Fence | None = None, *, retry_ms: int = 0) -> Changed | Conflict:
         definition = await self._strong_keyspace(keyspace, "compare-and-set")
         self._check_key(key, sort)
         change = self._cas_change(value, expected_version, expected_value, expected_absent)
         if fence is not None:
             change = msgspec.structs.replace(change, fence=await self._fence(fence))
         try:
-            done = await self._strong(definition, key, sort, change, idempotency)
+            done = await self._strong(definition, key, sort, change, idempotency, retry_ms)
         except _ConflictFound as conflict:
             return Conflict(0, conflict.version, conflict.value is not None,
                             conflict.value or b"")
         return Changed(0, done.version, done.value or b"", done.duplicate)
 
     async def incr(self, keyspace: str, key: bytes, delta: int = 1, sort: bytes = b"",
-                   idempotency: bytes = b"", fence: Fence | None = None) -> Changed:
+                   idempotency: bytes = b"", fence: Fence | None = None, *,
+                   retry_ms: int = 0) -> Changed:
         definition = await self._strong_keyspace(keyspace, "increment")
         self._check_key(key, sort)
         done = await self._strong(definition, key, sort, Incr(delta, await self._fence(fence)),
-                                  idempotency)
+                                  idempotency, retry_ms)
         return Changed(0, done.version, done.value or b"", done.duplicate)
 
     def _put_change(self, value: bytes, ttl_s: float | None) -> PutChange:
@@ -507,10 +510,10 @@ class KvNode:
                           f"{self.value_bytes_max} (setting value_bytes_max)")
 
     async def _strong(self, definition: KeyspaceDef, key: bytes, sort: bytes, change: Change,
-                      idempotency: bytes) -> paxos.Done:
+                      idempotency: bytes, retry_ms: int = 0) -> paxos.Done:
         self._check_clock()
         self.hot_partitions.record(self._now(), definition.name, key, not isinstance(change, Read))
-        result = await self.propose(definition, key, sort, change, idempotency)
+        result = await self.propose(definition, key, sort, change, idempotency, retry_ms)
         if isinstance(result, paxos.Conflict):
             raise _ConflictFound(result.version, result.value)
         if isinstance(result, paxos.Fenced):
@@ -521,7 +524,7 @@ class KvNode:
         return result
 
     async def propose(self, definition: KeyspaceDef, key: bytes, sort: bytes, change: Change,
-                      idempotency: bytes) -> paxos.Outcome:
+                      idempotency: bytes, retry_ms: int = 0) -> paxos.Outcome:
         """Run a change of a strong key through Paxos: Done, Conflict or Fenced (a failure
         is raised as KvError). Listeners hear of every chosen change."""
         if not isinstance(change, Read):
@@ -529,7 +532,7 @@ class KvNode:
         op_id = next(self._op_ids)
         result = await self._await_op(op_id, lambda: self.proposer.propose(
             self._now(), op_id, self._topology, definition.name, definition.replication,
-            key, sort, change, idempotency, self._clock_ms()))
+            key, sort, change, idempotency, self._clock_ms(), retry_ms))
         if isinstance(result, paxos.Failed):
             code = "bad_request" if result.code == "invalid" else result.code
             self._log_failure(op_id, code, result.message)
@@ -747,7 +750,7 @@ class KvNode:
         self._execute(self.proposer.propose(
             self._now(), op_id, self._topology, definition.name, definition.replication,
             request.key, request.sort, change, getattr(request, "idempotency", b""),
-            self._clock_ms()))
+            self._clock_ms(), getattr(request, "retry_ms", 0)))
         return True
 
     def _strong_reply(self, op_id: int, result: paxos.Result) -> None:
