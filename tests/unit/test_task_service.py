@@ -277,3 +277,63 @@ def test_finished_tasks_are_deleted_past_their_result_ttl(tmp_path: Path) -> Non
         assert sum(svc(n).counters()["tasks_expired"] for n in nodes) == 1
 
     with_nodes(tmp_path, body)
+
+
+def test_a_task_claimed_at_submit_then_lost_is_found_without_an_index_entry(
+        tmp_path: Path) -> None:
+    async def body(nodes: list[Node]) -> None:
+        kv = nodes[0].kv
+        assert kv is not None
+        # A node claims a task in its submit round (no index entry yet) and vanishes: the
+        # "ghost" is not a member, as a node killed right after the submit would soon be.
+        lost = b"lost-at-submit-1"
+        held = await kv.propose(TASK_KEYSPACE_DEF, lost, b"", TaskChange(
+            "submit", "ghost", ttl_ms=500, payload=encode(spec("add", 2, 3))), b"")
+        assert isinstance(held, paxos.Done) and held.value is not None
+        state = decode_state(held.value)
+        assert (state.state, state.holder, state.token) == ("claimed", "ghost", 1)
+        assert [t.state for t in state.history] == ["pending", "claimed"]
+        # A pending task whose submitter (n3) went down before writing its index entry.
+        orphan = b"orphaned-pending-1"
+        pending = await kv.propose(TASK_KEYSPACE_DEF, orphan, b"", TaskChange(
+            "submit", "n3", payload=encode(spec("add", 4, 5))), b"")
+        assert isinstance(pending, paxos.Done)
+        assert await svc(nodes[0]).list("default") == []  # no index entry leads to either
+        # (A submitter that dies within a moment of joining is found by the periodic pass;
+        # here the survivors have looked at the members since n3 joined.)
+        await wait_until(lambda: all("n3" in svc(n)._up_seen for n in nodes[:2]), "n3 seen")
+        await nodes[2].stop()
+        # Nodes that run tasks join: their own copies of the registers lead them there.
+        for name in ("n4", "n5"):
+            runner = make_node(tmp_path, name, join=[nodes[0].address], **task_flags())
+            await runner.start()
+            nodes.append(runner)
+        done = await wait_all(svc(nodes[0]), [lost, orphan])
+        assert result(done[lost]) == 5 and result(done[orphan]) == 9
+        assert done[lost].token == 2 and "lease of ghost expired" in done[lost].history[2].note
+        assert sum(svc(n).counters()["tasks_recovered"] for n in nodes) >= 1
+
+    with_nodes(tmp_path, body, [{}, {}, {}])
+
+
+def test_a_node_runs_what_is_submitted_through_it_without_the_index(tmp_path: Path) -> None:
+    async def body(nodes: list[Node]) -> None:
+        local = svc(nodes[0])
+        await wait_until(lambda: local.stats()["claiming"], "n1 runs tasks")
+        ids = [await local.submit(spec("add", i, 10)) for i in range(5)]
+        done = await wait_all(local, ids)
+        assert [result(done[i]) for i in ids] == [i + 10 for i in range(5)]
+        for state in done.values():
+            assert [(t.state, t.node) for t in state.history] == [
+                ("pending", "n1"), ("claimed", "n1"), ("running", "n1"), ("succeeded", "n1")]
+        assert local.counters()["tasks_claimed_at_submit"] == 5
+        # Beyond slots * (1 + prefetch_per_slot) the rest waits in the index for anyone.
+        many = await asyncio.gather(*(local.submit(spec("sleep_for", 0.2, i))
+                                      for i in range(12)))
+        assert local.counters()["tasks_claimed_at_submit"] <= 5 + 2 * (1 + 1)
+        done = await wait_all(svc(nodes[1]), many)
+        assert sorted(result(done[i]) for i in many) == list(range(12))
+        assert len({s.history[-1].node for s in done.values()}) >= 2
+
+    flags = [task_flags(**{"tasks.prefetch_per_slot": 1}), task_flags(), task_flags()]
+    with_nodes(tmp_path, body, flags)

@@ -234,7 +234,11 @@ class TaskWatcher:
     async def _run(self) -> None:
         while not self._closed:
             while self._pending and len(self._polls) < self._polls_max:
-                batch = list(self._pending)[:TASK_IDS_PER_WAIT_MAX]
+                # One poll per node, for the tasks submitted through it: that node runs
+                # them when it can and then answers without watching their registers.
+                home = self._client.task_home(next(iter(self._pending)))
+                batch = [task_id for task_id in self._pending
+                         if self._client.task_home(task_id) == home][:TASK_IDS_PER_WAIT_MAX]
                 for task_id in batch:
                     del self._pending[task_id]
                 poll = asyncio.get_running_loop().create_task(self._poll(batch))

@@ -14,11 +14,15 @@ States::
     pending -> claimed -> running -> succeeded | failed | retrying -> claimed ...
     pending | retrying | claimed | running -> cancelled
 
-``claim`` grants a lease with token = previous token + 1 to a node if the task is pending,
-retrying past its back-off, or claimed/running with an expired lease (its holder died or
-paused: the task runs again elsewhere -- execution is at least once). ``start`` records that
-the worker began. ``renew`` extends the lease. ``finish`` records the outcome: success, or a
-failure that is retried (after ``backoff_s * 2**(attempt-1)``) while attempts remain.
+``submit`` with a lease TTL creates the task already claimed by the submitting node (one
+round instead of two: a node with free slots runs what is submitted through it, and such a
+task gets an index entry only if it is still unfinished a moment later, see
+``runtime.tasks``). ``claim`` grants a lease with token = previous token + 1 to a node if
+the task is pending, retrying past its back-off, or claimed/running with an expired lease
+(its holder died or paused: the task runs again elsewhere -- execution is at least once).
+``start`` records that the worker began. ``renew`` extends the lease. ``finish`` records
+the outcome: success, or a failure that is retried (after ``backoff_s * 2**(attempt-1)``)
+while attempts remain.
 ``release`` hands a task back (a node that leaves gracefully). ``cancel`` ends it.
 ``expire`` deletes a finished task once its result TTL (``spec.result_ttl_s``) has passed.
 
@@ -218,8 +222,11 @@ def apply_task(value: bytes | None, change: TaskChange, wall_ms: int) -> bytes |
         if value is not None:
             raise TaskRefused("exists")  # the same id again: the first submission stands
         spec = decode_spec(change.payload)
-        return encode(TaskState(spec, "pending", submitted_ms=wall_ms,
-                                history=[Transition("pending", change.node, wall_ms)]))
+        task = TaskState(spec, "pending", submitted_ms=wall_ms,
+                         history=[Transition("pending", change.node, wall_ms)])
+        if change.ttl_ms:  # submitted and claimed by the submitting node in one round
+            task = _claim(task, change, wall_ms)
+        return encode(task)
     if value is None:
         raise TaskRefused("absent")
     task = decode_state(value)

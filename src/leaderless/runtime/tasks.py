@@ -9,8 +9,19 @@ and claimed several at a time (one Paxos round each, concurrently, up to the fre
 a task submitted through this node is claimed at once without a scan; the loop sleeps only
 when no shard has work, backing off from ``IDLE_S_MIN`` to ``IDLE_S_MAX``, and a local
 submit or a freed slot wakes it. A claimed task runs at once: ``finish`` carries the start
-time (no separate ``start`` round), so a trivial task costs three Paxos rounds (submit,
-claim, finish) and two index writes.
+time (no separate ``start`` round).
+
+**Claim at submit.** A node that can run a task submitted through it (tags, registered
+function, load under the ceiling) and holds fewer than ``slots * (1 + prefetch_per_slot)``
+slots' worth of tasks claims it in the submit round itself, and runs it when a slot frees;
+such a task is indexed only if it is still unfinished ``INDEX_DELAY_S`` later (for ``list``
+and for failover), so a short task costs two Paxos rounds (submit-and-claim, finish) and no
+index write, against three rounds and two index writes on the way through the index. If
+its node dies before the entry is written, the survivors find the task in their own copies
+of the task registers (``recover``), which they read whenever a member goes down, and
+at start, and every ``RECOVER_INTERVAL_S`` (a holder that restarted faster than failure
+detection); a pending task whose submitter went down is indexed again the same way (it may
+have died between the register and the entry).
 Leases of every running task are renewed in one pass every third of the lease TTL; a
 refused renew means the task was cancelled or reclaimed, and its worker is aborted.
 
@@ -29,7 +40,7 @@ import dataclasses
 import os
 import random
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, Protocol
 
 import msgspec
@@ -39,6 +50,7 @@ from leaderless.api.service import KvError
 from leaderless.config import TasksConfig
 from leaderless.core import paxos
 from leaderless.core.keys import keyspace_prefix, prefix_end, token
+from leaderless.core.locks import CLOCK_SKEW_MAX_MS
 from leaderless.core.paxos_messages import Read
 from leaderless.core.schema import KeyspaceDef
 from leaderless.core.tasks import (
@@ -66,6 +78,7 @@ from leaderless.core.tasks import (
 )
 from leaderless.runtime.kv import KvNode
 from leaderless.runtime.logs import NodeLogger, RateLimitedLog
+from leaderless.runtime.task_workers import module_allowed
 
 TASK_KEYSPACE_DEF = KeyspaceDef(TASK_KEYSPACE, TASK_REPLICATION, "strong")
 QUEUES_PARTITION = b"queues"
@@ -105,6 +118,19 @@ MISSING_CHECKS_PER_WAIT = 16
 """A wait that ends with nothing finished reads this many of its ids (strong reads) to
 report the ones with no task (never submitted, or deleted past their TTL)."""
 WAIT_IDS_MAX = 1000
+INDEX_DELAY_S = 1.0
+"""A task claimed at submit gets its index entry when it is still unfinished this long
+after (most short tasks never need one)."""
+REFILL_S_MIN = 0.05
+"""An empty buffer is scanned again at most this often (a busy node's claim rounds would
+otherwise scan every shard after each task)."""
+RECOVER_CHECK_S = 0.5
+"""How often a node looks for members that went down (then reads its task registers)."""
+RECOVER_INTERVAL_S = 30.0
+"""A full read of this node's task registers for lost or unindexed tasks, at least this
+often."""
+RECOVER_SLICE = 2000
+"""Task registers read per slice of a recovery pass (the loop runs others in between)."""
 HOLD_LINGER_S = 10.0
 HELD_MAX = 20_000
 """Task registers watched for waiters at once; beyond it ``wait`` answers overloaded."""
@@ -144,6 +170,8 @@ class _Run:
     releasing: bool = False
     finishing: bool = False
     """The worker returned: its outcome is being recorded (no renew, no abort)."""
+    indexed: bool = True
+    """Its index entry may exist (False: claimed at submit and not yet indexed)."""
 
 
 def task_id_for(queue: str, idempotency_key: str) -> bytes:
@@ -192,6 +220,11 @@ class TaskService:
         self._claiming = False
         self._stopped = False
         self._loops: builtins.list[asyncio.Task[None]] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        """Background index writes."""
+        self._up_seen: frozenset[str] = frozenset()
+        self._down_seen: frozenset[str] = frozenset()
+        self._recover_at = 0.0
         self._rng = random.Random()
         self._counters: collections.Counter[str] = collections.Counter()
         self._sweep_cursor = b""
@@ -209,17 +242,22 @@ class TaskService:
         return bool(self.config.modules) or self.config.allow_pickle
 
     async def start(self) -> None:
-        """Start the workers, then claiming (at once: a joining node just scans)."""
-        if not self.runs_tasks or self._stopped:
+        """Start the upkeep of the task registers this node holds (every node: the TTL
+        sweep and the recovery of lost tasks); with tasks to run, the workers and then
+        claiming (at once: a joining node just scans)."""
+        if self._stopped:
+            return
+        loop = asyncio.get_running_loop()
+        self._loops = [loop.create_task(self._sweep_loop()),
+                       loop.create_task(self._recover_loop())]
+        if not self.runs_tasks:
             return
         await self._pool.start()
         if self._stopped:
             return
         self._claiming = True
-        loop = asyncio.get_running_loop()
-        self._loops = [loop.create_task(self._claim_loop()),
-                       loop.create_task(self._renew_loop()),
-                       loop.create_task(self._sweep_loop())]
+        self._loops += [loop.create_task(self._claim_loop()),
+                        loop.create_task(self._renew_loop())]
 
     async def stop(self, drain_s: float) -> None:
         """Claim nothing more, wait up to ``drain_s`` for the running tasks, then hand the
@@ -275,8 +313,16 @@ class TaskService:
             task_id = task_id_for(spec.queue, idempotency_key)
         elif not 1 <= len(task_id) <= TASK_ID_BYTES_MAX:
             raise KvError("bad_request", f"a task id has 1..{TASK_ID_BYTES_MAX} bytes")
-        outcome = await self._change(task_id, TaskChange("submit", self.node,
-                                                         payload=encode(spec)))
+        take = self._takes(spec)
+        if take:
+            self._reserved += spec.slots
+        try:
+            outcome = await self._change(task_id, TaskChange(
+                "submit", self.node, ttl_ms=self._ttl_ms if take else 0,
+                payload=encode(spec)))
+        finally:
+            if take:
+                self._reserved -= spec.slots
         if isinstance(outcome, paxos.Conflict):
             if outcome.reason != "exists" or outcome.value is None:
                 raise KvError("conflict", f"task {task_id.hex()} was not submitted: "
@@ -293,9 +339,20 @@ class TaskService:
             assert outcome.value is not None
             state = decode_state(outcome.value)
             self._counters["submitted"] += 1
-        await self._note_queue(spec.queue)
         sort = index_sort(spec.priority, state.submitted_ms, task_id)
-        entry = IndexEntry(task_id, spec.slots, list(spec.tags), 0, state.not_before_ms)
+        if (state.state == "claimed" and state.holder == self.node
+                and task_id not in self._running):
+            # Claimed in the submit round: it runs here; indexed only if it lasts.
+            self._counters["claimed"] += 1
+            self._counters["claimed_at_submit"] += 1  # a subset of ``claimed``
+            entry = IndexEntry(task_id, spec.slots, list(spec.tags))
+            self._start(_Candidate(spec.queue, sort, entry), state, indexed=False)
+            if spec.queue not in self._queues_written:
+                await self._note_queue(spec.queue)
+            return task_id
+        await self._note_queue(spec.queue)
+        entry = IndexEntry(task_id, spec.slots, list(spec.tags), state.lease_expires_ms,
+                           state.not_before_ms)
         await self._kv.put(INDEX_KEYSPACE, _shard(spec.queue, task_id), encode(entry), sort)
         if state.state == "pending" and satisfies(self.tags, spec.tags):
             self._fresh.append(_Candidate(spec.queue, sort, entry))
@@ -402,7 +459,8 @@ class TaskService:
         for task_id in wanted:
             self._waiters.setdefault(task_id, []).append(future)
         self._wait_results[id(future)] = results
-        self._hold(wanted)
+        # A task this node holds is finished here: it needs no watch.
+        self._hold({task_id for task_id in wanted if task_id not in self._running})
         try:
             # A watch reads its key when it opens: a task finished before is delivered too.
             await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -428,6 +486,82 @@ class TaskService:
         return results
 
     # -- results past their TTL ----------------------------------------------------------
+
+    async def _recover_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._up_seen = frozenset(self._kv._members_up())
+        gone: set[str] = set()
+        next_pass = loop.time() + RECOVER_CHECK_S  # once at start: we may have restarted
+        while True:
+            await asyncio.sleep(RECOVER_CHECK_S)
+            up = frozenset(self._kv._members_up())
+            # Down now, or down for a moment since the last look (the ring keeps members
+            # that are down; one that left it for good was decommissioned, nothing lost).
+            down = (self._up_seen | set(self._kv.placement.current.nodes)) - up
+            gone |= down - self._down_seen
+            self._up_seen, self._down_seen = up, frozenset(down)
+            if not gone and loop.time() < next_pass:
+                continue
+            next_pass = loop.time() + RECOVER_INTERVAL_S * random.uniform(0.8, 1.2)
+            try:
+                await self.recover(gone)
+                gone = set()
+            except KvError as exc:
+                self._warn.warning(f"recover_{exc.code}", "task_recovery_failed",
+                                   time.monotonic(), error=str(exc))
+
+    async def recover(self, gone: set[str] | frozenset[str] = frozenset()) -> int:
+        """Index the unfinished tasks of this node's own copies of the task registers that
+        no scan might find: held by a member that is not up or whose lease has expired
+        (claimed at submit and never indexed), and pending ones submitted through a member
+        that is down or in ``gone`` (it may have died between the register and the entry). The entry
+        carries the lease, so the task is claimed when it expires; writing it twice (every
+        replica does) is harmless. Returns the entries written."""
+        prefix = paxos.PAXOS_PREFIX + keyspace_prefix(TASK_KEYSPACE)
+        end = prefix_end(prefix)
+        start = prefix
+        written = 0
+        while True:
+            wall_ms = int(self._now() * 1000)
+            up = set(self._kv._members_up())
+            found: builtins.list[tuple[bytes, TaskState]] = []
+            last = None
+            for key, raw in self._kv.store.scan(start, end, limit=RECOVER_SLICE):
+                last = key
+                accepted = paxos.decode_state(raw).register
+                if accepted is None or accepted.value is None:
+                    continue
+                try:
+                    task = decode_state(accepted.value)
+                except msgspec.DecodeError:
+                    continue
+                if task.state in FINISHED:
+                    continue
+                if task.state in ("claimed", "running"):
+                    lost = (task.holder not in up or task.holder in gone
+                            or task.lease_expires_ms + CLOCK_SKEW_MAX_MS < wall_ms)
+                else:  # pending: its submitter may have died before writing the entry
+                    submitter = task.history[0].node if task.history else ""
+                    lost = submitter in gone or submitter not in up
+                if lost:
+                    _, task_id, _ = paxos.parse_paxos_key(key)
+                    if task_id not in self._running:
+                        found.append((task_id, task))
+            for task_id, task in found:
+                spec = task.spec
+                entry = IndexEntry(task_id, spec.slots, list(spec.tags), task.lease_expires_ms
+                                   if task.state in ("claimed", "running") else 0,
+                                   task.not_before_ms)
+                await self._put_entry(spec.queue, index_sort(spec.priority, task.submitted_ms,
+                                                             task_id), entry)
+                await self._note_queue(spec.queue)
+                written += 1
+            if last is None:
+                break
+            start = last + b"\x00"
+            await asyncio.sleep(0)  # let the loop serve others between slices
+        self._counters["recovered"] += written
+        return written
 
     async def _sweep_loop(self) -> None:
         while True:
@@ -482,7 +616,8 @@ class TaskService:
     def counters(self) -> dict[str, int]:
         names = ("submitted", "claimed", "succeeded", "failed", "retried", "cancelled",
                  "released", "lost", "zombie_results_rejected", "claim_refusals",
-                 "stale_entries_deleted", "renewals", "renew_refusals", "expired")
+                 "stale_entries_deleted", "renewals", "renew_refusals", "expired",
+                 "claimed_at_submit", "recovered")
         result = {f"tasks_{name}": self._counters[name] for name in names}
         result["tasks_running"] = len(self._running)
         result["tasks_free_slots"] = self._free()
@@ -577,6 +712,8 @@ class TaskService:
     async def _refill(self, now_ms: int) -> None:
         loop = asyncio.get_running_loop()
         if self._buffer and loop.time() - self._buffer_at < BUFFER_AGE_S_MAX:
+            return
+        if not self._buffer and loop.time() - self._buffer_at < REFILL_S_MIN:
             return
         await self._refresh_queues()
         home, others = self._shards()
@@ -702,9 +839,59 @@ class TaskService:
         if state is None or state.state != "claimed" or state.holder != self.node:
             return  # a retried round read back a state that moved on
         self._counters["claimed"] += 1
-        run = _Run(task_id, state.spec, candidate.sort, state.token, state.lease_expires_ms)
+        self._start(candidate, state)
+
+    def _start(self, candidate: _Candidate, state: TaskState, indexed: bool = True) -> None:
+        """Run a task this node has just claimed (its worker waits for free slots)."""
+        task_id = candidate.entry.task_id
+        run = _Run(task_id, state.spec, candidate.sort, state.token, state.lease_expires_ms,
+                   indexed=indexed)
         self._running[task_id] = run
-        run.worker = asyncio.get_running_loop().create_task(self._execute(run, candidate))
+        loop = asyncio.get_running_loop()
+        run.worker = loop.create_task(self._execute(run, candidate))
+        if not indexed:
+            loop.call_later(INDEX_DELAY_S, self._index_late, run)
+
+    def _index_late(self, run: _Run) -> None:
+        """A task claimed at submit is still unfinished: index it (``list`` shows it, and a
+        scan finds it once its lease expires if this node dies)."""
+        if self._running.get(run.task_id) is not run or run.finishing or run.lost \
+                or run.releasing or run.indexed:
+            return
+        run.indexed = True
+        entry = IndexEntry(run.task_id, run.spec.slots, list(run.spec.tags),
+                           run.lease_expires_ms)
+
+        async def put() -> None:
+            try:
+                await self._put_entry(run.spec.queue, run.sort, entry)
+            except KvError as exc:
+                run.indexed = False  # the next renewal writes it
+                self._warn.warning(f"index_{exc.code}", "index_put_failed",
+                                   time.monotonic(), task=run.task_id.hex(), error=str(exc))
+
+        self._background(put())
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _takes(self, spec: TaskSpec) -> bool:
+        """Whether this node claims a task submitted through it in the submit round."""
+        if not self._claiming or self.config.prefetch_per_slot <= 0:
+            return False
+        if spec.slots > self.config.slots or not satisfies(self.tags, spec.tags):
+            return False
+        runnable = (self.config.allow_pickle if spec.pickled
+                    else module_allowed(spec.function, self.config.modules))
+        if not runnable:
+            return False
+        held = self._reserved + sum(run.spec.slots for run in self._running.values())
+        if held + spec.slots > self.config.slots * (1 + self.config.prefetch_per_slot):
+            return False
+        ceiling = self.config.load_ceiling_pct
+        return not (ceiling < 100 and self._load() >= ceiling)
 
     async def _refused(self, candidate: _Candidate, conflict: paxos.Conflict) -> None:
         task_id = candidate.entry.task_id
@@ -784,7 +971,8 @@ class TaskService:
             return  # read back after a retry: it moved on (claimed again elsewhere)
         self._counters[state.state] += 1
         self._finished_locally(run.task_id, state)
-        await self._delete_entry(candidate.queue, run.task_id, candidate.sort)
+        if run.indexed:
+            await self._delete_entry(candidate.queue, run.task_id, candidate.sort)
 
     def _hold(self, task_ids: set[bytes]) -> None:
         """Watch these registers, and keep watching them ``HOLD_LINGER_S`` after the wait:
@@ -805,7 +993,7 @@ class TaskService:
 
     def _finished_locally(self, task_id: bytes, state: TaskState) -> None:
         self._done_by_queue[(state.spec.queue, state.state)] += 1
-        self._remember(task_id, state)
+        self._notify(task_id, state)
 
     def _remember(self, task_id: bytes, state: TaskState) -> None:
         self._recent[task_id] = state
@@ -845,6 +1033,7 @@ class TaskService:
         run.lease_expires_ms = state.lease_expires_ms
         entry = IndexEntry(run.task_id, run.spec.slots, list(run.spec.tags),
                            state.lease_expires_ms)
+        run.indexed = True
         with contextlib.suppress(KvError):
             await self._put_entry(run.spec.queue, run.sort, entry)
 
@@ -909,13 +1098,16 @@ class TaskService:
             state = decode_state(value)
         except msgspec.DecodeError:
             return
-        if state.state not in FINISHED:
-            return
-        self._remember(partition, state)
-        for future in self._waiters.get(partition, []):
+        if state.state in FINISHED:
+            self._notify(partition, state)
+
+    def _notify(self, task_id: bytes, state: TaskState) -> None:
+        """A task finished: remember it and wake whoever waits for it here."""
+        self._remember(task_id, state)
+        for future in self._waiters.get(task_id, []):
             results = self._wait_results.get(id(future))
             if results is not None:
-                results[partition] = state
+                results[task_id] = state
             if not future.done():
                 future.set_result(None)
 
