@@ -632,3 +632,49 @@ def json_loads(text: str) -> Any:
     import json
 
     return json.loads(text)
+
+
+def test_a_change_retried_after_a_lost_connection_says_how_long_ago_it_was_sent() -> None:
+    """The node may have applied a change before its connection died: the retry on another
+    node carries ``retry_ms`` so a strong keyspace can refuse to apply it twice."""
+    async def main() -> None:
+        rows: dict[Any, Any] = {}
+        spaces = {"ks": KeyspaceInfo("ks", 3, "eventual", "QUORUM", "QUORUM")}
+        seen: list[tuple[str, bytes, int]] = []
+        servers: list[asyncio.Server] = []
+
+        class Recording(DictKvService):
+            def __init__(self, name: str) -> None:
+                super().__init__(rows, spaces)
+                self.name = name
+
+            async def put(self, keyspace: str, key: bytes, value: bytes, sort: bytes = b"",
+                          consistency: str | None = None, ttl_s: float | None = None,
+                          idempotency: bytes = b"", fence: tuple[str, int] | None = None,
+                          *, retry_ms: int = 0) -> int:
+                seen.append((self.name, idempotency, retry_ms))
+                if self.name == "a":  # dies with the request in hand
+                    await asyncio.sleep(0.05)
+                    abort_connections(servers[0])
+                    await asyncio.sleep(10)
+                return await super().put(keyspace, key, value, sort, consistency, ttl_s,
+                                         idempotency, fence)
+
+        servers.append(await serve_clients(Recording("a"), "127.0.0.1", 0))
+        servers.append(await serve_clients(Recording("b"), "127.0.0.1", 0))
+        addr_a, addr_b = (f"127.0.0.1:{port_of(s)}" for s in servers)
+        try:
+            async with AsyncClient([addr_a], token_aware=False) as kv:
+                await kv.get("ks", "warm")  # connected to a only
+                kv.seeds.append(addr_b)
+                await kv.put("ks", "k", b"v", idempotency=b"change-1")
+            assert [(name, retry_ms > 0) for name, _, retry_ms in seen] == [
+                ("a", False), ("b", True)]
+            assert seen[0][1] == seen[1][1] == b"change-1"
+            assert seen[1][2] >= 40  # it waited ~50 ms on a before the connection died
+        finally:
+            for server in servers:
+                server.close()
+                abort_connections(server)
+
+    run(main())
