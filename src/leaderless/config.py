@@ -152,12 +152,14 @@ class TasksConfig:
     lease_ttl_s: float = 10.0
     """A running task's lease, renewed every third of it: a dead node's tasks run
     elsewhere within failure detection plus this."""
-    prefetch_per_slot: int = 4
-    """A task submitted through this node is claimed by it in the submit round while it
-    holds fewer than ``slots * (1 + prefetch_per_slot)`` slots' worth of tasks (running or
-    waiting here for a slot, under a lease); beyond that, or with 0 here, submitted tasks
-    wait in the index for any node. Celery's ``worker_prefetch_multiplier`` is the same
-    trade: higher is faster for short tasks, lower spreads long ones better."""
+    prefetch_s: float = 0.5
+    """Work a node takes on ahead of its free slots, in seconds at the rate it has been
+    finishing tasks: it claims a task submitted through it in the submit round, and claims
+    from the index, while it holds fewer than ``slots + rate * prefetch_s`` slots' worth
+    (running or waiting here for a slot, under a lease). Trivial tasks then queue by the
+    hundred on the node they were submitted through; ten-second ones only fill the free
+    slots and wait in the index for any node. 0: free slots only (Celery's
+    ``worker_prefetch_multiplier`` is the fixed-count version of this trade)."""
     drain_s: float = 10.0
     """On a graceful stop the node claims nothing more and waits this long for its running
     tasks, then hands the rest back (they run elsewhere at once)."""
@@ -468,7 +470,7 @@ _TASKS_PARSERS: dict[str, Callable[[Any], Any]] = {
     "tasks.allow_pickle": _parse_bool,
     "tasks.lease_ttl_s": _parse_float(1.0, 3600.0, low_open=False),
     "tasks.drain_s": _parse_float(0, 3600.0, low_open=False),
-    "tasks.prefetch_per_slot": _parse_int_in(0, 64),
+    "tasks.prefetch_s": _parse_float(0, 60.0, low_open=False),
 }
 """``[tasks]`` keys (TasksConfig)."""
 _TABLES = ("membership", "alerts", "tls", "auth", "gossip", "encryption", "health", "ring",

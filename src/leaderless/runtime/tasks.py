@@ -12,8 +12,9 @@ submit or a freed slot wakes it. A claimed task runs at once: ``finish`` carries
 time (no separate ``start`` round).
 
 **Claim at submit.** A node that can run a task submitted through it (tags, registered
-function, load under the ceiling) and holds fewer than ``slots * (1 + prefetch_per_slot)``
-slots' worth of tasks claims it in the submit round itself, and runs it when a slot frees;
+function, load under the ceiling) and holds fewer than ``_room()`` slots' worth of tasks
+(its slots plus ``prefetch_s`` seconds at its recent finishing rate) claims it in the
+submit round itself, and runs it when a slot frees;
 such a task is indexed only if it is still unfinished ``INDEX_DELAY_S`` later (for ``list``
 and for failover), so a short task costs two Paxos rounds (submit-and-claim, finish) and no
 index write, against three rounds and two index writes on the way through the index. If
@@ -118,6 +119,12 @@ MISSING_CHECKS_PER_WAIT = 16
 """A wait that ends with nothing finished reads this many of its ids (strong reads) to
 report the ones with no task (never submitted, or deleted past their TTL)."""
 WAIT_IDS_MAX = 1000
+CLAIMS_PER_ROUND = 64
+"""Claims (Paxos rounds) a claim round starts at once at most."""
+RATE_WINDOW_S = 2.0
+"""The finishing rate that sizes the prefetch (``TasksConfig.prefetch_s``) is over this."""
+PREFETCH_MAX = 1000
+"""Tasks held beyond the free slots at most, whatever the rate."""
 INDEX_DELAY_S = 1.0
 """A task claimed at submit gets its index entry when it is still unfinished this long
 after (most short tasks never need one)."""
@@ -131,6 +138,9 @@ RECOVER_INTERVAL_S = 30.0
 often."""
 RECOVER_SLICE = 2000
 """Task registers read per slice of a recovery pass (the loop runs others in between)."""
+WAIT_GATHER_S = 0.005
+"""A wait answers this long after its first task finished, with every task finished by
+then (a client waiting on many re-sends its wait after each answer)."""
 HOLD_LINGER_S = 10.0
 HELD_MAX = 20_000
 """Task registers watched for waiters at once; beyond it ``wait`` answers overloaded."""
@@ -199,7 +209,10 @@ class TaskService:
         self._running: dict[bytes, _Run] = {}
         self._reserved = 0
         """Slots of claims under way (not yet in ``_running``)."""
-        self._fresh: collections.deque[_Candidate] = collections.deque(maxlen=BUFFER_MAX)
+        self._fresh: collections.deque[_Candidate] = collections.deque()
+        self._fresh_ids: set[bytes] = set()
+        """The ids in ``_fresh`` (at most ``BUFFER_MAX``): waiters on them need no watch
+        while they are on their way to running here (``_unfresh``)."""
         """Tasks submitted through this node: claimed without a scan."""
         self._buffer: builtins.list[_Candidate] = []
         self._buffer_at = 0.0
@@ -223,6 +236,10 @@ class TaskService:
         self._tasks: set[asyncio.Task[None]] = set()
         """Background index writes."""
         self._up_seen: frozenset[str] = frozenset()
+        self._held_slots = 0
+        """Slots of the tasks in ``_running``."""
+        self._finished_at: collections.deque[float] = collections.deque(maxlen=100_000)
+        """When tasks left ``_running`` (monotonic), for the finishing rate."""
         self._down_seen: frozenset[str] = frozenset()
         self._recover_at = 0.0
         self._rng = random.Random()
@@ -354,8 +371,10 @@ class TaskService:
         entry = IndexEntry(task_id, spec.slots, list(spec.tags), state.lease_expires_ms,
                            state.not_before_ms)
         await self._kv.put(INDEX_KEYSPACE, _shard(spec.queue, task_id), encode(entry), sort)
-        if state.state == "pending" and satisfies(self.tags, spec.tags):
+        if (self._claiming and state.state == "pending" and satisfies(self.tags, spec.tags)
+                and len(self._fresh) < BUFFER_MAX and task_id not in self._fresh_ids):
             self._fresh.append(_Candidate(spec.queue, sort, entry))
+            self._fresh_ids.add(task_id)
             self._wake.set()
         return task_id
 
@@ -459,11 +478,17 @@ class TaskService:
         for task_id in wanted:
             self._waiters.setdefault(task_id, []).append(future)
         self._wait_results[id(future)] = results
-        # A task this node holds is finished here: it needs no watch.
-        self._hold({task_id for task_id in wanted if task_id not in self._running})
+        # A task this node holds, or is about to claim, is finished here: no watch needed
+        # (if it ends elsewhere after all, ``_drop``/``_unfresh`` open one then).
+        self._hold({task_id for task_id in wanted
+                    if task_id not in self._running and task_id not in self._fresh_ids})
         try:
             # A watch reads its key when it opens: a task finished before is delivered too.
             await asyncio.wait_for(asyncio.shield(future), timeout_s)
+            if len(results) < len(wanted):
+                # Others are likely finishing too: answer them in this reply rather than
+                # in one reply (and one new wait of every id) each.
+                await asyncio.sleep(WAIT_GATHER_S)
         except TimeoutError:
             # Nothing finished: some ids may have no task at all (never submitted, or
             # deleted past their TTL); read a few, so a waiter learns of them in time.
@@ -640,9 +665,30 @@ class TaskService:
 
     # -- claiming ------------------------------------------------------------------------
 
+    def _drop(self, run: _Run) -> None:
+        if self._running.get(run.task_id) is run:
+            del self._running[run.task_id]
+            self._held_slots -= run.spec.slots
+            self._finished_at.append(time.monotonic())
+            if run.task_id in self._waiters and run.task_id not in self._recent:
+                # It did not finish here (retrying, lost, handed back): whoever waits for it
+                # here now needs a watch to hear of its end elsewhere.
+                self._hold({run.task_id})
+
     def _free(self) -> int:
-        used = self._reserved + sum(run.spec.slots for run in self._running.values())
-        return max(0, self.config.slots - used)
+        """Slots free now (none reserved or held)."""
+        return max(0, self.config.slots - self._reserved - self._held_slots)
+
+    def _room(self) -> int:
+        """Slots' worth of tasks this node may still take on: its free slots, plus what it
+        finishes in ``prefetch_s`` at its rate over the last ``RATE_WINDOW_S``."""
+        now = time.monotonic()
+        finished = self._finished_at
+        while finished and finished[0] < now - RATE_WINDOW_S:
+            finished.popleft()
+        ahead = int(len(finished) / RATE_WINDOW_S * self.config.prefetch_s)
+        return max(0, self.config.slots + min(ahead, PREFETCH_MAX)
+                   - self._reserved - self._held_slots)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -652,7 +698,7 @@ class TaskService:
     async def _claim_loop(self) -> None:
         idle_s = IDLE_S_MIN
         while self._claiming:
-            if self._free() <= 0:
+            if self._room() <= 0:
                 await self._sleep(IDLE_S_MAX)  # a finished task wakes us
                 continue
             ceiling = self.config.load_ceiling_pct
@@ -677,7 +723,7 @@ class TaskService:
 
     async def _claim_round(self) -> int:
         """Claim up to the free slots' worth of tasks at once; the number tried."""
-        free = self._free()
+        free = min(self._room(), CLAIMS_PER_ROUND)
         picked: builtins.list[_Candidate] = []
         now_ms = int(self._now() * 1000)
         while self._fresh and free > 0:
@@ -685,6 +731,8 @@ class TaskService:
             if self._wanted(candidate, now_ms) and candidate.entry.slots <= free:
                 picked.append(candidate)
                 free -= candidate.entry.slots
+            else:  # the index still has it: a scan finds it
+                self._unfresh(candidate.entry.task_id)
         if free > 0:
             await self._refill(now_ms)
             keep = []
@@ -803,6 +851,22 @@ class TaskService:
         self._queues.add(queue)
 
     async def _claim(self, candidate: _Candidate) -> None:
+        try:
+            await self._claim_one(candidate)
+        finally:
+            self._unfresh(candidate.entry.task_id)
+
+    def _unfresh(self, task_id: bytes) -> None:
+        """A task submitted here left the way to a local claim: if it does not run here,
+        whoever waits for it here needs a watch to hear of its end."""
+        if task_id not in self._fresh_ids:
+            return
+        self._fresh_ids.discard(task_id)
+        if (task_id in self._waiters and task_id not in self._running
+                and task_id not in self._recent):
+            self._hold({task_id})
+
+    async def _claim_one(self, candidate: _Candidate) -> None:
         entry = candidate.entry
         task_id = entry.task_id
         self._reserved += entry.slots
@@ -847,6 +911,7 @@ class TaskService:
         run = _Run(task_id, state.spec, candidate.sort, state.token, state.lease_expires_ms,
                    indexed=indexed)
         self._running[task_id] = run
+        self._held_slots += run.spec.slots
         loop = asyncio.get_running_loop()
         run.worker = loop.create_task(self._execute(run, candidate))
         if not indexed:
@@ -879,7 +944,7 @@ class TaskService:
 
     def _takes(self, spec: TaskSpec) -> bool:
         """Whether this node claims a task submitted through it in the submit round."""
-        if not self._claiming or self.config.prefetch_per_slot <= 0:
+        if not self._claiming:
             return False
         if spec.slots > self.config.slots or not satisfies(self.tags, spec.tags):
             return False
@@ -887,8 +952,7 @@ class TaskService:
                     else module_allowed(spec.function, self.config.modules))
         if not runnable:
             return False
-        held = self._reserved + sum(run.spec.slots for run in self._running.values())
-        if held + spec.slots > self.config.slots * (1 + self.config.prefetch_per_slot):
+        if spec.slots > self._room():
             return False
         ceiling = self.config.load_ceiling_pct
         return not (ceiling < 100 and self._load() >= ceiling)
@@ -934,7 +998,7 @@ class TaskService:
             await self._finish(run, candidate, outcome)
         finally:
             if not run.releasing:
-                self._running.pop(run.task_id, None)
+                self._drop(run)
             self._wake.set()
 
     async def _finish(self, run: _Run, candidate: _Candidate, outcome: TaskOutcome) -> None:
@@ -1063,7 +1127,7 @@ class TaskService:
             self.log.warning("release_failed", task=run.task_id.hex(), error=str(exc),
                              note="the task runs elsewhere once its lease expires")
         finally:
-            self._running.pop(run.task_id, None)
+            self._drop(run)
 
     # -- index and notifications ---------------------------------------------------------
 
