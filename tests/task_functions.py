@@ -59,6 +59,17 @@ def record_pid() -> int:
     return os.getpid()
 
 
+_HELD: list[bytes] = []
+"""What ``hold_memory`` keeps alive in its worker."""
+
+
+def hold_memory(mb: int) -> int:
+    """Allocate ``mb`` MiB (written, so resident) and keep it for the worker's life;
+    return the worker's pid."""
+    _HELD.append(b"x" * (mb * 1024 * 1024))
+    return os.getpid()
+
+
 def mark_running(directory: str, name: str, seconds: float) -> int:
     """Create ``directory/name`` while running (for ``seconds``), delete it, return the
     number of marks seen at once (so a test can check how many tasks ran together)."""

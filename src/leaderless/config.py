@@ -163,6 +163,13 @@ class TasksConfig:
     drain_s: float = 10.0
     """On a graceful stop the node claims nothing more and waits this long for its running
     tasks, then hands the rest back (they run elsewhere at once)."""
+    max_tasks_per_worker: int = 0
+    """A worker process that has run this many tasks is replaced by a fresh one after its
+    task finishes (Celery's ``worker_max_tasks_per_child``); 0: never."""
+    max_worker_memory_mb: int = 0
+    """A worker process whose resident memory (RSS) is above this many MiB after a task is
+    replaced after that task, which still counts (never killed mid-task for it; Celery's
+    ``worker_max_memory_per_child``); 0: no limit."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -471,6 +478,8 @@ _TASKS_PARSERS: dict[str, Callable[[Any], Any]] = {
     "tasks.lease_ttl_s": _parse_float(1.0, 3600.0, low_open=False),
     "tasks.drain_s": _parse_float(0, 3600.0, low_open=False),
     "tasks.prefetch_s": _parse_float(0, 60.0, low_open=False),
+    "tasks.max_tasks_per_worker": _parse_int_in(0, 1_000_000_000),
+    "tasks.max_worker_memory_mb": _parse_int_in(0, 1024 * 1024),
 }
 """``[tasks]`` keys (TasksConfig)."""
 _TABLES = ("membership", "alerts", "tls", "auth", "gossip", "encryption", "health", "ring",

@@ -48,11 +48,12 @@ def children(recursive: bool = False) -> list[psutil.Process]:
 
 
 def with_pool(body: Callable[[WorkerPool], Awaitable[T]], slots: int = 2,
-              modules: tuple[str, ...] = (MOD,), allow_pickle: bool = False) -> T:
+              modules: tuple[str, ...] = (MOD,), allow_pickle: bool = False,
+              **options: Any) -> T:
     async def main() -> T:
         _OTHERS.clear()
         _OTHERS.update(p.pid for p in psutil.Process().children(recursive=True))
-        pool = WorkerPool(slots, modules, allow_pickle)
+        pool = WorkerPool(slots, modules, allow_pickle, **options)
         await pool.start()
         try:
             return await body(pool)
@@ -354,3 +355,52 @@ def test_workers_die_with_a_killed_node() -> None:
         if node.poll() is None:
             node.kill()
             node.wait(10)
+
+
+def test_a_worker_is_recycled_after_max_tasks_per_worker() -> None:
+    async def body(pool: WorkerPool) -> list[int]:
+        return [value(await pool.run(spec("record_pid"))) for _ in range(5)]
+
+    pids = with_pool(body, slots=1, max_tasks_per_worker=2)
+    # 2 + 2 + 1: every task succeeded, each worker ran at most 2 of them.
+    assert len(set(pids)) >= 3
+    assert all(pids.count(pid) <= 2 for pid in pids)
+    assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
+
+
+class Log:
+    def __init__(self) -> None:
+        self.warnings: list[tuple[str, dict[str, Any]]] = []
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self.warnings.append((event, fields))
+
+
+def test_a_worker_over_max_worker_memory_mb_is_recycled_after_its_task() -> None:
+    limit_mb = 100
+    log = Log()
+
+    async def body(pool: WorkerPool) -> None:
+        first = value(await pool.run(spec("record_pid")))
+        assert value(await pool.run(spec("record_pid"))) == first  # under the limit: kept
+        assert pool.recycled == {"max_tasks": 0, "max_memory": 0}
+        # The task that grows the worker past the limit still returns its result ...
+        assert value(await pool.run(spec("hold_memory", limit_mb + 50))) == first
+        assert pool.recycled == {"max_tasks": 0, "max_memory": 1}
+        # ... and the next task runs in a fresh worker.
+        second = value(await pool.run(spec("record_pid")))
+        assert second != first
+        assert value(await pool.run(spec("record_pid"))) == second
+        [(event, fields)] = log.warnings
+        assert event == "task_worker_recycled_for_memory"
+        assert fields["pid"] == first and fields["limit_mb"] == limit_mb
+        assert fields["rss_mb"] > limit_mb
+
+    with_pool(body, slots=1, max_worker_memory_mb=limit_mb, log=log)
+
+
+def test_recycling_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match="max_tasks_per_worker must be 0"):
+        WorkerPool(1, (MOD,), False, max_tasks_per_worker=-1)
+    with pytest.raises(ValueError, match="max_worker_memory_mb must be 0"):
+        WorkerPool(1, (MOD,), False, max_worker_memory_mb=-5)

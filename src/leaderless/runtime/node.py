@@ -335,6 +335,8 @@ class Node:
         tasks = self.config.tasks
         tags = set(self.config.tags) | {f"{k}={v}" for k, v in self.config.tags.items() if v}
         pool = WorkerPool(tasks.slots, tasks.modules, tasks.allow_pickle,
+                          max_tasks_per_worker=tasks.max_tasks_per_worker,
+                          max_worker_memory_mb=tasks.max_worker_memory_mb,
                           log=NodeLogger(self.config.name, "task_workers"))
         return TaskService(kv, self.config.name, tasks, tags, pool,
                            load=lambda: self.system.sample().cpu_percent,

@@ -24,6 +24,10 @@ What the pool guarantees:
   (a cancelled task, a lost lease).
 - ``close`` stops every worker and reaps it: no child process is left behind. A worker
   also dies with the node if the node is killed (Linux: parent-death signal).
+- Recycling (Celery's ``worker_max_tasks_per_child`` / ``worker_max_memory_per_child``): a
+  worker that has run ``max_tasks_per_worker`` tasks, or whose resident memory is above
+  ``max_worker_memory_mb`` after a task, is replaced by a fresh one once that task has
+  finished (never during it; the task's outcome stands). ``recycled`` counts them by reason.
 
 The pool uses no threads.
 """
@@ -78,6 +82,10 @@ JOB_FRAME_MAX = ARGS_BYTES_MAX + FUNCTION_BYTES_MAX + 1024
 REPLY_FRAME_MAX = RESULT_BYTES_MAX + ERROR_BYTES_MAX + 1024
 INIT_FRAME_MAX = 1024 * 1024
 """The worker's start message (sys.path and the registered modules)."""
+MAX_TASKS_PER_WORKER_MAX = 1_000_000_000
+"""Highest ``max_tasks_per_worker`` (0: a worker is never recycled for its task count)."""
+MAX_WORKER_MEMORY_MB_MAX = 1024 * 1024
+"""Highest ``max_worker_memory_mb`` (1 TiB; 0: no memory limit)."""
 
 _LEN = struct.Struct(">I")
 _PR_SET_PDEATHSIG = 1
@@ -145,13 +153,15 @@ def _exit_text(code: int | None) -> str:
 
 
 class _Worker:
-    __slots__ = ("proc", "reader", "writer")
+    __slots__ = ("proc", "reader", "tasks", "writer")
 
     def __init__(self, proc: subprocess.Popen[bytes], reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter) -> None:
         self.proc = proc
         self.reader = reader
         self.writer = writer
+        self.tasks = 0
+        """Tasks this worker has answered (for ``max_tasks_per_worker``)."""
 
 
 class _Run:
@@ -166,10 +176,21 @@ class WorkerPool:
     """``slots`` worker processes running tasks, at most ``slots`` slots' worth at once."""
 
     def __init__(self, slots: int, modules: tuple[str, ...], allow_pickle: bool, *,
+                 max_tasks_per_worker: int = 0, max_worker_memory_mb: int = 0,
                  log: Any = None) -> None:
         if not 1 <= slots <= WORKERS_MAX:
             raise ValueError(f"slots must be 1..{WORKERS_MAX}, not {slots}")
+        if not 0 <= max_tasks_per_worker <= MAX_TASKS_PER_WORKER_MAX:
+            raise ValueError(f"max_tasks_per_worker must be 0 (never recycle) .. "
+                             f"{MAX_TASKS_PER_WORKER_MAX}, not {max_tasks_per_worker}")
+        if not 0 <= max_worker_memory_mb <= MAX_WORKER_MEMORY_MB_MAX:
+            raise ValueError(f"max_worker_memory_mb must be 0 (no limit) .. "
+                             f"{MAX_WORKER_MEMORY_MB_MAX}, not {max_worker_memory_mb}")
         self.slots = slots
+        self.max_tasks_per_worker = max_tasks_per_worker
+        """Replace a worker once it has run this many tasks (0: never)."""
+        self.max_worker_memory_mb = max_worker_memory_mb
+        """Replace a worker whose RSS is above this many MiB after a task (0: no limit)."""
         self.modules = tuple(modules)
         self.allow_pickle = allow_pickle
         self._log = log
@@ -191,6 +212,9 @@ class WorkerPool:
                                        "died": 0, "aborted": 0, "spawned": 0,
                                        "spawn_failed": 0}
         """Totals since start, for metrics."""
+        self.recycled: dict[str, int] = {"max_tasks": 0, "max_memory": 0}
+        """Workers replaced after a task by ``max_tasks_per_worker`` / ``max_worker_memory_mb``,
+        since start."""
 
     # -- lifecycle
 
@@ -411,8 +435,8 @@ class WorkerPool:
                 self._replace(worker, kill=True)
                 return _failure(f"worker sent a bad reply: {exc}", retryable=True,
                                 started_ms=started_ms)
-            self._idle_again(worker)
             self.counts["ok" if outcome.ok else "failed"] += 1
+            self._after_task(worker)
             return outcome
         reply.cancel()
         if run.abort.done():
@@ -433,14 +457,35 @@ class WorkerPool:
         self._idle.append(worker)
         self._wake()
 
-    def _replace(self, worker: _Worker, *, kill: bool = False) -> None:
-        """Drop ``worker`` (killing it if asked; reaped in the background) and start a
-        new one in its place unless the pool is closing."""
+    def _after_task(self, worker: _Worker) -> None:
+        """``worker`` answered a task: back to idle, or recycled if it has run its
+        ``max_tasks_per_worker`` or its RSS is above ``max_worker_memory_mb``."""
+        worker.tasks += 1
+        if self.max_tasks_per_worker and worker.tasks >= self.max_tasks_per_worker:
+            self.recycled["max_tasks"] += 1
+            self._replace(worker, graceful=True)
+            return
+        if self.max_worker_memory_mb:
+            rss = _rss(worker.proc.pid)
+            if rss is not None and rss > self.max_worker_memory_mb * 1024 * 1024:
+                self.recycled["max_memory"] += 1
+                self._note("task_worker_recycled_for_memory", pid=worker.proc.pid,
+                           rss_mb=round(rss / (1024 * 1024), 1),
+                           limit_mb=self.max_worker_memory_mb)
+                self._replace(worker, graceful=True)
+                return
+        self._idle_again(worker)
+
+    def _replace(self, worker: _Worker, *, kill: bool = False,
+                 graceful: bool = False) -> None:
+        """Drop ``worker`` (killing it if asked, or, if ``graceful``, letting it exit at
+        end of input first; reaped in the background) and start a new one in its place
+        unless the pool is closing."""
         worker.writer.close()
         if kill:
             _signal(worker.proc, signal.SIGKILL)
         if worker.proc in self._procs:
-            task = asyncio.ensure_future(self._stop(worker.proc))
+            task = asyncio.ensure_future(self._stop(worker.proc, graceful=graceful))
             self._reapers.add(task)
             task.add_done_callback(self._reapers.discard)
         if not self._closed:
@@ -546,6 +591,17 @@ def _signal(proc: subprocess.Popen[bytes], sig: int) -> None:
             os.killpg(proc.pid, sig)
         except PermissionError:  # not its group after all (it left it): the worker alone
             proc.send_signal(sig)
+
+
+def _rss(pid: int) -> int | None:
+    """Resident memory of process ``pid`` in bytes (its own, not its children's); None if
+    it cannot be read (it has just exited)."""
+    import psutil  # here, not at the top: workers import this module and never need it
+
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return None
 
 
 def _exited(proc: subprocess.Popen[bytes]) -> bool:
