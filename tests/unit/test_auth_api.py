@@ -143,7 +143,7 @@ def test_the_cli_token_file_is_private_and_flags_win(tmp_path: Path,
 # -- a real cluster with auth ---------------------------------------------------------------
 
 
-def make_node(tmp_path: Path, name: str, join: str | None, auth: bool) -> Node:
+def make_node(tmp_path: Path, name: str, join: str | None, auth: bool, **extra: Any) -> Node:
     password_file = tmp_path / "admin-password"
     password_file.write_text(ADMIN_PASSWORD + "\n")
     settings: dict[str, Any] = {
@@ -153,6 +153,7 @@ def make_node(tmp_path: Path, name: str, join: str | None, auth: bool) -> Node:
     if auth:
         settings.update({"auth.enabled": True,
                          "auth.admin_password_file": str(password_file)})
+    settings.update(extra)
     return Node(load_config(settings, env={}))
 
 
@@ -167,18 +168,19 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str,
 
 
 def with_cluster(tmp_path: Path, auth: bool,
-                 body: Callable[[list[Node], list[str], list[str]], Awaitable[None]]) -> None:
+                 body: Callable[[list[Node], list[str], list[str]], Awaitable[None]],
+                 **extra: Any) -> None:
     """Run ``body(nodes, client addresses, HTTP base URLs)`` on a 3-node cluster, once the
-    admin can log in (with auth)."""
+    admin can log in (with auth); ``extra``: more node settings."""
 
     async def main() -> None:
         nodes: list[Node] = []
         try:
-            first = make_node(tmp_path, "n1", None, auth)
+            first = make_node(tmp_path, "n1", None, auth, **extra)
             await first.start()
             nodes.append(first)
             for name in ("n2", "n3"):
-                node = make_node(tmp_path, name, str(first.address), auth)
+                node = make_node(tmp_path, name, str(first.address), auth, **extra)
                 await node.start()
                 nodes.append(node)
             clients = [str(n.client_address) for n in nodes]

@@ -38,13 +38,12 @@ from leaderless.api.task_api import info_json, parse_task_id, task_info
 from leaderless.client import AsyncClient, Client, TaskFailedError
 from leaderless.client.errors import ERRORS_BY_CODE, NotFoundError
 from leaderless.client.tasks import encode_call, function_name, outcome
-from leaderless.config import load_config
-from leaderless.core.messages import MemberStatus
 from leaderless.core.tasks import TaskSpec, TaskState, Transition
 from leaderless.runtime.node import Node
-from leaderless.runtime.process import run
 from leaderless.security.auth import Grant
 from tests import task_functions
+from tests.unit.test_auth_api import wait_for
+from tests.unit.test_auth_api import with_cluster as auth_cluster
 
 TEST_TIMEOUT_S = 120.0
 MODULE = "tests.task_functions"
@@ -183,52 +182,11 @@ def test_outcomes_become_values_errors_or_cancellation() -> None:
 # -- in-process nodes ------------------------------------------------------------------------
 
 
-def make_node(tmp_path: Path, name: str, join: str | None, **extra: Any) -> Node:
-    settings: dict[str, Any] = {
-        "name": name, "bind": "127.0.0.1:0", "data_dir": str(tmp_path / name),
-        "join": [join] if join else [], "client": "127.0.0.1:0", "http": "127.0.0.1:0",
-        "storage": "memory", "log_level": "error", "ring.bootstrap": False,
-        "tasks.modules": [MODULE], "tasks.slots": 2, **extra}
-    return Node(load_config(settings, env={}))
-
-
-async def wait_for(predicate: Callable[[], Awaitable[bool]], what: str,
-                   timeout_s: float = 60.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting until {what}")
-        await asyncio.sleep(0.1)
-
-
 def with_cluster(tmp_path: Path,
-                 body: Callable[[list[Node], list[str], list[str]], Awaitable[None]],
-                 **extra: Any) -> None:
-    """Run ``body(nodes, client addresses, HTTP base URLs)`` on three in-process nodes."""
-
-    async def main() -> None:
-        nodes: list[Node] = []
-        try:
-            first = make_node(tmp_path, "n1", None, **extra)
-            await first.start()
-            nodes.append(first)
-            for name in ("n2", "n3"):
-                node = make_node(tmp_path, name, str(first.address), **extra)
-                await node.start()
-                nodes.append(node)
-
-            async def ready() -> bool:
-                return all(sum(m.status == MemberStatus.ALIVE for m in n.members()) == 3
-                           for n in nodes)
-
-            await wait_for(ready, "the three nodes see each other")
-            await body(nodes, [str(n.client_address) for n in nodes],
-                       [f"http://{n.http_address}" for n in nodes])
-        finally:
-            await asyncio.gather(*(n.stop() for n in nodes))
-
-    run(asyncio.wait_for(main(), TEST_TIMEOUT_S))
+                 body: Callable[[list[Node], list[str], list[str]], Awaitable[None]]) -> None:
+    """Run ``body(nodes, client addresses, HTTP base URLs)`` on three in-process nodes
+    that run ``tests.task_functions``."""
+    auth_cluster(tmp_path, False, body, **{"tasks.modules": [MODULE], "tasks.slots": 2})
 
 
 def test_async_client_submits_waits_reads_lists_and_cancels(tmp_path: Path) -> None:
