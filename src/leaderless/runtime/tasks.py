@@ -142,6 +142,8 @@ WAIT_GATHER_S = 0.005
 """A wait answers this long after its first task finished, with every task finished by
 then (a client waiting on many re-sends its wait after each answer)."""
 HOLD_LINGER_S = 10.0
+HOLD_SWEEP_S = 1.0
+"""Watches past their linger are let go at most this often (a pass looks at all)."""
 HELD_MAX = 20_000
 """Task registers watched for waiters at once; beyond it ``wait`` answers overloaded."""
 LIST_LIMIT_MAX = 1000
@@ -236,6 +238,7 @@ class TaskService:
         self._tasks: set[asyncio.Task[None]] = set()
         """Background index writes."""
         self._up_seen: frozenset[str] = frozenset()
+        self._held_swept_at = 0.0
         self._held_slots = 0
         """Slots of the tasks in ``_running``."""
         self._finished_at: collections.deque[float] = collections.deque(maxlen=100_000)
@@ -1043,10 +1046,12 @@ class TaskService:
         a client waiting on many tasks calls ``wait`` again for the rest, and a watch
         costs a read and a subscription at every member to open."""
         now = time.monotonic()
-        for task_id, (release, until) in list(self._held.items()):
-            if until < now and task_id not in self._waiters:
-                release()
-                del self._held[task_id]
+        if now >= self._held_swept_at + HOLD_SWEEP_S or not task_ids:
+            self._held_swept_at = now
+            for task_id, (release, until) in list(self._held.items()):
+                if until < now and task_id not in self._waiters:
+                    release()
+                    del self._held[task_id]
         for task_id in task_ids:
             held = self._held.get(task_id)
             if held is None:
