@@ -152,7 +152,7 @@ class TasksConfig:
     lease_ttl_s: float = 10.0
     """A running task's lease, renewed every third of it: a dead node's tasks run
     elsewhere within failure detection plus this."""
-    prefetch_s: float = 0.5
+    prefetch_s: float = 1.0
     """Work a node takes on ahead of its free slots, in seconds at the rate it has been
     finishing tasks: it claims a task submitted through it in the submit round, and claims
     from the index, while it holds fewer than ``slots + rate * prefetch_s`` slots' worth
