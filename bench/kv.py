@@ -252,8 +252,8 @@ def start_cluster(n: int, workdir: Path, security: dict[str, Any] | None = None
         data.mkdir(parents=True, exist_ok=True)
         cmd = [str(exe), "node", "start", "--name", name, "--bind", f"127.0.0.1:{bind}",
                "--client", f"127.0.0.1:{client}", "--http", f"127.0.0.1:{http}",
-               "--data-dir", str(data), "--log-level", "warning",
-               *security_flags(name, security)]
+               "--data-dir", str(data), "--log-level", "warning", "--no-bootstrap",
+               *security_flags(name, security)]  # all are first members: no streaming
         if i:
             cmd += ["--join", seed]
         log = open(data / "node.log", "wb")  # noqa: SIM115 (kept open for the process)

@@ -59,6 +59,9 @@ from kv import (
 
 from leaderless.client import AsyncClient, ConflictError, LeaderlessError
 
+PLAIN_CLIENT = argparse.Namespace(secure_client=None)
+"""``kv.wait_ready``'s options: no TLS, no login."""
+
 RESULTS = Path(__file__).parent / "results" / "strong.json"
 KEYSPACE = "strong"
 LOCK_TTL_S = 10.0
@@ -294,7 +297,7 @@ def run_availability(opts: argparse.Namespace) -> None:
         workdir = tempfile.TemporaryDirectory(prefix="leaderless-avail-")
         procs, nodes = start_cluster(3, Path(workdir.name))
         try:
-            asyncio.run(wait_ready(nodes, 3, 60))
+            asyncio.run(wait_ready(nodes, 3, 60, PLAIN_CLIENT))
             # The victim is the node that coordinates the key (the client's first choice).
             result = asyncio.run(availability_trial(nodes, procs[trial % 3], 6.0, 2.0))
             result["killed"] = f"node{trial % 3 + 1}"
@@ -340,7 +343,7 @@ def main() -> None:
     procs, nodes = start_cluster(3, Path(workdir.name))
     rows: list[dict[str, Any]] = []
     try:
-        asyncio.run(wait_ready(nodes, 3, 60))
+        asyncio.run(wait_ready(nodes, 3, 60, PLAIN_CLIENT))
 
         async def create() -> None:
             async with AsyncClient(nodes) as kv:

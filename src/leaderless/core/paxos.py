@@ -280,12 +280,14 @@ def apply_change(register: Register, change: Change, idempotency_id: bytes,
         number = total
     assert register.version < COUNTER_MAX, "version space exhausted"
     version = register.version + 1
-    recent = [*register.recent[-(RECENT_CHANGES_MAX - 1):],
-              Recent(digest, version, number, max(0, wall_ms))]
+    recent = [*register.recent[-(RECENT_CHANGES_MAX - 1):], Recent(digest, version, number)]
+    forgotten_ms = register.forgotten_ms
+    if len(register.recent) >= RECENT_CHANGES_MAX:  # the oldest id is pushed out now
+        forgotten_ms = max(forgotten_ms, wall_ms)
     if fence is None or (register.fence is not None and register.fence.lock == fence.lock
                          and register.fence.token > fence.token):
         fence = register.fence
-    return (Register(version, new_value, wall_ms, recent, fence),
+    return (Register(version, new_value, wall_ms, recent, fence, forgotten_ms),
             Done(version, new_value))
 
 
@@ -301,13 +303,13 @@ def remembers_since(register: Register, base_version: int) -> bool:
 
 def remembers_after(register: Register, after_ms: int) -> bool:
     """Whether ``register`` remembers the id of every change applied after wall time
-    ``after_ms``: it remembers every change it ever had, or its oldest remembered change
-    is older than that (a forgotten change was chosen before the oldest remembered one,
-    and clocks differ by less than the widening ``after_ms`` got)."""
+    ``after_ms``: it remembers every change it ever had, or the ids it forgot were pushed
+    out before then (clocks differ by less than the widening ``after_ms`` got)."""
     if not register.recent:
         return register.version == 0
-    oldest = register.recent[0]
-    return oldest.version == 1 or 0 < oldest.at_ms < after_ms
+    if register.recent[0].version == 1:
+        return True
+    return 0 < register.forgotten_ms < after_ms
 
 
 def _forgotten(register: Register, op: _Op) -> str:

@@ -83,10 +83,6 @@ class Recent(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True):
     id: IdempotencyId
     version: Version
     number: Number | None = None
-    at_ms: Annotated[int, msgspec.Meta(ge=0)] = 0
-    """When it was applied (the proposer's wall clock): a client's retry whose first
-    attempt was sent after the oldest remembered change is safe to apply if its id is not
-    remembered (``core.paxos.remembers_after``). 0: not known (registers from before)."""
 
 
 class Fence(msgspec.Struct, frozen=True, array_like=True):
@@ -110,6 +106,11 @@ class Register(msgspec.Struct, frozen=True, array_like=True, omit_defaults=True)
     fence: Fence | None = None
     """The newest fencing token that changed this key (``Put.fence``): a change fenced by
     an older token of the same lock is refused."""
+    forgotten_ms: WallMs = 0
+    """No change whose id ``recent`` no longer holds was applied after this wall time (the
+    clock of the change that pushed the newest of them out); 0: none was pushed out (or
+    not known, in registers from before). A client's retry first sent after it is safe
+    to apply if its id is not in ``recent`` (``core.paxos.remembers_after``)."""
 
     @property
     def tombstone(self) -> bool:
