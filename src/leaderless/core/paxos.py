@@ -315,15 +315,16 @@ def remembers_after(register: Register, after_ms: int) -> bool:
 def _forgotten(register: Register, op: _Op) -> str:
     """Why ``op`` must not be applied to ``register`` ("" if it may be): an earlier attempt
     of it may be among the changes the register no longer remembers the ids of."""
-    assert op.change is not None
+    if op.base_version is not None and not remembers_since(register, op.base_version):
+        why = "an earlier round of this proposer"
+    elif op.earlier_after_ms and not remembers_after(register, op.earlier_after_ms):
+        why = "the client's earlier attempt"
+    else:
+        return ""  # the common case, checked first: a first try, or nothing forgotten
     digest = id_digest(op.idempotency_id)
     if any(seen.id == digest for seen in register.recent):
         return ""  # remembered: answered with its outcome, not applied again
-    if op.base_version is not None and not remembers_since(register, op.base_version):
-        return "an earlier round of this proposer"
-    if op.earlier_after_ms and not remembers_after(register, op.earlier_after_ms):
-        return "the client's earlier attempt"
-    return ""
+    return why
 
 
 def _expectation_holds(register: Register, change: Cas) -> bool:
