@@ -542,28 +542,18 @@ class TaskService:
         """Index the unfinished tasks of this node's own copies of the task registers that
         no scan might find: held by a member that is not up or whose lease has expired
         (claimed at submit and never indexed), and pending ones submitted through a member
-        that is down or in ``gone`` (it may have died between the register and the entry). The entry
-        carries the lease, so the task is claimed when it expires; writing it twice (every
-        replica does) is harmless. Returns the entries written."""
-        prefix = paxos.PAXOS_PREFIX + keyspace_prefix(TASK_KEYSPACE)
-        end = prefix_end(prefix)
-        start = prefix
+        that is down or in ``gone`` (it may have died between the register and the entry).
+        The entry carries the lease, so the task is claimed when it expires; writing it
+        twice (every replica does) is harmless. Returns the entries written."""
+        cursor: bytes | None = b""
         written = 0
-        while True:
+        while cursor is not None:
             wall_ms = int(self._now() * 1000)
             up = set(self._kv._members_up())
             found: builtins.list[tuple[bytes, TaskState]] = []
-            last = None
-            for key, raw in self._kv.store.scan(start, end, limit=RECOVER_SLICE):
-                last = key
-                accepted = paxos.decode_state(raw).register
-                if accepted is None or accepted.value is None:
-                    continue
-                try:
-                    task = decode_state(accepted.value)
-                except msgspec.DecodeError:
-                    continue
-                if task.state in FINISHED:
+            tasks, cursor = self._local_tasks(cursor, RECOVER_SLICE)
+            for task_id, task in tasks:
+                if task.state in FINISHED or task_id in self._running:
                     continue
                 if task.state in ("claimed", "running"):
                     lost = (task.holder not in up or task.holder in gone
@@ -572,9 +562,7 @@ class TaskService:
                     submitter = task.history[0].node if task.history else ""
                     lost = submitter in gone or submitter not in up
                 if lost:
-                    _, task_id, _ = paxos.parse_paxos_key(key)
-                    if task_id not in self._running:
-                        found.append((task_id, task))
+                    found.append((task_id, task))
             for task_id, task in found:
                 spec = task.spec
                 entry = IndexEntry(task_id, spec.slots, list(spec.tags), task.lease_expires_ms
@@ -584,9 +572,6 @@ class TaskService:
                                                              task_id), entry)
                 await self._note_queue(spec.queue)
                 written += 1
-            if last is None:
-                break
-            start = last + b"\x00"
             await asyncio.sleep(0)  # let the loop serve others between slices
         self._counters["recovered"] += written
         return written
@@ -605,32 +590,20 @@ class TaskService:
         the register itself checks). This node reads the task registers of its own store,
         ``SWEEP_KEYS_PER_PASS`` per pass, and expires those it is the first live replica
         of, so each task is swept by one node. Returns how many it deleted."""
-        prefix = paxos.PAXOS_PREFIX + keyspace_prefix(TASK_KEYSPACE)
-        start = max(self._sweep_cursor, prefix)
         wall_ms = int(self._now() * 1000)
         placement = self._kv.placement
         up = set(self._kv._members_up())
         due: list[bytes] = []
-        last = None
-        for key, raw in self._kv.store.scan(start, prefix_end(prefix),
-                                            limit=SWEEP_KEYS_PER_PASS):
-            last = key
-            accepted = paxos.decode_state(raw).register
-            if accepted is None or accepted.value is None:
-                continue
-            try:
-                task = decode_state(accepted.value)
-            except msgspec.DecodeError:
-                continue
+        tasks, cursor = self._local_tasks(self._sweep_cursor, SWEEP_KEYS_PER_PASS)
+        for task_id, task in tasks:
             if (task.state not in FINISHED
                     or task.finished_ms + int(task.spec.result_ttl_s * 1000) > wall_ms):
                 continue
-            _, task_id, _ = paxos.parse_paxos_key(key)
             replicas = [r for r in placement.current.preference_list(
                 token(task_id), TASK_REPLICATION) if r in up]
             if replicas and replicas[0] == self.node:
                 due.append(task_id)
-        self._sweep_cursor = (last + b"\x00") if last is not None else b""
+        self._sweep_cursor = cursor or b""
         deleted = 0
         for task_id in due:
             outcome = await self._kv.propose(TASK_KEYSPACE_DEF, task_id, b"",
@@ -640,6 +613,27 @@ class TaskService:
                 self._recent.pop(task_id, None)
         self._counters["expired"] += deleted
         return deleted
+
+    def _local_tasks(self, start: bytes, limit: int
+                     ) -> tuple[builtins.list[tuple[bytes, TaskState]], bytes | None]:
+        """This node's own copies of the task registers from store key ``start`` on, at
+        most ``limit`` rows read: (task id, state) of those holding a task, and where the
+        next slice starts (None: the end was reached)."""
+        prefix = paxos.PAXOS_PREFIX + keyspace_prefix(TASK_KEYSPACE)
+        out: builtins.list[tuple[bytes, TaskState]] = []
+        last = None
+        for key, raw in self._kv.store.scan(max(start, prefix), prefix_end(prefix),
+                                            limit=limit):
+            last = key
+            accepted = paxos.decode_state(raw).register
+            if accepted is None or accepted.value is None:
+                continue
+            try:
+                task = decode_state(accepted.value)
+            except msgspec.DecodeError:
+                continue
+            out.append((paxos.parse_paxos_key(key)[1], task))
+        return out, None if last is None else last + b"\x00"
 
     def counters(self) -> dict[str, int]:
         names = ("submitted", "claimed", "succeeded", "failed", "retried", "cancelled",
