@@ -404,3 +404,22 @@ def test_recycling_limits_are_checked() -> None:
         WorkerPool(1, (MOD,), False, max_tasks_per_worker=-1)
     with pytest.raises(ValueError, match="max_worker_memory_mb must be 0"):
         WorkerPool(1, (MOD,), False, max_worker_memory_mb=-5)
+
+
+def test_waiting_runs_get_slots_by_priority_then_in_order() -> None:
+    async def body(pool: WorkerPool) -> None:
+        started: list[str] = []
+
+        async def run(name: str, priority: int, seconds: float = 0.0) -> None:
+            job = msgspec.structs.replace(spec("sleep_for", seconds, name), priority=priority)
+            outcome = await pool.run(job)
+            started.append(value(outcome))
+
+        busy = asyncio.ensure_future(run("busy", 0, 0.3))
+        while pool.free_slots():  # the only slot is taken
+            await asyncio.sleep(0.01)
+        waiting = [asyncio.ensure_future(run(name, priority)) for name, priority in
+                   (("low-1", 0), ("low-2", 0), ("high", 9), ("mid", 5))]
+        await asyncio.gather(busy, *waiting)
+        assert started == ["busy", "high", "mid", "low-1", "low-2"]
+    with_pool(body, slots=1)

@@ -35,7 +35,7 @@ The pool uses no threads.
 from __future__ import annotations
 
 import asyncio
-import collections
+import bisect
 import contextlib
 import ctypes
 import importlib
@@ -89,6 +89,10 @@ MAX_WORKER_MEMORY_MB_MAX = 1024 * 1024
 
 _LEN = struct.Struct(">I")
 _PR_SET_PDEATHSIG = 1
+
+
+_InLine = tuple[int, int, int, "asyncio.Future[None]"]
+"""A run waiting for slots: (-priority, arrival number, slots, granted when set)."""
 
 
 class _Init(msgspec.Struct, array_like=True):
@@ -197,10 +201,10 @@ class WorkerPool:
         self._used = 0
         self._idle: list[_Worker] = []
         self._waiters: list[asyncio.Future[None]] = []
-        self._slot_queue: collections.deque[tuple[int, asyncio.Future[None]]] = \
-            collections.deque()
-        """Runs waiting for slots, first come first served (a big task is not starved by
-        small ones behind it)."""
+        self._slot_queue: list[_InLine] = []
+        """Runs waiting for slots, highest ``spec.priority`` first, then first come first
+        served (a big task is not starved by small ones behind it)."""
+        self._line_seq = 0
         self._spawners: set[asyncio.Task[None]] = set()
         self._reapers: set[asyncio.Task[Any]] = set()
         self._procs: set[subprocess.Popen[bytes]] = set()
@@ -311,7 +315,7 @@ class WorkerPool:
         run = _Run(key, asyncio.get_running_loop().create_future())
         self._runs[key] = run
         try:
-            if not await self._take_slots(spec.slots, run):
+            if not await self._take_slots(spec.slots, run, spec.priority):
                 return self._aborted(run, 0)
             try:
                 return await self._run_in_worker(spec, run)
@@ -327,16 +331,18 @@ class WorkerPool:
         reason = run.abort.result() if run.abort.done() else "worker pool closed"
         return _failure(f"aborted: {reason}", retryable=True, started_ms=started_ms)
 
-    async def _take_slots(self, slots: int, run: _Run) -> bool:
-        """Reserve ``slots`` (waiting in line for them); False if aborted first."""
+    async def _take_slots(self, slots: int, run: _Run, priority: int = 0) -> bool:
+        """Reserve ``slots`` (waiting in line for them, by priority); False if aborted
+        first."""
         if self._closed or run.abort.done():
             return False
         if not self._slot_queue and self._used + slots <= self.slots:
             self._used += slots
             return True
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (slots, granted)
-        self._slot_queue.append(entry)
+        self._line_seq += 1
+        entry = (-priority, self._line_seq, slots, granted)
+        bisect.insort(self._slot_queue, entry)
         try:
             waits: set[asyncio.Future[Any]] = {granted, run.abort}
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
@@ -348,8 +354,8 @@ class WorkerPool:
         self._leave_line(entry)
         return False
 
-    def _leave_line(self, entry: tuple[int, asyncio.Future[None]]) -> None:
-        slots, granted = entry
+    def _leave_line(self, entry: _InLine) -> None:
+        _, _, slots, granted = entry
         if granted.done():
             self._used -= slots  # granted, but too late: give them back
         else:
@@ -358,8 +364,8 @@ class WorkerPool:
         self._grant_slots()  # those behind it may fit now
 
     def _grant_slots(self) -> None:
-        while self._slot_queue and self._used + self._slot_queue[0][0] <= self.slots:
-            slots, granted = self._slot_queue.popleft()
+        while self._slot_queue and self._used + self._slot_queue[0][2] <= self.slots:
+            _, _, slots, granted = self._slot_queue.pop(0)
             self._used += slots
             granted.set_result(None)
 
