@@ -244,7 +244,6 @@ class TaskService:
         self._finished_at: collections.deque[float] = collections.deque(maxlen=100_000)
         """When tasks left ``_running`` (monotonic), for the finishing rate."""
         self._down_seen: frozenset[str] = frozenset()
-        self._recover_at = 0.0
         self._rng = random.Random()
         self._counters: collections.Counter[str] = collections.Counter()
         self._sweep_cursor = b""
@@ -294,10 +293,10 @@ class TaskService:
         if self._running:
             await asyncio.gather(*(self._release(run) for run in list(self._running.values())),
                                  return_exceptions=True)
-        for task in self._loops:
+        for task in [*self._loops, *self._tasks]:
             task.cancel()
-        for task in self._loops:
-            with contextlib.suppress(asyncio.CancelledError):
+        for task in [*self._loops, *self._tasks]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._loops = []
         for run in list(self._running.values()):
@@ -537,6 +536,8 @@ class TaskService:
             except KvError as exc:
                 self._warn.warning(f"recover_{exc.code}", "task_recovery_failed",
                                    time.monotonic(), error=str(exc))
+            except Exception as exc:  # a bug must not end recovery for good
+                self.log.error("task_recovery_crashed", error=repr(exc))
 
     async def recover(self, gone: set[str] | frozenset[str] = frozenset()) -> int:
         """Index the unfinished tasks of this node's own copies of the task registers that
