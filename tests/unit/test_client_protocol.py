@@ -642,6 +642,8 @@ def test_a_change_retried_after_a_lost_connection_says_how_long_ago_it_was_sent(
         spaces = {"ks": KeyspaceInfo("ks", 3, "eventual", "QUORUM", "QUORUM")}
         seen: list[tuple[str, bytes, int]] = []
         servers: list[asyncio.Server] = []
+        addresses: list[str] = []
+        clients: list[AsyncClient] = []
 
         class Recording(DictKvService):
             def __init__(self, name: str) -> None:
@@ -654,6 +656,7 @@ def test_a_change_retried_after_a_lost_connection_says_how_long_ago_it_was_sent(
                           *, retry_ms: int = 0) -> int:
                 seen.append((self.name, idempotency, retry_ms))
                 if self.name == "a":  # dies with the request in hand
+                    clients[0].seeds.append(addresses[1])  # the only other node it knows
                     await asyncio.sleep(0.05)
                     abort_connections(servers[0])
                     await asyncio.sleep(10)
@@ -662,11 +665,10 @@ def test_a_change_retried_after_a_lost_connection_says_how_long_ago_it_was_sent(
 
         servers.append(await serve_clients(Recording("a"), "127.0.0.1", 0))
         servers.append(await serve_clients(Recording("b"), "127.0.0.1", 0))
-        addr_a, addr_b = (f"127.0.0.1:{port_of(s)}" for s in servers)
+        addresses.extend(f"127.0.0.1:{port_of(s)}" for s in servers)
         try:
-            async with AsyncClient([addr_a], token_aware=False) as kv:
-                await kv.get("ks", "warm")  # connected to a only
-                kv.seeds.append(addr_b)
+            async with AsyncClient(addresses[:1], token_aware=False) as kv:
+                clients.append(kv)  # knows only a until a has the put in hand
                 await kv.put("ks", "k", b"v", idempotency=b"change-1")
             assert [(name, retry_ms > 0) for name, _, retry_ms in seen] == [
                 ("a", False), ("b", True)]
