@@ -37,7 +37,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -47,7 +46,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from processes import free_ports
+from processes import free_ports, stop, wait_alive
 
 from leaderless.client import AsyncClient, LeaderlessError
 
@@ -242,34 +241,7 @@ class Node:
 
 
 def stop_nodes(nodes: list[Node]) -> None:
-    procs = [n.proc for n in nodes if n.proc is not None]
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 10
-    for p in procs:
-        try:
-            p.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-async def wait_ready(client: str, members: int, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            async with AsyncClient([client], connect_timeout_s=1, ring_refresh_s=0) as kv:
-                ring = await kv.describe_ring()
-                alive = [m for m in ring if m.state == "alive" and m.client_address]
-                if len(alive) >= members:
-                    return
-                last = f"{len(alive)} of {members} members alive"
-        except LeaderlessError as exc:
-            last = exc
-        await asyncio.sleep(0.5)
-    raise RuntimeError(f"the cluster did not become ready in {timeout_s:.0f} s: {last}")
+    stop([n.proc for n in nodes if n.proc is not None])
 
 
 async def create_keyspace(clients: list[str]) -> None:
@@ -425,7 +397,7 @@ def run(opts: argparse.Namespace, workdir: Path, nodes: list[Node], ctx: Any,
         node.start(seed if i else None, bootstrap=False)
     clients = [n.client for n in nodes[:3]]
     log(f"started 3 nodes in {workdir}")
-    asyncio.run(wait_ready(clients[0], 3, 60))
+    asyncio.run(wait_alive(clients[:1], 3, 60))
     asyncio.run(create_keyspace(clients))
 
     keys = opts.data_mb * 1_000_000 // opts.value_bytes

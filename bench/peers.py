@@ -65,7 +65,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from processes import free_ports, spawn, stop, stop_all
+from processes import free_ports, spawn, stop, stop_all, wait_alive
 
 from leaderless.client import AsyncClient, LeaderlessError
 
@@ -160,22 +160,7 @@ class LeaderlessCluster:
             self.clients.append(f"127.0.0.1:{client}")
 
     async def ready(self, timeout_s: float = 60) -> None:
-        deadline = time.monotonic() + timeout_s
-        last: Any = None
-        while time.monotonic() < deadline:
-            try:
-                async with AsyncClient(self.clients[:1], connect_timeout_s=1,
-                                       ring_refresh_s=0) as kv:
-                    ring = await kv.describe_ring()
-                    alive = [m for m in ring if m.state == "alive" and m.client_address]
-                    if len(alive) >= self.n:
-                        break
-                    last = f"{len(alive)} of {self.n} members alive"
-            except LeaderlessError as exc:
-                last = exc
-            await asyncio.sleep(0.5)
-        else:
-            raise RuntimeError(f"leaderless did not become ready in {timeout_s:.0f} s: {last}")
+        await wait_alive(self.clients, self.n, timeout_s)
         async with AsyncClient(self.clients, ring_refresh_s=0) as kv:
             await kv.create_keyspace(KS_QUORUM, 3, "eventual", read_consistency="QUORUM",
                                      write_consistency="QUORUM", if_not_exists=True)

@@ -76,3 +76,31 @@ def live() -> list[subprocess.Popen[bytes]]:
 def stop_all() -> None:
     """Stop every process ``spawn`` started (also at exit)."""
     stop(list(_LIVE))
+
+
+async def wait_alive(addresses: list[str], members: int, timeout_s: float = 60.0, *,
+                     each: bool = False) -> None:
+    """Wait until ``members`` members with client addresses are alive in the ring seen
+    through the first of ``addresses`` (through every one with ``each``); RuntimeError
+    naming the last state seen after ``timeout_s``."""
+    import asyncio
+
+    from leaderless.client import AsyncClient, LeaderlessError
+
+    deadline = time.monotonic() + timeout_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            seen = []
+            for address in addresses if each else addresses[:1]:
+                async with AsyncClient([address], connect_timeout_s=1,
+                                       ring_refresh_s=0) as kv:
+                    ring = await kv.describe_ring()
+                seen.append(sum(m.state == "alive" and bool(m.client_address) for m in ring))
+            if min(seen) >= members:
+                return
+            last = f"{min(seen)} of {members} members alive"
+        except LeaderlessError as exc:
+            last = exc
+        await asyncio.sleep(0.5)
+    raise RuntimeError(f"the cluster did not become ready in {timeout_s:.0f} s: {last}")

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from processes import free_ports, live, spawn, stop, stop_all
+from processes import free_ports, live, spawn, stop, stop_all, wait_alive
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results" / "tasks.json"
@@ -125,25 +125,8 @@ class Cluster:
             self.clients.append(f"127.0.0.1:{client}")
 
     async def ready(self, timeout_s: float = 60) -> None:
-        from leaderless.client import AsyncClient, LeaderlessError
-        deadline = time.monotonic() + timeout_s
-        last: Any = None
-        while time.monotonic() < deadline:
-            try:
-                ok = 0
-                for address in self.clients:
-                    async with AsyncClient([address], connect_timeout_s=1,
-                                           ring_refresh_s=0) as kv:
-                        ring = await kv.describe_ring()
-                        ok += len([m for m in ring if m.state == "alive"]) >= self.n
-                if ok == self.n:
-                    await asyncio.sleep(1.0)
-                    return
-                last = f"{ok} of {self.n} see everyone alive"
-            except LeaderlessError as exc:
-                last = exc
-            await asyncio.sleep(0.5)
-        raise RuntimeError(f"leaderless did not become ready: {last} ({self.workdir})")
+        await wait_alive(self.clients, self.n, timeout_s, each=True)
+        await asyncio.sleep(1.0)
 
     def stop(self) -> None:
         stop(self.procs)
