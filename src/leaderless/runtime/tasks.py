@@ -366,8 +366,7 @@ class TaskService:
             self._counters["claimed_at_submit"] += 1  # a subset of ``claimed``
             entry = IndexEntry(task_id, spec.slots, list(spec.tags))
             self._start(_Candidate(spec.queue, sort, entry), state, indexed=False)
-            if spec.queue not in self._queues_written:
-                await self._note_queue(spec.queue)
+            await self._note_queue(spec.queue)
             return task_id
         await self._note_queue(spec.queue)
         entry = IndexEntry(task_id, spec.slots, list(spec.tags), state.lease_expires_ms,
@@ -482,8 +481,7 @@ class TaskService:
         self._wait_results[id(future)] = results
         # A task this node holds, or is about to claim, is finished here: no watch needed
         # (if it ends elsewhere after all, ``_drop``/``_unfresh`` open one then).
-        self._hold({task_id for task_id in wanted
-                    if task_id not in self._running and task_id not in self._fresh_ids})
+        self._hold({task_id for task_id in wanted if not self._ends_here(task_id)})
         try:
             # A watch reads its key when it opens: a task finished before is delivered too.
             await asyncio.wait_for(asyncio.shield(future), timeout_s)
@@ -668,10 +666,19 @@ class TaskService:
             del self._running[run.task_id]
             self._held_slots -= run.spec.slots
             self._finished_at.append(time.monotonic())
-            if run.task_id in self._waiters and run.task_id not in self._recent:
-                # It did not finish here (retrying, lost, handed back): whoever waits for it
-                # here now needs a watch to hear of its end elsewhere.
-                self._hold({run.task_id})
+            self._watch_if_waited(run.task_id)  # retrying, lost, handed back
+
+    def _ends_here(self, task_id: bytes) -> bool:
+        """Whether this node runs the task, or is about to claim it: its end is then
+        learned here without a watch."""
+        return task_id in self._running or task_id in self._fresh_ids
+
+    def _watch_if_waited(self, task_id: bytes) -> None:
+        """A task waited for here no longer ends here: watch its register to hear of its
+        end elsewhere (unless it finished here already)."""
+        if (task_id in self._waiters and not self._ends_here(task_id)
+                and task_id not in self._recent):
+            self._hold({task_id})
 
     def _free(self) -> int:
         """Slots free now (none reserved or held)."""
@@ -857,12 +864,9 @@ class TaskService:
     def _unfresh(self, task_id: bytes) -> None:
         """A task submitted here left the way to a local claim: if it does not run here,
         whoever waits for it here needs a watch to hear of its end."""
-        if task_id not in self._fresh_ids:
-            return
-        self._fresh_ids.discard(task_id)
-        if (task_id in self._waiters and task_id not in self._running
-                and task_id not in self._recent):
-            self._hold({task_id})
+        if task_id in self._fresh_ids:
+            self._fresh_ids.discard(task_id)
+            self._watch_if_waited(task_id)
 
     async def _claim_one(self, candidate: _Candidate) -> None:
         entry = candidate.entry
